@@ -1,0 +1,75 @@
+"""From scored completions to training micro-batches.
+
+A :class:`Sample` is one completion in its training context: ``prompt_ids`` (the context the loss
+conditions on; hint tokens, when any, are part of it and never scored) followed by the completion.
+Micro-batches are right-padded, length-sorted groups of samples; the loss sees only the packed
+``[N]`` stream of completion tokens (padding and prompt tokens cost no loss work).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One completion to train on."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    old_logprobs: list[float]
+    advantage: float
+    weight: float = 1.0
+
+
+@dataclass
+class MicroBatch:
+    """Padded inputs ``[B, L]`` plus the packed scored-token stream ``[N]``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    score_index: torch.Tensor  # [N] flat positions in [B*L] whose hidden state predicts a completion token
+    targets: torch.Tensor      # [N]
+    old_logp: torch.Tensor     # [N]
+    advantages: torch.Tensor   # [N]
+    weights: torch.Tensor      # [N]
+    seq_ids: torch.Tensor      # [N] local sequence index
+    num_seqs: int
+
+
+def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
+                       device: Optional[torch.device] = None) -> list[MicroBatch]:
+    """Sorts samples by length and cuts them into micro-batches of ``micro_batch_size`` sequences."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
+    out = []
+    for s in range(0, len(order), micro_batch_size):
+        group = [samples[i] for i in order[s:s + micro_batch_size]]
+        out.append(_collate(group, pad_id, device))
+    return out
+
+
+def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -> MicroBatch:
+    L = max(len(x.prompt_ids) + len(x.completion_ids) for x in group)
+    ids = torch.full((len(group), L), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(group), L), dtype=torch.long)
+    index, targets, old, adv, w, sid = [], [], [], [], [], []
+    for b, x in enumerate(group):
+        seq = x.prompt_ids + x.completion_ids
+        ids[b, :len(seq)] = torch.tensor(seq)
+        attn[b, :len(seq)] = 1
+        p, c = len(x.prompt_ids), len(x.completion_ids)
+        index.extend(b * L + p - 1 + j for j in range(c))  # hidden at p-1+j predicts completion token j
+        targets.extend(x.completion_ids)
+        old.extend(x.old_logprobs)
+        adv.extend([x.advantage] * c)
+        w.extend([x.weight] * c)
+        sid.extend([b] * c)
+
+    def t(v, dtype):
+        return torch.tensor(v, dtype=dtype, device=device)
+
+    return MicroBatch(ids.to(device), attn.to(device), t(index, torch.long), t(targets, torch.long),
+                      t(old, torch.float32), t(adv, torch.float32), t(w, torch.float32), t(sid, torch.long),
+                      len(group))

@@ -1,0 +1,219 @@
+"""Training configuration: one typed dataclass, CLI ``--key value`` overrides and an optional YAML file.
+
+Precedence: defaults < ``--config file.yaml`` < command-line flags. Underscores are canonical in
+flag names; dashes are accepted (``--max-steps`` == ``--max_steps``). Every value is validated once,
+in :meth:`TrainConfig.validate`, with a message that names the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fasthint.errors import ConfigError
+
+ALGOS = ("grpo",)
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADV_SCALES = ("group", "batch", "none")
+DTYPES = ("auto", "float32", "bfloat16")
+REPORT_TO = ("none", "tensorboard")
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Defaults train the embedded toy in a few minutes on CPU."""
+
+    # --- model and data -------------------------------------------------------------------------
+    model: str = _f("toy", "HF checkpoint directory (or hub id where the hub is reachable); "
+                           "'toy' builds and warm-starts the embedded tiny Qwen2 model (cached).")
+    data: str = _f("toy", "training set: JSONL or Parquet with question|problem, answer, optional "
+                          "solution and hint columns; 'toy' generates the synthetic arithmetic set.")
+    eval_data: str = _f("toy", "no-hint evaluation set run before and after training "
+                               "('toy' = held-out toy problems; '' = skip).")
+    prompt_template: str = _f("{question}", "user-turn text; {question} is replaced by the question "
+                                            "(e.g. add 'put your final answer within \\boxed{}').")
+    output_dir: str = _f("outputs/default", "where metrics.jsonl, the plot and the final checkpoint go.")
+    cache_dir: str = _f("~/.cache/fasthint", "cache for the toy model, tokenizer, data and warm start.")
+    seed: int = _f(0, "random seed (data order, sampling, toy construction).")
+
+    # --- algorithm ------------------------------------------------------------------------------
+    algo: str = _f("grpo", f"training algorithm, one of {ALGOS}.")
+    prompts_per_step: int = _f(16, "prompts per optimizer step (each gets num_generations completions).")
+    num_generations: int = _f(8, "completions per prompt: the group size G.")
+    max_steps: int = _f(60, "optimizer steps.")
+    adv_scale: str = _f("group", f"advantage scaling, one of {ADV_SCALES} ('none' is Dr. GRPO).")
+    adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage.")
+    loss_agg: str = _f("token-mean", f"loss aggregation, one of {LOSS_AGGS}.")
+    eps_low: float = _f(0.2, "lower clip range: ratio >= 1 - eps_low.")
+    eps_high: float = _f(0.28, "upper clip range: ratio <= 1 + eps_high (DAPO clip-higher).")
+    dual_clip: Optional[float] = _f(None, "dual-clip constant c (e.g. 3.0) for negative advantages; "
+                                          "unset = off.")
+    beta: float = _f(0.0, "k3 KL coefficient to a frozen reference model; 0 loads no reference.")
+
+    # --- rollouts -------------------------------------------------------------------------------
+    temperature: float = _f(1.0, "sampling temperature of training rollouts (also used by the loss).")
+    top_p: float = _f(1.0, "nucleus sampling of training rollouts; keep 1.0 so that sampling and "
+                           "training log-probs agree.")
+    max_prompt_length: int = _f(512, "prompts longer than this (in tokens) are a data error.")
+    max_new_tokens: int = _f(64, "maximum completion length; longer completions are truncated.")
+    generation_batch_size: int = _f(256, "sequences per generate call of the HF engine.")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    learning_rate: float = _f(1e-3, "AdamW learning rate (constant after warm-up). For real "
+                                    "models use about 1e-6.")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.99, "AdamW beta2.")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off).")
+    micro_batch_size: int = _f(64, "sequences per forward/backward; gradients are accumulated.")
+    dtype: str = _f("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
+                            "float32 on CPU.")
+
+    # --- evaluation, logging, system -------------------------------------------------------------
+    eval_max_prompts: int = _f(400, "at most this many evaluation prompts (greedy, no hints).")
+    report_to: str = _f("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
+    progress_bar: bool = _f(True, "show a progress bar with reward and accuracy.")
+    num_threads: int = _f(0, "torch CPU threads (0 = 1 thread per process, best beside the reward "
+                             "worker on small CPUs).")
+    reward_timeout_s: float = _f(5.0, "per-completion time limit of the math verifier.")
+
+    # --- toy --------------------------------------------------------------------------------------
+    toy_train_size: int = _f(4000, "toy training problems (uniform over the 4 levels).")
+    toy_warmstart_steps: int = _f(600, "supervised warm-start steps of the toy model (cached by value).")
+
+    def validate(self) -> "TrainConfig":
+        """Checks every value once; raises ConfigError naming the option and the fix."""
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.algo in ALGOS, f"--algo {self.algo!r} is not known: use one of {', '.join(ALGOS)}")
+        need(self.loss_agg in LOSS_AGGS, f"--loss_agg {self.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
+        need(self.adv_scale in ADV_SCALES, f"--adv_scale {self.adv_scale!r}: use one of {', '.join(ADV_SCALES)}")
+        need(self.dtype in DTYPES, f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        need(self.report_to in REPORT_TO, f"--report_to {self.report_to!r}: use one of {', '.join(REPORT_TO)}")
+        for name in ("prompts_per_step", "num_generations", "max_steps", "max_new_tokens",
+                     "max_prompt_length", "micro_batch_size", "generation_batch_size",
+                     "eval_max_prompts", "toy_train_size"):
+            need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
+        for name in ("warmup_steps", "toy_warmstart_steps", "num_threads"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
+        need(self.num_generations >= 2 or self.adv_scale == "none",
+             f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")
+        need(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        need(0 < self.top_p <= 1, f"--top_p must be in (0, 1] (got {self.top_p})")
+        need(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
+        need(0 <= self.eps_low < 1, f"--eps_low must be in [0, 1) (got {self.eps_low})")
+        need(self.eps_high >= 0, f"--eps_high must be >= 0 (got {self.eps_high})")
+        need(self.dual_clip is None or self.dual_clip > 1,
+             f"--dual_clip must be > 1 (e.g. 3.0) or unset (got {self.dual_clip})")
+        need(self.beta >= 0, f"--beta must be >= 0 (got {self.beta})")
+        need(self.adv_eps > 0, f"--adv_eps must be > 0 (got {self.adv_eps})")
+        need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {self.max_grad_norm})")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1)")
+        need(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0 (got {self.reward_timeout_s})")
+        need(bool(self.output_dir), "--output_dir must not be empty")
+        need("{question}" in self.prompt_template,
+             f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
+        return self
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    hints = typing.get_type_hints(TrainConfig)
+    t = hints[f.name]
+    if typing.get_origin(t) is typing.Union:  # Optional[X]
+        t = next(a for a in typing.get_args(t) if a is not type(None))
+    return t
+
+
+def _coerce(name: str, value: Any, t: type) -> Any:
+    """Converts a CLI string or YAML value to the field's type, or raises ConfigError."""
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and t is not str):
+        return None
+    try:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            if isinstance(value, bool):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if t is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}: pass a {t.__name__} value") from None
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found: pass an existing YAML file to --config")
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"config file {path!r} is not valid YAML ({first}): fix the syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: one ``--key`` per config field (dashes accepted), plus ``--config FILE.yaml``."""
+    p = argparse.ArgumentParser(
+        prog="python -m fasthint.train",
+        description="Train a policy with GRPO-family RL on verifiable math rewards. "
+                    "With no arguments: the embedded toy run (no download).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file of option: value (flags override it).")
+    for f in dataclasses.fields(TrainConfig):
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_field_type(f).__name__.upper(),
+                       help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Builds a validated TrainConfig from defaults, an optional YAML file and CLI flags."""
+    parser = build_parser()
+
+    def _error(message: str) -> typing.NoReturn:
+        raise ConfigError(f"{message}: see --help for the options")
+
+    parser.error = _error  # type: ignore[method-assign]
+    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if ns.get("config"):
+        for k, v in _load_yaml(ns.pop("config")).items():
+            key = str(k).replace("-", "_")
+            if key not in names:
+                raise ConfigError(f"config file: unknown option {k!r}: see --help for the options")
+            values[key] = v
+    ns.pop("config", None)
+    values.update(ns)
+    kwargs = {k: _coerce(k, v, _field_type(names[k])) for k, v in values.items()}
+    return TrainConfig(**kwargs).validate()

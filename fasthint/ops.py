@@ -1,0 +1,77 @@
+"""fasthint's public kernel API with implementation dispatch.
+
+``impl="auto"`` picks the fastest available implementation for the tensors' device; ``"torch"`` is
+the bounded-memory chunked path that also serves CPU training; ``"reference"`` is the materialising
+oracle (tests, benchmarks). Triton kernels plug in here as ``impl="triton"``.
+
+Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
+inputs and their gradients they use one bounded ``[chunk, V]`` workspace and O(N) vectors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
+from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_ref,  # noqa: F401
+                                        policy_loss_ref)
+
+IMPLS = ("auto", "torch", "reference")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return "torch" if impl == "auto" else impl
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
+                     eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
+    """Group-normalised advantages, float32, one per completion; groups keyed by ``group_ids``
+    (int64, need not be contiguous). All-equal groups and groups of one get 0."""
+    if rewards.shape != group_ids.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards and group_ids must be 1-D of the same length, got "
+                         f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
+    if _check_impl(impl) == "reference":
+        return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps)
+    return group_advantages_torch(rewards, group_ids, scale=scale, eps=eps)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                    return_entropy: bool = False, impl: str = "auto"):
+    """log softmax((hidden @ weight.T + bias) / temperature)[targets] without ``[N, V]`` logits.
+
+    ``hidden [N, D]``, ``weight [V, D]``, ``targets [N]``; fp32 outputs (float64 for float64 inputs),
+    differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. Returns ``logp`` or ``(logp, entropy)``.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if _check_impl(impl) == "reference":
+        out = linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
+                                  return_entropy=return_entropy)
+        return out
+    return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
+                                   return_entropy=return_entropy)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
+                eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
+                num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
+                num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
+                impl: str = "auto"):
+    """Clipped (optionally dual-clipped) policy-gradient loss with optional k3 KL over packed tokens.
+
+    All token tensors are ``[N]``; ``mask`` is 1 on completion tokens and 0 on prompt, hint and
+    padding tokens. ``num_tokens`` is the global normaliser when the batch is split across
+    micro-batches or ranks (``token-mean``: the global count of mask tokens;
+    ``seq-mean-token-sum-norm``: batch size x max completion length); ``seq-mean-token-mean`` uses
+    ``seq_ids`` and ``num_seqs``. Returns ``(loss, stats)``; see ``policy_loss_ref``.
+    """
+    _check_impl(impl)
+    return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
+                           eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
+                           seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights)

@@ -1,0 +1,154 @@
+"""The embedded default policy: a character tokenizer, a tiny Qwen2 and its supervised warm start.
+
+Everything is built in-process and saved as an ordinary Hugging Face checkpoint directory (config,
+safetensors weights, tokenizer with a chat template), so the trainer loads it with the same code
+as a real model. The warm start teaches three behaviours on the toy task:
+solving a question step by step, solving it with a hint in the prompt, and compressing a reference
+solution into hints of three strengths as JSON (what SAGE's self-hinting asks of the policy).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+
+import torch
+
+from fasthint.hints import hint_request, hinted_question
+from fasthint.toy.task import iter_problems
+
+log = logging.getLogger("fasthint")
+
+TOY_VERSION = 1
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MODEL_KW = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer (printable ASCII + newline) with a Qwen-style chat template."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for c in ["\n"] + [chr(i) for i in range(32, 127)]:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    tok.add_special_tokens(SPECIALS)
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 unk_token="<|endoftext|>", model_max_length=MODEL_KW["max_position_embeddings"])
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_model(tokenizer, seed: int):
+    """A randomly initialised tiny Qwen2 (~0.9M parameters)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id, **MODEL_KW)
+    return Qwen2ForCausalLM(cfg)
+
+
+def _sft_example(row: dict, rng: random.Random, tokenizer) -> tuple[list[int], list[int]]:
+    """(input ids, loss mask) of one chat turn: plain (80%), hinted (15%) or hint writing (5%)."""
+    u = rng.random()
+    if u < 0.80:
+        prompt, target = row["question"], row["solution"]
+    elif u < 0.95:
+        level = rng.choice(["level_1", "level_2", "level_3"])
+        prompt, target = hinted_question(row["question"], row["_hints"][level]), row["solution"]
+    else:
+        prompt, target = hint_request(row["question"], row["solution"]), json.dumps(row["_hints"])
+    p_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+    t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return list(p_ids) + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
+
+
+def _length_buckets(batch: list, max_padded: int) -> list[list]:
+    """Splits examples, sorted by length, into micro-batches of at most ``max_padded`` padded tokens."""
+    out, cur = [], []
+    for ex in sorted(batch, key=lambda e: len(e[0])):
+        if cur and (len(cur) + 1) * len(ex[0]) > max_padded:
+            out.append(cur)
+            cur = []
+        cur.append(ex)
+    return out + ([cur] if cur else [])
+
+
+def _sft_loss(model, batch: list, pad_id: int, denom: float) -> float:
+    """Backward of the target-token cross-entropy of one right-padded micro-batch, summed / denom."""
+    L = max(len(ids) for ids, _ in batch)
+    x = torch.full((len(batch), L), pad_id)
+    m = torch.zeros((len(batch), L))
+    for i, (ids, mask) in enumerate(batch):
+        x[i, : len(ids)] = torch.tensor(ids)
+        m[i, : len(ids)] = torch.tensor(mask, dtype=torch.float)
+    logits = model(input_ids=x).logits[:, :-1].float()  # right padding: no mask needed (causal)
+    tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
+    loss = (tok_loss * m[:, 1:]).sum() / denom
+    loss.backward()
+    return loss.item()
+
+
+def warm_start(model, tokenizer, seed: int, steps: int, tokens_per_step: int = 4096, lr: float = 3e-3) -> float:
+    """Supervised warm start on a stream of toy problems; returns the final loss."""
+    rng = random.Random(seed + 1)
+    stream = iter_problems(seed + 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 30) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))))
+    model.train()
+    loss_ema, t0 = None, time.time()
+    for step in range(steps):
+        batch, n_tok = [], 0
+        while n_tok < tokens_per_step:
+            ids, mask = _sft_example(next(stream), rng, tokenizer)
+            batch.append((ids, mask))
+            n_tok += len(ids)
+        opt.zero_grad(set_to_none=True)
+        n_target = sum(sum(mask) for _, mask in batch)
+        loss = sum(_sft_loss(model, mb, tokenizer.pad_token_id, n_target)
+                   for mb in _length_buckets(batch, tokens_per_step // 2))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+        if step % 50 == 0 or step == steps - 1:
+            log.info("warm start step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss_ema, time.time() - t0)
+    model.eval()
+    return float(loss_ema or 0.0)
+
+
+def ensure_toy_model(cache_dir: str, seed: int, warmstart_steps: int) -> str:
+    """Builds, warm-starts and caches the toy checkpoint once; returns its directory."""
+    root = os.path.join(os.path.expanduser(cache_dir), "toy")
+    path = os.path.join(root, f"model-v{TOY_VERSION}-seed{seed}-ws{warmstart_steps}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    log.info("building the toy model (cached in %s; %d warm-start steps)", path, warmstart_steps)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, seed)
+    if warmstart_steps:
+        warm_start(model, tokenizer, seed, warmstart_steps)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(root, exist_ok=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,297 @@
+"""The training loop: ``torchrun --nproc_per_node=1 -m fasthint.train [--key value ...]``.
+
+One flat loop with clear sections: rollout -> score -> advantages -> policy update -> metrics.
+With no arguments it trains the embedded toy (a tiny Qwen2 warm-started on synthetic arithmetic)
+with GRPO on CPU in a few minutes, evaluating without hints before and after.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fasthint import ops
+from fasthint.batch import Sample, make_micro_batches
+from fasthint.config import TrainConfig, parse_args
+from fasthint.data import PromptSampler, load_dataset, render_prompt
+from fasthint.engines.base import SamplingConfig
+from fasthint.engines.hf import HFEngine
+from fasthint.errors import ConfigError, DataError, FastHintError
+from fasthint.eval import evaluate_accuracy
+from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
+from fasthint.models import load_policy, resolve_model_path
+from fasthint.checkpoint import rotate_existing, save_hf_checkpoint
+
+log = logging.getLogger("fasthint")
+
+RewardFn = Callable[[str, dict], float]
+
+
+def _setup(cfg: TrainConfig) -> torch.device:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("multi-process training is not available yet: run torchrun with --nproc_per_node=1")
+    threads = cfg.num_threads or 1
+    torch.set_num_threads(threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
+    if cfg.data == "toy" or cfg.eval_data == "toy":
+        from fasthint.toy.task import ensure_toy_data
+
+        toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.seed, cfg.toy_train_size)
+    train = toy_train if cfg.data == "toy" else cfg.data
+    evals = toy_eval if cfg.eval_data == "toy" else (cfg.eval_data or None)
+    return train, evals
+
+
+def _spread(rows: list[dict], k: int) -> list[dict]:
+    """At most ``k`` rows spread evenly over the file (keeps every level of a sorted file)."""
+    return rows if len(rows) <= k else [rows[i * len(rows) // k] for i in range(k)]
+
+
+def _reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
+    """A batch reward function ``(texts, rows) -> rewards``: the math verifier or the user's."""
+    if reward_fn is None:
+        from fasthint.rewards import RewardScorer
+
+        scorer = RewardScorer(timeout_s=cfg.reward_timeout_s)
+        return (lambda texts, rows: scorer.score(texts, [r["answer"] for r in rows])), scorer.close
+
+    def user(texts, rows):
+        out = [float(reward_fn(t, r)) for t, r in zip(texts, rows)]
+        if not all(math.isfinite(x) for x in out):
+            raise FastHintError("the reward function returned a non-finite value: return a finite float")
+        return out
+    return user, (lambda: None)
+
+
+def _check_head(model, tokenizer, device) -> None:
+    """The fused loss needs logits == lm_head(last hidden state); refuse models that differ."""
+    ids = torch.tensor([render_prompt(tokenizer, "1+1=?")[:32]], device=device)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+        head = model.get_output_embeddings()
+        ref = head(out.hidden_states[-1]).float()
+    if not torch.allclose(out.logits.float(), ref, atol=1e-3, rtol=1e-3):
+        raise FastHintError("this model's logits are not lm_head(last hidden state) (logit scaling or "
+                            "soft-capping?): it is not supported by the fused loss yet")
+
+
+def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, scheduler, ref_model=None) -> dict:
+    """One optimizer step over ``samples`` with gradient accumulation and a global normaliser.
+
+    Without KL, a sample whose advantage (or weight) is 0 adds exactly nothing to the loss or its
+    gradient, so it is skipped (it still counts in the normaliser); token metrics (entropy, clip
+    ratios, log-prob mismatch) are then over the trained tokens.
+    """
+    base = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    norm = n_tokens if cfg.loss_agg == "token-mean" else len(samples) * cfg.max_new_tokens
+    num_seqs = len(samples)
+    if ref_model is None:
+        samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
+    mbs = make_micro_batches(samples, cfg.micro_batch_size, model.config.pad_token_id or 0,
+                             device=next(model.parameters()).device)
+    n_trained = sum(len(s.completion_ids) for s in samples)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype != "float32" and
+                              next(model.parameters()).is_cuda)
+    acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
+           "logp_diff_sum": 0.0, "logp_diff_max": 0.0}
+    optimizer.zero_grad(set_to_none=True)
+    for mb in mbs:
+        with autocast:
+            hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        h = hidden.flatten(0, 1).index_select(0, mb.score_index)
+        logp, entropy = ops.linear_logprobs(h, head.weight, mb.targets, bias=head.bias,
+                                            temperature=cfg.temperature, return_entropy=True)
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad(), autocast:
+                rh = getattr(ref_model, ref_model.base_model_prefix)(
+                    input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+                rhead = ref_model.get_output_embeddings()
+                ref_logp = ops.linear_logprobs(rh.flatten(0, 1).index_select(0, mb.score_index), rhead.weight,
+                                               mb.targets, bias=rhead.bias, temperature=cfg.temperature)
+        mask = torch.ones_like(logp)
+        loss, stats = ops.policy_loss(
+            logp, mb.old_logp, mb.advantages, mask, ref_logp=ref_logp, beta=cfg.beta, eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg, num_tokens=norm,
+            seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights)
+        if not torch.isfinite(loss):
+            raise FastHintError("the loss is not finite (NaN/inf): lower --learning_rate or check the "
+                                "rewards; nothing was updated at this step")
+        loss.backward()
+        k = logp.numel()
+        acc["loss"] += loss.item()
+        for key in ("clip_ratio/low", "clip_ratio/high", "kl"):
+            acc[key] += stats[key].item() * k
+        acc["entropy"] += entropy.detach().sum().item()
+        diff = (logp.detach() - mb.old_logp).abs()
+        acc["logp_diff_sum"] += diff.sum().item()
+        acc["logp_diff_max"] = max(acc["logp_diff_max"], diff.max().item() if k else 0.0)
+    params = [p for p in model.parameters() if p.grad is not None]
+    gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")) \
+        if params else torch.zeros(())
+    if not torch.isfinite(gn):
+        optimizer.zero_grad(set_to_none=True)
+        raise FastHintError("the gradient norm is not finite: lower --learning_rate; nothing was updated")
+    if params:
+        optimizer.step()
+    scheduler.step()
+    n = n_trained or float("nan")
+    out = {"loss": acc["loss"], "grad_norm": gn.item(), "entropy": acc["entropy"] / n,
+           "clip_ratio/low": acc["clip_ratio/low"] / n, "clip_ratio/high": acc["clip_ratio/high"] / n,
+           "sampling/logp_diff/mean": acc["logp_diff_sum"] / n, "sampling/logp_diff/max": acc["logp_diff_max"],
+           "num_tokens/trained": n_trained}
+    if ref_model is not None:
+        out["kl"] = acc["kl"] / n
+    return out
+
+
+def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
+    """Trains with ``cfg``; returns the final metrics (incl. ``eval/...`` before and after).
+
+    ``reward_fn(completion_text, row) -> float`` replaces the math verifier when given.
+    """
+    cfg.validate()
+    # ---- setup: device, model, data, engine, optimizer ------------------------------------------
+    device = _setup(cfg)
+    train_path, eval_path = _data_paths(cfg)
+    rows = load_dataset(train_path)
+    eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+    model, tokenizer = load_policy(model_path, device)
+    _check_head(model, tokenizer, device)
+    prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
+    too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
+    if too_long:
+        raise DataError(f"{train_path}: {len(too_long)} prompts (first uid {too_long[0]}) are longer than "
+                        f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model, _ = load_policy(model_path, device)
+        ref_model.requires_grad_(False).eval()
+    engine = HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
+    score, close_scorer = _reward_batch(cfg, reward_fn)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    sampler = PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    rotate_existing(cfg.output_dir)
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to)
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as fh:
+        json.dump(vars(cfg), fh, indent=1)
+    sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens)
+
+    def evaluate() -> dict:
+        if not eval_rows:
+            return {}
+        return evaluate_accuracy(engine, tokenizer, eval_rows, score, max_new_tokens=cfg.max_new_tokens,
+                                 prompt_template=cfg.prompt_template)
+
+    results = {"eval_before": evaluate()}
+    log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
+    from tqdm import tqdm
+
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="GRPO", disable=not cfg.progress_bar, dynamic_ncols=True)
+    last: dict = {}
+    try:
+        for step in bar:
+            t_step = time.perf_counter()
+            # ---- rollout --------------------------------------------------------------------------
+            batch_rows = [rows[i] for i in next(sampler)]
+            t0 = time.perf_counter()
+            comps = engine.generate([prompts[r["uid"]] for r in batch_rows], sampling)
+            t_gen = time.perf_counter() - t0
+            # ---- score ----------------------------------------------------------------------------
+            t0 = time.perf_counter()
+            texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+            rewards = torch.tensor(score(texts, [batch_rows[c.prompt_index] for c in comps]), dtype=torch.float32)
+            t_score = time.perf_counter() - t0
+            # ---- advantages (groups keyed by prompt, never by row order) ---------------------------
+            group_ids = torch.tensor([c.prompt_index for c in comps])
+            adv = ops.group_advantages(rewards, group_ids, scale=cfg.adv_scale, eps=cfg.adv_eps)
+            # ---- policy update --------------------------------------------------------------------
+            t0 = time.perf_counter()
+            samples = [Sample(prompts[batch_rows[c.prompt_index]["uid"]], c.token_ids, c.logprobs, float(a))
+                       for c, a in zip(comps, adv.tolist())]
+            model.train()
+            upd = train_step(model, samples, cfg, optimizer, scheduler, ref_model)
+            engine.update_weights(model)
+            t_train = time.perf_counter() - t0
+            # ---- metrics --------------------------------------------------------------------------
+            lens = [len(c.token_ids) for c in comps]
+            g = rewards.view(len(batch_rows), cfg.num_generations)
+            t_all = time.perf_counter() - t_step
+            last = {"step": step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                    "accuracy": (rewards >= 1.0).float().mean().item(),
+                    "frac_reward_zero_std": (g.max(1).values == g.min(1).values).float().mean().item(),
+                    "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
+                    "truncated_ratio": sum(c.truncated for c in comps) / len(comps), **upd,
+                    "lr": scheduler.get_last_lr()[0], "time/generate_s": t_gen, "time/score_s": t_score,
+                    "time/train_s": t_train, "time/step_s": t_all, "tokens_per_s": sum(lens) / t_all}
+            logger.log(last)
+            bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
+                            ent=f"{last['entropy']:.2f}")
+    finally:
+        logger.close()
+    # ---- evaluate, save, plot ---------------------------------------------------------------------
+    results["eval_after"] = evaluate()
+    close_scorer()
+    log.info("no-hint evaluation after training: %s", _fmt(results["eval_after"]))
+    save_hf_checkpoint(model, tokenizer, os.path.join(cfg.output_dir, "final"))
+    plot = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
+                        title=f"{cfg.algo} on {os.path.basename(train_path)}")
+    results.update(last=last, checkpoint=os.path.join(cfg.output_dir, "final"), plot=plot)
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as fh:
+        json.dump({k: results[k] for k in ("eval_before", "eval_after")}, fh, indent=1)
+    _print_table(results["eval_before"], results["eval_after"])
+    return results
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in m.items() if isinstance(v, float))
+
+
+def _print_table(before: dict, after: dict) -> None:
+    keys = [k for k in before if k.startswith("eval/accuracy")]
+    if not keys:
+        return
+    print("\nno-hint greedy accuracy   before   after")
+    for k in keys:
+        name = k.removeprefix("eval/accuracy").removeprefix("_") or "all"
+        print(f"  {name:<22} {before[k]:>7.1%} {after.get(k, float('nan')):>7.1%}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """CLI entry point: returns the exit status (2 for bad input, with one line on stderr)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        fit(parse_args(argv))
+    except FastHintError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Materialising pure-torch references of every fasthint op: the oracle for tests and benchmarks.
+
+These compute in the dtype they are given (float64 for ground truth) and build the full
+``[N, V]`` logits; they are not meant for training large vocabularies.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def group_advantages_ref(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
+                         eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages (ALGORITHMS.md section 1.3), one per completion.
+
+    ``group``: (r - mean_g) / (std_g + eps); ``batch``: (r - mean_g) / (std_batch + eps);
+    ``none``: r - mean_g. std is Bessel-corrected; a group of one or with all-equal rewards gets 0.
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    r = rewards.to(torch.float64)
+    out = torch.zeros_like(r)
+    batch_std = r.std(unbiased=True) if r.numel() > 1 else r.new_tensor(0.0)
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        rg = r[idx]
+        if rg.numel() < 2 or bool((rg == rg[0]).all()):
+            continue
+        centred = rg - rg.mean()
+        if scale == "group":
+            centred = centred / (rg.std(unbiased=True) + eps)
+        elif scale == "batch":
+            centred = centred / (batch_std + eps)
+        out[idx] = centred
+    return out.to(torch.float32) if rewards.dtype != torch.float64 else out
+
+
+def linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                        bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                        return_entropy: bool = False):
+    """log softmax((H W^T + b) / T)[y] (and the entropy of that distribution), via full logits."""
+    z = hidden @ weight.t()
+    if bias is not None:
+        z = z + bias
+    z = z / temperature
+    logprobs = torch.log_softmax(z, dim=-1)
+    logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return logp, entropy
+
+
+def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
+                    eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
+                    num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
+                    num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None):
+    """Clipped policy-gradient loss over packed tokens ``[N]`` (ALGORITHMS.md sections 1.4-1.5).
+
+    Per token: ``ratio = exp(logp - old)``, ``obj = min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A)``,
+    dual clip ``obj = max(obj, c*A)`` where ``A < 0``, ``loss_t = -obj + beta * k3(ref, logp)``,
+    times ``seq_weights`` when given. Aggregation over ``mask`` tokens:
+    ``token-mean``: sum / num_tokens (default: mask.sum());
+    ``seq-mean-token-mean``: per-sequence mean (``seq_ids``), summed / num_seqs (default: #sequences);
+    ``seq-mean-token-sum-norm``: sum / num_tokens, where the caller passes batch size x max length.
+    Returns (loss, stats) with stats ``clip_ratio/low``, ``clip_ratio/high``, ``kl`` as token means.
+    """
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    m = mask.to(logp.dtype)
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logp.dtype)
+    obj = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
+    if dual_clip is not None:
+        obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    tok = -obj
+    kl = None
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        tok = tok + beta * kl
+    if seq_weights is not None:
+        tok = tok * seq_weights.to(tok.dtype)
+    tok = tok * m
+    if loss_agg == "seq-mean-token-mean":
+        if seq_ids is None:
+            raise ValueError("loss_agg='seq-mean-token-mean' needs seq_ids (the sequence index of each token)")
+        n_seq_local = int(seq_ids.max().item()) + 1 if seq_ids.numel() else 0
+        per_seq = torch.zeros(n_seq_local, dtype=tok.dtype, device=tok.device).index_add_(0, seq_ids, tok)
+        cnt = torch.zeros(n_seq_local, dtype=tok.dtype, device=tok.device).index_add_(0, seq_ids, m)
+        has = cnt > 0
+        denom = float(num_seqs) if num_seqs is not None else float(has.sum().item())
+        loss = (per_seq[has] / cnt[has]).sum() / max(denom, 1.0)
+    else:
+        denom = float(num_tokens) if num_tokens is not None else float(m.sum().item())
+        loss = tok.sum() / max(denom, 1.0)
+    with torch.no_grad():
+        n = m.sum().clamp_min(1)
+        stats = {
+            "clip_ratio/low": (((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype) * m).sum() / n,
+            "clip_ratio/high": (((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m).sum() / n,
+            "kl": ((kl * m).sum() / n) if kl is not None else torch.zeros((), dtype=m.dtype, device=m.device),
+        }
+    return loss, stats

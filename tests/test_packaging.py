@@ -1,0 +1,56 @@
+"""The kernel package has a distinct name: no top-level `kernels` may shadow Hugging Face's."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_no_toplevel_kernels_package():
+    assert not os.path.exists(os.path.join(REPO, "kernels", "__init__.py"))
+    assert os.path.isfile(os.path.join(REPO, "kernels", "fasthint_kernels", "__init__.py"))
+    import fasthint_kernels
+
+    assert os.path.dirname(fasthint_kernels.__file__) == os.path.join(REPO, "kernels", "fasthint_kernels")
+
+
+def test_transformers_model_loading_from_repo_root(tmp_path):
+    code = (
+        "import importlib.util, transformers\n"
+        "from transformers import AutoModelForCausalLM, Qwen2Config\n"
+        "cfg = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=2)\n"
+        "m = AutoModelForCausalLM.from_config(cfg)\n"
+        f"m.save_pretrained({str(tmp_path)!r})\n"
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "from transformers.utils import import_utils\n"
+        "import importlib.metadata as md\n"
+        "try:\n    md.version('kernels'); real = True\nexcept md.PackageNotFoundError:\n    real = False\n"
+        "assert real or not import_utils.is_kernels_available(), 'repo kernels/ folder taken for HF kernels'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_public_api_importable():
+    import fasthint
+    from fasthint import ops
+
+    for name in ("TrainConfig", "fit", "math_reward", "parse_args"):
+        assert hasattr(fasthint, name)
+    for name in ("group_advantages", "linear_logprobs", "policy_loss"):
+        assert callable(getattr(ops, name))
+    assert importlib.util.find_spec("fasthint.train") is not None
+
+
+def test_readme_documents_every_option():
+    import dataclasses
+
+    from fasthint.config import TrainConfig
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`--{f.name}`" not in readme]
+    assert not missing, f"README config reference lacks {missing}"
