@@ -34,7 +34,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
         raise ValueError(f"rewards and group_ids must be 1-D of the same length, got "
                          f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
     if _check_impl(impl) == "reference":
-        return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps)
+        return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps).to(torch.float32)
     return group_advantages_torch(rewards, group_ids, scale=scale, eps=eps)
 
 

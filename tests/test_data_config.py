@@ -124,7 +124,8 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
     assert len(err) == 1 and "missing.jsonl" in err[0] and "--data" in err[0]
     out = _cli("--learning_rate", "zero")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "--learning_rate" in out.stderr
-    out = _cli("--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"))
+    data = _jsonl(tmp_path / "ok.jsonl", [{"question": "1+1=?", "answer": "2"}])
+    out = _cli("--model", str(tmp_path), "--data", data, "--eval_data", "")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "config.json" in out.stderr
 
 

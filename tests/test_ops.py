@@ -214,13 +214,7 @@ def test_group_advantages_output_is_float32(impl, in_dtype):
     assert out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("impl", [
-    "torch",
-    pytest.param("reference", marks=pytest.mark.xfail(strict=True, reason=(
-        "reference.group_advantages_ref returns float64 for float64 rewards "
-        "(kernels/fasthint_kernels/reference.py, last line of group_advantages_ref), while the "
-        "ops.group_advantages docstring and the torch impl promise float32"))),
-])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
 def test_group_advantages_output_is_float32_for_float64_rewards(impl):
     r = torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
     out = ops.group_advantages(r, torch.zeros(4, dtype=torch.int64), impl=impl)
@@ -508,11 +502,6 @@ def test_policy_loss_masked_tokens_do_not_matter():
             assert st2[k].item() == pytest.approx(st[k].item(), rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "masking is multiplicative (reference.py policy_loss_ref: `tok = tok * m`), so a non-finite "
-    "per-token term on a mask=0 token (e.g. old_logp=-inf on a prompt/padding token -> ratio=inf, "
-    "inf*A) turns the loss into NaN instead of being excluded; train.py currently passes mask=1 "
-    "everywhere so it is latent"))
 def test_policy_loss_nonfinite_values_on_masked_tokens_are_excluded():
     logp = torch.tensor([-1.0, -1.0, -1.0], dtype=torch.float64)
     old = torch.tensor([-1.1, -float("inf"), -0.9], dtype=torch.float64)
@@ -834,22 +823,13 @@ def test_linear_logprobs_real_vocabulary_size():
     assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (4,)
     torch.testing.assert_close(logp.double(), gt_logp, rtol=0, atol=1e-5)
     assert bool((logp <= 0).all())
-    torch.testing.assert_close(ent.double(), gt_ent, rtol=0, atol=1e-4)  # see the xfail below for 1e-5
+    torch.testing.assert_close(ent.double(), gt_ent, rtol=0, atol=1e-4)  # the 1e-5 rule: test below
     ref_logp = ops.linear_logprobs(h, w, y, temperature=TEMP, impl="reference")
     _assert_within_rule(gt_logp, logp, ref_logp, 1e-5, "logp")
     # logp alone (return_entropy=False) is the same number
     assert torch.equal(ops.linear_logprobs(h, w, y, temperature=TEMP, impl="torch"), logp)
 
 
-_ENTROPY_CANCELLATION = (
-    "fp32 entropy is computed as lse - sum_v p_v z_v (kernels/fasthint_kernels/chunked.py, forward: "
-    "`ent[...] = l - (p * z).sum(-1)`; backward: `dz -= e * p * (z - ez)` with ez = sum p z), which "
-    "cancels catastrophically when logits are large: the error grows with the logit magnitude and is "
-    "not shift-invariant, while the same-dtype materialising reference (-sum p log p) stays accurate. "
-    "Shifting by the lse (ent = -sum p (z - lse); z - lse in the backward) would fix it")
-
-
-@pytest.mark.xfail(strict=True, reason=_ENTROPY_CANCELLATION)
 def test_linear_logprobs_real_vocabulary_size_entropy_fp32_accuracy():
     h, w, y, _, gt_ent = _real_vocab_problem()
     _, ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl="torch")
@@ -857,7 +837,6 @@ def test_linear_logprobs_real_vocabulary_size_entropy_fp32_accuracy():
     _assert_within_rule(gt_ent, ent, ref_ent, 1e-5, "entropy")
 
 
-@pytest.mark.xfail(strict=True, reason=_ENTROPY_CANCELLATION)
 def test_linear_logprobs_entropy_fp32_with_logit_offset():
     """A common offset on all logits (bias + 30 -> z + 43) changes nothing mathematically."""
     h, w, b, y, g_lp, g_ent = _problem(torch.float32, bias=True, seed=0)

@@ -2,7 +2,7 @@
 
 Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md section 5):
 
-    z = (H W^T + b) / T,  lse = logsumexp(z),  logp = z_y - lse,  entropy = lse - sum_v p_v z_v
+    z = (H W^T + b) / T,  lse = logsumexp(z),  logp = z_y - lse,  entropy = -sum_v p_v (z_v - lse)
     dL/dz_v = g (1[v=y] - p_v) - e p_v (z_v - sum_u p_u z_u),   g = dL/dlogp, e = dL/dentropy
     dH = dZ W / T,   dW = dZ^T H / T,   db = sum_t dZ / T
 
@@ -51,9 +51,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             l = torch.logsumexp(z, dim=-1)
             lse[s:s + rows] = l
             logp[s:s + rows] = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1) - l
-            if ent is not None:
-                p = torch.exp(z - l.unsqueeze(-1))
-                ent[s:s + rows] = l - (p * z).sum(-1)
+            if ent is not None:  # -sum p (z - lse): shift-invariant, no cancellation of large terms
+                zs = z - l.unsqueeze(-1)
+                ent[s:s + rows] = -(torch.exp(zs) * zs).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
         ctx.mark_non_differentiable(targets)
@@ -74,7 +74,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, rows):
             h = hidden[s:s + rows]
             z = _logits(h, weight, bias, T)
-            p = torch.exp(z - lse[s:s + rows].unsqueeze(-1))
+            z = z - lse[s:s + rows].unsqueeze(-1)  # log p: the shift keeps the entropy terms exact
+            p = torch.exp(z)
             g = g_all[s:s + rows].unsqueeze(-1)
             dz = -g * p
             dz.scatter_add_(-1, targets[s:s + rows].long().unsqueeze(-1), g)

@@ -86,13 +86,13 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         tok = tok + beta * kl
     if seq_weights is not None:
         tok = tok * seq_weights.to(tok.dtype)
-    tok = tok * m
+    tok = torch.where(mask.bool(), tok, torch.zeros_like(tok))  # not tok * m: NaN/inf off the mask stay out
     if loss_agg == "seq-mean-token-mean":
         if seq_ids is None:
             raise ValueError("loss_agg='seq-mean-token-mean' needs seq_ids (the sequence index of each token)")
         n_seq_local = int(seq_ids.max().item()) + 1 if seq_ids.numel() else 0
         per_seq = torch.zeros(n_seq_local, dtype=tok.dtype, device=tok.device).index_add_(0, seq_ids, tok)
-        cnt = torch.zeros(n_seq_local, dtype=tok.dtype, device=tok.device).index_add_(0, seq_ids, m)
+        cnt = torch.zeros(n_seq_local, dtype=tok.dtype, device=tok.device).index_add_(0, seq_ids, m.to(tok.dtype))
         has = cnt > 0
         denom = float(num_seqs) if num_seqs is not None else float(has.sum().item())
         loss = (per_seq[has] / cnt[has]).sum() / max(denom, 1.0)
@@ -104,6 +104,6 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         stats = {
             "clip_ratio/low": (((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype) * m).sum() / n,
             "clip_ratio/high": (((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m).sum() / n,
-            "kl": ((kl * m).sum() / n) if kl is not None else torch.zeros((), dtype=m.dtype, device=m.device),
+            "kl": (torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum() / n) if kl is not None else torch.zeros((), dtype=m.dtype, device=m.device),
         }
     return loss, stats
