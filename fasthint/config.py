@@ -88,7 +88,8 @@ class TrainConfig:
 
     # --- toy --------------------------------------------------------------------------------------
     toy_train_size: int = _f(4000, "toy training problems (uniform over the 4 levels).")
-    toy_warmstart_steps: int = _f(600, "supervised warm-start steps of the toy model (cached by value).")
+    toy_warmstart_steps: int = _f(1500, "supervised warm-start steps (1024 tokens each) of the toy model; "
+                                        "cached by value.")
 
     def validate(self) -> "TrainConfig":
         """Checks every value once; raises ConfigError naming the option and the fix."""

@@ -23,7 +23,7 @@ from fasthint.toy.task import iter_problems
 
 log = logging.getLogger("fasthint")
 
-TOY_VERSION = 1
+TOY_VERSION = 2
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -95,6 +95,8 @@ def _sft_loss(model, batch: list, pad_id: int, denom: float) -> float:
     for i, (ids, mask) in enumerate(batch):
         x[i, : len(ids)] = torch.tensor(ids)
         m[i, : len(ids)] = torch.tensor(mask, dtype=torch.float)
+    device = next(model.parameters()).device
+    x, m = x.to(device), m.to(device)
     logits = model(input_ids=x).logits[:, :-1].float()  # right padding: no mask needed (causal)
     tok_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
     loss = (tok_loss * m[:, 1:]).sum() / denom
@@ -102,7 +104,7 @@ def _sft_loss(model, batch: list, pad_id: int, denom: float) -> float:
     return loss.item()
 
 
-def warm_start(model, tokenizer, seed: int, steps: int, tokens_per_step: int = 4096, lr: float = 3e-3) -> float:
+def warm_start(model, tokenizer, seed: int, steps: int, tokens_per_step: int = 1024, lr: float = 3e-3) -> float:
     """Supervised warm start on a stream of toy problems; returns the final loss."""
     rng = random.Random(seed + 1)
     stream = iter_problems(seed + 2)
@@ -141,7 +143,9 @@ def ensure_toy_model(cache_dir: str, seed: int, warmstart_steps: int) -> str:
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, seed)
     if warmstart_steps:
-        warm_start(model, tokenizer, seed, warmstart_steps)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        warm_start(model.to(device), tokenizer, seed, warmstart_steps)
+        model.cpu()
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

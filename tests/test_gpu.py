@@ -1,0 +1,48 @@
+"""GPU-only checks (skipped without CUDA): bf16 ops on real hardware and a CUDA training run."""
+import math
+
+import pytest
+import torch
+
+from fasthint import ops
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_logprobs_cuda_against_float64(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v, temp = 1000, 256, 32003, 0.7
+    h = (torch.randn(n, d, device="cuda", generator=g) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.05).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    g_lp, g_ent = torch.randn(n, device="cuda", generator=g), torch.randn(n, device="cuda", generator=g)
+
+    def run(hh, ww, impl):
+        lp, ent = ops.linear_logprobs(hh, ww, y, temperature=temp, return_entropy=True, impl=impl)
+        grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), (hh, ww))
+        return (lp, ent) + grads
+
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    gt = run(h64, w64, "reference")
+    fast = run(h, w, "torch")
+    same = run(h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(), "reference")
+    eps = torch.finfo(dtype).eps  # outputs are rounded to the input dtype (bf16: 2^-7 relative)
+    for name, a, b, c in zip(("logp", "entropy", "dh", "dw"), gt, fast, same):
+        tol = (1e-5 + eps) * a.abs().max().item()
+        err_fast = (a - b.double()).abs()
+        err_same = (a - c.double()).abs()
+        assert bool((err_fast <= err_same + tol).all()), f"{name}: {err_fast.max()} vs {err_same.max()}"
+
+
+def test_cuda_training_run(tmp_path):
+    import fasthint
+
+    cfg = fasthint.TrainConfig(max_steps=3, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+                               toy_warmstart_steps=20, toy_train_size=100, eval_max_prompts=16,
+                               progress_bar=False, prompts_per_step=8, num_generations=4)
+    res = fasthint.fit(cfg)
+    assert res["last"]["step"] == 3
+    diff = res["last"]["sampling/logp_diff/mean"]  # engine fp32 vs trainer bf16 autocast
+    assert math.isnan(diff) or diff < 0.5

@@ -1,0 +1,91 @@
+"""HF engine log-probs and truncation; micro-batching with a global normaliser; zero-advantage skip."""
+import copy
+
+import pytest
+import torch
+
+from fasthint.batch import Sample
+from fasthint.config import TrainConfig
+from fasthint.data import render_prompt
+from fasthint.engines.base import SamplingConfig
+from fasthint.engines.hf import HFEngine
+from fasthint.toy.model import build_model, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def toy():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0).eval()
+    return model, tok
+
+
+def _recompute_logprobs(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion).unsqueeze(-1)).squeeze(-1)
+
+
+def test_hf_engine_logprobs_order_and_truncation(toy):
+    model, tok = toy
+    engine = HFEngine(model, tok, batch_size=6)  # 2 prompts per generate call with n=3
+    prompts = [render_prompt(tok, q) for q in ("1+2=?", "10+11-3=?", "5*5=?")]
+    torch.manual_seed(1)
+    comps = engine.generate(prompts, SamplingConfig(n=3, temperature=0.7, max_new_tokens=12))
+    assert [c.prompt_index for c in comps] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for c in comps:
+        assert 1 <= len(c.token_ids) <= 12 and len(c.logprobs) == len(c.token_ids)
+        ends_eos = c.token_ids[-1] == tok.eos_token_id
+        assert c.truncated == (not ends_eos) and tok.eos_token_id not in c.token_ids[:-1]
+        ref = _recompute_logprobs(model, prompts[c.prompt_index], c.token_ids, 0.7)
+        assert torch.allclose(torch.tensor(c.logprobs, dtype=torch.float64), ref, atol=1e-4)
+    assert any(c.truncated for c in comps)  # an untrained model rarely stops within 12 tokens
+
+
+def test_hf_engine_greedy_is_deterministic_and_unpadded_equal(toy):
+    model, tok = toy
+    engine = HFEngine(model, tok)
+    prompts = [render_prompt(tok, q) for q in ("1+2=?", "10+11-3+4=?")]  # different lengths: left padding
+    sp = SamplingConfig(n=1, temperature=0.0, max_new_tokens=8)
+    batched = engine.generate(prompts, sp)
+    single = [engine.generate([p], sp)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+
+
+def _grads(model, samples, cfg):
+    from fasthint.train import train_step
+
+    m = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    stats = train_step(m, samples, cfg, opt, sched)
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, stats
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batching_equals_one_batch(toy, loss_agg):
+    model, tok = toy
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(6):
+        prompt = render_prompt(tok, f"{i}+{i}=?")
+        comp = torch.randint(3, len(tok), (3 + 2 * i,), generator=g).tolist()
+        old = (_recompute_logprobs(model, prompt, comp, 1.0) + 0.1 * torch.randn(len(comp), generator=g)).tolist()
+        samples.append(Sample(prompt, comp, old, advantage=float(torch.randn((), generator=g))))
+    cfg1 = TrainConfig(micro_batch_size=6, loss_agg=loss_agg, max_grad_norm=0.0).validate()
+    cfg2 = TrainConfig(micro_batch_size=2, loss_agg=loss_agg, max_grad_norm=0.0).validate()
+    g1, s1 = _grads(model, samples, cfg1)
+    g2, s2 = _grads(model, samples, cfg2)
+    assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5, abs=1e-7)
+    for name in g1:
+        assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-7), name
+    # zero-advantage samples are skipped (exactly 0 without KL) but still count in the normaliser
+    zeroed = [Sample(s.prompt_ids, s.completion_ids, s.old_logprobs, 0.0) for s in samples[:3]] + samples[3:]
+    g3, s3 = _grads(model, zeroed, cfg1)
+    g4, _ = _grads(model, samples[3:], cfg1)
+    assert s3["num_tokens/trained"] == sum(len(s.completion_ids) for s in samples[3:])
+    scale = {"token-mean": sum(len(s.completion_ids) for s in zeroed) / sum(len(s.completion_ids) for s in samples[3:]),
+             "seq-mean-token-mean": 6 / 3, "seq-mean-token-sum-norm": 6 / 3}[loss_agg]
+    for name in g3:
+        assert torch.allclose(g3[name] * scale, g4[name], rtol=1e-4, atol=1e-7), name
