@@ -79,7 +79,9 @@ class TrainConfig:
                             "float32 on CPU.")
 
     # --- evaluation, logging, system -------------------------------------------------------------
-    eval_max_prompts: int = _f(400, "at most this many evaluation prompts (greedy, no hints).")
+    eval_max_prompts: int = _f(400, "at most this many evaluation prompts (no hints).")
+    eval_samples: int = _f(4, "besides greedy accuracy, report avg@k over this many completions "
+                              "sampled at the training temperature (0 = greedy only).")
     report_to: str = _f("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
     progress_bar: bool = _f(True, "show a progress bar with reward and accuracy.")
     num_threads: int = _f(0, "torch CPU threads (0 = 1 thread per process, best beside the reward "
@@ -106,7 +108,7 @@ class TrainConfig:
                      "max_prompt_length", "micro_batch_size", "generation_batch_size",
                      "eval_max_prompts", "toy_train_size"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "toy_warmstart_steps", "num_threads"):
+        for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")

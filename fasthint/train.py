@@ -148,8 +148,7 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
     if not torch.isfinite(gn):
         optimizer.zero_grad(set_to_none=True)
         raise FastHintError("the gradient norm is not finite: lower --learning_rate; nothing was updated")
-    if params:
-        optimizer.step()
+    optimizer.step()  # a no-op when every advantage was 0 (no parameter has a gradient)
     scheduler.step()
     n = n_trained or float("nan")
     out = {"loss": acc["loss"], "grad_norm": gn.item(), "entropy": acc["entropy"] / n,
@@ -201,8 +200,14 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     def evaluate() -> dict:
         if not eval_rows:
             return {}
-        return evaluate_accuracy(engine, tokenizer, eval_rows, score, max_new_tokens=cfg.max_new_tokens,
-                                 prompt_template=cfg.prompt_template)
+        kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
+        out = evaluate_accuracy(engine, tokenizer, eval_rows, score, **kw)
+        if cfg.eval_samples:
+            k = cfg.eval_samples
+            sampled = evaluate_accuracy(engine, tokenizer, eval_rows, score, temperature=cfg.temperature, n=k, **kw)
+            out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
+                        if key.startswith("eval/accuracy")})
+        return out
 
     results = {"eval_before": evaluate()}
     log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
@@ -269,13 +274,17 @@ def _fmt(m: dict) -> str:
 
 
 def _print_table(before: dict, after: dict) -> None:
-    keys = [k for k in before if k.startswith("eval/accuracy")]
-    if not keys:
+    """Before/after no-hint accuracy per level: greedy, and the mean over sampled completions."""
+    groups = sorted({k.split("/")[1].split("_level")[0] for k in before if "/accuracy" in k or "/avg@" in k})
+    if not groups:
         return
-    print("\nno-hint greedy accuracy   before   after")
-    for k in keys:
-        name = k.removeprefix("eval/accuracy").removeprefix("_") or "all"
-        print(f"  {name:<22} {before[k]:>7.1%} {after.get(k, float('nan')):>7.1%}")
+    print(f"\nno-hint evaluation ({int(before.get('eval/num_prompts', 0))} prompts): before -> after")
+    for metric in groups:
+        label = "greedy accuracy" if metric == "accuracy" else f"{metric} (sampled)"
+        print(f"  {label}")
+        for k in [k for k in before if k == f"eval/{metric}" or k.startswith(f"eval/{metric}_level")]:
+            name = k.split("_level_")[1] if "_level_" in k else "all"
+            print(f"    level {name:<5} {before[k]:>7.1%} -> {after.get(k, float('nan')):>6.1%}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -89,3 +89,19 @@ def test_micro_batching_equals_one_batch(toy, loss_agg):
              "seq-mean-token-mean": 6 / 3, "seq-mean-token-sum-norm": 6 / 3}[loss_agg]
     for name in g3:
         assert torch.allclose(g3[name] * scale, g4[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_toy_tokenizer_round_trip(tmp_path, toy):
+    """The saved toy checkpoint reloads (AutoTokenizer) to the very same tokenization."""
+    from transformers import AutoTokenizer
+
+    model, tok = toy
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = '3+4=7\n7-2=5\n\\boxed{5} {"level_1": "x"}  é'
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.decode(tok(text)["input_ids"]) == text
+    assert render_prompt(loaded, "3+4=?") == render_prompt(tok, "3+4=?")
+    assert tok.convert_tokens_to_ids("<|im_start|>") in render_prompt(tok, "x")
+    assert len(tok(text)["input_ids"]) == len(text.encode())  # one token per byte

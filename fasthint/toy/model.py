@@ -23,7 +23,7 @@ from fasthint.toy.task import iter_problems
 
 log = logging.getLogger("fasthint")
 
-TOY_VERSION = 2
+TOY_VERSION = 3
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -33,21 +33,31 @@ MODEL_KW = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num
                 num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
 
 
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes 0..255 (GPT-2's mapping)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
 def build_tokenizer():
-    """A character-level fast tokenizer (printable ASCII + newline) with a Qwen-style chat template."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level tokenizer without merges (one token per byte) and a Qwen-style chat template.
+
+    It is exactly what transformers rebuilds for a ``qwen2`` checkpoint (``Qwen2Tokenizer``: NFC,
+    Qwen's split regex, byte-level mapping, BPE vocabulary), so the in-process tokenizer and the one
+    loaded back with ``AutoTokenizer`` give the same ids.
+    """
+    from transformers import Qwen2Tokenizer
 
     vocab = {s: i for i, s in enumerate(SPECIALS)}
-    for c in ["\n"] + [chr(i) for i in range(32, 127)]:
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
-    tok.add_special_tokens(SPECIALS)
-    tok.decoder = decoders.Fuse()
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 unk_token="<|endoftext|>", model_max_length=MODEL_KW["max_position_embeddings"])
-    hf.chat_template = CHAT_TEMPLATE
-    return hf
+    for ch in _byte_chars():
+        vocab[ch] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>", model_max_length=MODEL_KW["max_position_embeddings"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 def build_model(tokenizer, seed: int):
