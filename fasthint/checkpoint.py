@@ -1,6 +1,7 @@
 """Checkpoint writing: atomic (temp directory, then rename), Hugging Face format, safetensors."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -31,3 +32,11 @@ def rotate_existing(output_dir: str) -> None:
     if os.path.isfile(p):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(p)))
         os.replace(p, os.path.join(output_dir, f"metrics.{stamp}.jsonl"))
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes ``obj`` as JSON to ``path`` via a temporary file and a rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)

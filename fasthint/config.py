@@ -46,9 +46,9 @@ class TrainConfig:
 
     # --- algorithm ------------------------------------------------------------------------------
     algo: str = _f("grpo", f"training algorithm, one of {ALGOS}.")
-    prompts_per_step: int = _f(16, "prompts per optimizer step (each gets num_generations completions).")
+    prompts_per_step: int = _f(64, "prompts per optimizer step (each gets num_generations completions).")
     num_generations: int = _f(8, "completions per prompt: the group size G.")
-    max_steps: int = _f(60, "optimizer steps.")
+    max_steps: int = _f(50, "optimizer steps.")
     adv_scale: str = _f("group", f"advantage scaling, one of {ADV_SCALES} ('none' is Dr. GRPO).")
     adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage.")
     loss_agg: str = _f("token-mean", f"loss aggregation, one of {LOSS_AGGS}.")
@@ -67,8 +67,8 @@ class TrainConfig:
     generation_batch_size: int = _f(256, "sequences per generate call of the HF engine.")
 
     # --- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = _f(1e-3, "AdamW learning rate (constant after warm-up). For real "
-                                    "models use about 1e-6.")
+    learning_rate: float = _f(5e-5, "AdamW learning rate (constant after warm-up); the default suits "
+                                    "the toy: for real models use about 1e-6.")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
@@ -84,13 +84,12 @@ class TrainConfig:
                               "sampled at the training temperature (0 = greedy only).")
     report_to: str = _f("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
     progress_bar: bool = _f(True, "show a progress bar with reward and accuracy.")
-    num_threads: int = _f(0, "torch CPU threads (0 = 1 thread per process, best beside the reward "
-                             "worker on small CPUs).")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch's default: one per physical core).")
     reward_timeout_s: float = _f(5.0, "per-completion time limit of the math verifier.")
 
     # --- toy --------------------------------------------------------------------------------------
     toy_train_size: int = _f(4000, "toy training problems (uniform over the 4 levels).")
-    toy_warmstart_steps: int = _f(1500, "supervised warm-start steps (1024 tokens each) of the toy model; "
+    toy_warmstart_steps: int = _f(1000, "supervised warm-start steps (1024 tokens each) of the toy model; "
                                         "cached by value.")
 
     def validate(self) -> "TrainConfig":

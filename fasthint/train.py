@@ -6,7 +6,6 @@ with GRPO on CPU in a few minutes, evaluating without hints before and after.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from fasthint import ops
 from fasthint.batch import Sample, make_micro_batches
@@ -28,7 +28,7 @@ from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.models import load_policy, resolve_model_path
-from fasthint.checkpoint import rotate_existing, save_hf_checkpoint
+from fasthint.checkpoint import rotate_existing, save_hf_checkpoint, write_json_atomic
 
 log = logging.getLogger("fasthint")
 
@@ -38,8 +38,8 @@ RewardFn = Callable[[str, dict], float]
 def _setup(cfg: TrainConfig) -> torch.device:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("multi-process training is not available yet: run torchrun with --nproc_per_node=1")
-    threads = cfg.num_threads or 1
-    torch.set_num_threads(threads)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -75,6 +75,20 @@ def _reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
             raise FastHintError("the reward function returned a non-finite value: return a finite float")
         return out
     return user, (lambda: None)
+
+
+def _evaluate(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> dict:
+    """No-hint greedy accuracy (and avg@k of sampled completions) overall and per level."""
+    if not rows:
+        return {}
+    kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
+    out = evaluate_accuracy(engine, tokenizer, rows, score, **kw)
+    if cfg.eval_samples:
+        k = cfg.eval_samples
+        sampled = evaluate_accuracy(engine, tokenizer, rows, score, temperature=cfg.temperature, n=k, **kw)
+        out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
+                    if key.startswith("eval/accuracy")})
+    return out
 
 
 def _check_head(model, tokenizer, device) -> None:
@@ -192,27 +206,15 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     os.makedirs(cfg.output_dir, exist_ok=True)
     rotate_existing(cfg.output_dir)
     logger = MetricsLogger(cfg.output_dir, cfg.report_to)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as fh:
-        json.dump(vars(cfg), fh, indent=1)
+    write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
     sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens)
 
     def evaluate() -> dict:
-        if not eval_rows:
-            return {}
-        kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
-        out = evaluate_accuracy(engine, tokenizer, eval_rows, score, **kw)
-        if cfg.eval_samples:
-            k = cfg.eval_samples
-            sampled = evaluate_accuracy(engine, tokenizer, eval_rows, score, temperature=cfg.temperature, n=k, **kw)
-            out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
-                        if key.startswith("eval/accuracy")})
-        return out
+        return _evaluate(engine, tokenizer, eval_rows, score, cfg)
 
     results = {"eval_before": evaluate()}
     log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
-    from tqdm import tqdm
-
     bar = tqdm(range(1, cfg.max_steps + 1), desc="GRPO", disable=not cfg.progress_bar, dynamic_ncols=True)
     last: dict = {}
     try:
@@ -263,8 +265,8 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     plot = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
                         title=f"{cfg.algo} on {os.path.basename(train_path)}")
     results.update(last=last, checkpoint=os.path.join(cfg.output_dir, "final"), plot=plot)
-    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as fh:
-        json.dump({k: results[k] for k in ("eval_before", "eval_after")}, fh, indent=1)
+    write_json_atomic(os.path.join(cfg.output_dir, "eval.json"),
+                      {k: results[k] for k in ("eval_before", "eval_after")})
     _print_table(results["eval_before"], results["eval_after"])
     return results
 

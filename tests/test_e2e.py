@@ -60,3 +60,43 @@ def test_library_fit_with_user_reward(tmp_path):
     assert len(seen) == 8 and res["last"]["step"] == 1
     assert res["last"]["reward/mean"] == pytest.approx(sum(given) / len(given))
     assert len(set(seen)) == 2  # two prompts, four completions each
+
+
+def _tiny_cfg(tmp_path, **kw):
+    import fasthint
+
+    base = dict(max_steps=1, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"), toy_warmstart_steps=0,
+                toy_train_size=40, eval_data="", prompts_per_step=2, num_generations=4, max_new_tokens=8,
+                progress_bar=False)
+    base.update(kw)
+    return fasthint.TrainConfig(**base)
+
+
+@pytest.mark.slow
+def test_kl_reference_model_only_with_beta(tmp_path):
+    import fasthint
+
+    def alternating(completion: str, row: dict, _n=[0]) -> float:
+        _n[0] += 1
+        return float(_n[0] % 2)
+
+    res = fasthint.fit(_tiny_cfg(tmp_path, beta=0.1), reward_fn=alternating)
+    assert "kl" in res["last"] and res["last"]["kl"] >= 0.0
+    res = fasthint.fit(_tiny_cfg(tmp_path / "b"), reward_fn=alternating)
+    assert "kl" not in res["last"]
+
+
+@pytest.mark.slow
+def test_nan_reward_stops_with_clear_error_and_keeps_metrics(tmp_path):
+    import fasthint
+
+    calls = []
+
+    def flaky(completion: str, row: dict) -> float:
+        calls.append(1)
+        return float("nan") if len(calls) > 8 else 1.0  # step 1 is fine, step 2 returns NaN
+
+    with pytest.raises(fasthint.FastHintError, match="non-finite"):
+        fasthint.fit(_tiny_cfg(tmp_path, max_steps=3), reward_fn=flaky)
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1]
