@@ -1,8 +1,9 @@
 """fasthint's public kernel API with implementation dispatch.
 
 ``impl="auto"`` picks the fastest available implementation for the tensors' device; ``"torch"`` is
-the bounded-memory chunked path that also serves CPU training; ``"reference"`` is the materialising
-oracle (tests, benchmarks). Triton kernels plug in here as ``impl="triton"``.
+the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton kernels
+(CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
+(tests, benchmarks). ``auto`` = Triton on CUDA tensors, torch otherwise.
 
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use one bounded ``[chunk, V]`` workspace and O(N) vectors.
@@ -17,13 +18,16 @@ from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chu
 from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_ref,  # noqa: F401
                                         policy_loss_ref)
 
-IMPLS = ("auto", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "reference")
 
 
-def _check_impl(impl: str) -> str:
+def _check_impl(impl: str, device: Optional[torch.device] = None) -> str:
+    """Resolves ``auto``: Triton on CUDA tensors, the chunked torch path elsewhere."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return "torch" if impl == "auto" else impl
+    if impl == "auto":
+        return "triton" if device is not None and device.type == "cuda" else "torch"
+    return impl
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
@@ -33,8 +37,13 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards and group_ids must be 1-D of the same length, got "
                          f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
-    if _check_impl(impl) == "reference":
+    impl = _check_impl(impl, rewards.device)
+    if impl == "reference":
         return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps).to(torch.float32)
+    if impl == "triton":
+        from fasthint_kernels.advantages import group_advantages_triton
+
+        return group_advantages_triton(rewards, group_ids, scale=scale, eps=eps)
     return group_advantages_torch(rewards, group_ids, scale=scale, eps=eps)
 
 
@@ -49,10 +58,15 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    if _check_impl(impl) == "reference":
-        out = linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
-                                  return_entropy=return_entropy)
-        return out
+    impl = _check_impl(impl, hidden.device)
+    if impl == "reference":
+        return linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
+                                   return_entropy=return_entropy)
+    if impl == "triton":
+        from fasthint_kernels.logprobs import linear_logprobs_triton
+
+        return linear_logprobs_triton(hidden, weight, targets, bias=bias, temperature=temperature,
+                                      return_entropy=return_entropy)
     return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy)
 
@@ -71,7 +85,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ``seq-mean-token-sum-norm``: batch size x max completion length); ``seq-mean-token-mean`` uses
     ``seq_ids`` and ``num_seqs``. Returns ``(loss, stats)``; see ``policy_loss_ref``.
     """
-    _check_impl(impl)
-    return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
+    _check_impl(impl)  # O(N) elementwise work: every impl shares these torch ops (fused_policy_loss
+    return policy_loss_ref(  # is where a kernel pays, by never building the [N, V] logits)logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                            eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
                            seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights)
