@@ -85,7 +85,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ``seq-mean-token-sum-norm``: batch size x max completion length); ``seq-mean-token-mean`` uses
     ``seq_ids`` and ``num_seqs``. Returns ``(loss, stats)``; see ``policy_loss_ref``.
     """
-    _check_impl(impl)  # O(N) elementwise work: every impl shares these torch ops (fused_policy_loss
-    return policy_loss_ref(  # is where a kernel pays, by never building the [N, V] logits)logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
+    # O(N) elementwise work: every impl shares these torch ops; a kernel pays in the fused op, which
+    # never builds the [N, V] logits.
+    _check_impl(impl)
+    return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                            eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
                            seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights)
