@@ -65,6 +65,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if impl == "triton":
         from fasthint_kernels.logprobs import linear_logprobs_triton
 
+        if hidden.dtype != weight.dtype:  # e.g. fp32 hidden states beside a bf16 head: the head decides
+            hidden = hidden.to(weight.dtype)
         return linear_logprobs_triton(hidden, weight, targets, bias=bias, temperature=temperature,
                                       return_entropy=return_entropy)
     return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
@@ -91,3 +93,30 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                            eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
                            seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights)
+
+
+def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor, *,
+                      bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
+                      ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
+                      eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
+                      num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
+                      num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
+                      impl: str = "auto"):
+    """``policy_loss`` on the log-probs of a linear head, without ``[N, V]`` logits.
+
+    The loss is a per-token function of ``logp``, so its backward reaches the head as one
+    coefficient per token (dL/dlogp), and ``linear_logprobs``' backward recomputes the logit tiles
+    from the saved log-sum-exp. Returns ``(loss, stats)``; with ``return_entropy`` the stats also
+    hold ``entropy`` (per-token, detached) and ``logp`` (detached) for metrics.
+    """
+    out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                          return_entropy=return_entropy, impl=impl)
+    logp, entropy = out if return_entropy else (out, None)
+    loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
+                              eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
+                              seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights, impl=impl)
+    stats["logp"] = logp.detach()
+    if entropy is not None:
+        stats["entropy"] = entropy.detach()
+    return loss, stats

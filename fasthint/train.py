@@ -129,8 +129,6 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
         with autocast:
             hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
         h = hidden.flatten(0, 1).index_select(0, mb.score_index)
-        logp, entropy = ops.linear_logprobs(h, head.weight, mb.targets, bias=head.bias,
-                                            temperature=cfg.temperature, return_entropy=True)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad(), autocast:
@@ -139,11 +137,13 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
                 rhead = ref_model.get_output_embeddings()
                 ref_logp = ops.linear_logprobs(rh.flatten(0, 1).index_select(0, mb.score_index), rhead.weight,
                                                mb.targets, bias=rhead.bias, temperature=cfg.temperature)
-        mask = torch.ones_like(logp)
-        loss, stats = ops.policy_loss(
-            logp, mb.old_logp, mb.advantages, mask, ref_logp=ref_logp, beta=cfg.beta, eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg, num_tokens=norm,
-            seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights)
+        mask = torch.ones_like(mb.old_logp)  # the packed stream holds completion tokens only
+        loss, stats = ops.fused_policy_loss(
+            h, head.weight, mb.targets, mb.advantages, mask, mb.old_logp, bias=head.bias,
+            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, beta=cfg.beta,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
+            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights)
+        logp, entropy = stats["logp"], stats["entropy"]
         if not torch.isfinite(loss):
             raise FastHintError("the loss is not finite (NaN/inf): lower --learning_rate or check the "
                                 "rewards; nothing was updated at this step")
@@ -152,8 +152,8 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
         acc["loss"] += loss.item()
         for key in ("clip_ratio/low", "clip_ratio/high", "kl"):
             acc[key] += stats[key].item() * k
-        acc["entropy"] += entropy.detach().sum().item()
-        diff = (logp.detach() - mb.old_logp).abs()
+        acc["entropy"] += entropy.sum().item()
+        diff = (logp - mb.old_logp).abs()
         acc["logp_diff_sum"] += diff.sum().item()
         acc["logp_diff_max"] = max(acc["logp_diff_max"], diff.max().item() if k else 0.0)
     params = [p for p in model.parameters() if p.grad is not None]

@@ -78,3 +78,32 @@ def test_group_advantages_triton_exact(scale):
     ref = ops.group_advantages(r, ids, scale=scale, impl="reference")
     assert out.dtype == torch.float32 and torch.equal(out, ref)
     assert out[5] == 0 and bool((out[ids == ids[0]] == 0).all())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_fused_policy_loss_matches_float64_composition(impl, loss_agg):
+    h, w, b, y, _, _ = _problem(37, 48, 1031, True, seed=4)
+    g = torch.Generator().manual_seed(5)
+    adv = torch.randn(37, generator=g)
+    mask = (torch.rand(37, generator=g) > 0.2).float()
+    seq_ids = torch.arange(37) // 8
+    with torch.no_grad():
+        old = ops.linear_logprobs(h.double(), w.double(), y, bias=b.double(), temperature=TEMP, impl="reference")
+        old = (old + 0.3 * torch.randn(37, generator=g, dtype=torch.float64)).float()  # ratios off 1: clipping
+
+    def run(dtype, kind):
+        hh, ww, bb = (x.detach().to(dtype).requires_grad_() for x in (h, w, b))
+        loss, stats = ops.fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP,
+                                            return_entropy=True, loss_agg=loss_agg, seq_ids=seq_ids,
+                                            num_tokens=50.0, num_seqs=6, dual_clip=3.0, impl=kind)
+        return loss.double(), [x.double() for x in torch.autograd.grad(loss, (hh, ww, bb))], stats
+
+    gt_loss, gt_grads, _ = run(torch.float64, "reference")
+    loss, grads, stats = run(torch.float32, impl)
+    ref_loss, ref_grads, _ = run(torch.float32, "reference")
+    assert abs(loss - gt_loss) <= abs(ref_loss - gt_loss) + 1e-6
+    for name, a, c, e in zip(("dhidden", "dweight", "dbias"), gt_grads, grads, ref_grads):
+        _within(a, c, e, 1e-5, name)
+    assert stats["clip_ratio/low"] > 0 or stats["clip_ratio/high"] > 0
+    assert torch.equal(grads[0][mask == 0], torch.zeros_like(grads[0][mask == 0]))

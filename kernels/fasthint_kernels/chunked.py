@@ -7,8 +7,9 @@ Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md sect
     dH = dZ W / T,   dW = dZ^T H / T,   db = sum_t dZ / T
 
 Forward and backward walk token chunks of at most ``chunk_elems / V`` rows; backward recomputes each
-chunk's logits from the saved ``lse``. Memory beyond inputs and gradients: one ``[chunk, V]`` fp32
-workspace plus O(N). Accumulation is in fp32 (float64 inputs stay float64).
+chunk's logits from the saved ``lse`` (and uses the saved entropy). Memory beyond inputs and
+gradients: two ``[chunk, V]`` buffers (8 MiB each by default) plus O(N). Accumulation is in fp32
+(float64 inputs stay float64).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 22  # 4M logits (16 MiB fp32) per chunk
+DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M logits (8 MiB fp32) per chunk buffer
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,7 +37,10 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tempera
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
-    """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens."""
+    """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens.
+
+    Each chunk works in place on two ``[rows, V]`` buffers (logits/log-probs and probabilities).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool, chunk_elems: int):
@@ -49,19 +53,19 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, rows):
             z = _logits(hidden[s:s + rows], weight, bias, temperature)
             l = torch.logsumexp(z, dim=-1)
+            z.sub_(l.unsqueeze(-1))  # log p
             lse[s:s + rows] = l
-            logp[s:s + rows] = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1) - l
-            if ent is not None:  # -sum p (z - lse): shift-invariant, no cancellation of large terms
-                zs = z - l.unsqueeze(-1)
-                ent[s:s + rows] = -(torch.exp(zs) * zs).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+            logp[s:s + rows] = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1)
+            if ent is not None:  # -sum p log p: shift-invariant, no cancellation of large logits
+                ent[s:s + rows] = -(torch.exp(z).mul_(z)).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
         ctx.mark_non_differentiable(targets)
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         T = ctx.temperature
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
@@ -70,25 +74,26 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(v, dtype=acc, device=weight.device) if need_b else None
         g_all = grad_logp.to(acc) if grad_logp is not None else torch.zeros(n, dtype=acc, device=hidden.device)
+        with_ent = ctx.return_entropy and grad_ent is not None
         rows = _chunk_rows(n, v, ctx.chunk_elems)
         for s in range(0, n, rows):
             h = hidden[s:s + rows]
-            z = _logits(h, weight, bias, T)
-            z = z - lse[s:s + rows].unsqueeze(-1)  # log p: the shift keeps the entropy terms exact
+            z = _logits(h, weight, bias, T).sub_(lse[s:s + rows].unsqueeze(-1))  # log p
             p = torch.exp(z)
             g = g_all[s:s + rows].unsqueeze(-1)
-            dz = -g * p
-            dz.scatter_add_(-1, targets[s:s + rows].long().unsqueeze(-1), g)
-            if ctx.return_entropy and grad_ent is not None:
+            if with_ent:  # z <- e p (log p + entropy): d entropy / d z_v = -p_v (log p_v + entropy)
                 e = grad_ent[s:s + rows].to(acc).unsqueeze(-1)
-                ez = (p * z).sum(-1, keepdim=True)
-                dz -= e * p * (z - ez)
+                z.add_(ent[s:s + rows].unsqueeze(-1)).mul_(p).mul_(e)
+            dz = p.mul_(-g)  # dz = g (1[v=y] - p) - e p (log p + entropy), in p's buffer
+            dz.scatter_add_(-1, targets[s:s + rows].long().unsqueeze(-1), g)
+            if with_ent:
+                dz.sub_(z)
             if T != 1.0:
-                dz = dz / T
+                dz.div_(T)
             if need_h:
                 dh[s:s + rows] = dz @ weight if hidden.dtype == acc else (dz.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
-                dw += dz.t() @ h.to(acc)
+                dw.addmm_(dz.t(), h.to(acc))
             if need_b:
                 db += dz.sum(0)
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,

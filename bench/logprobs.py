@@ -1,0 +1,198 @@
+"""Benchmark: forward+backward of linear log-probs (+ entropy) without vs with materialised logits.
+
+    python bench/logprobs.py                 # CPU: N=4096, D=256, V=65536 fp32 (the issue's goal shape)
+    python bench/logprobs.py --shape 16384,3584,152064 --dtype bfloat16   # GPU, Qwen2.5-7B head
+
+Providers: fasthint (``ops.linear_logprobs``, impl auto: Triton on CUDA, chunked torch on CPU),
+torch eager (materialised ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's
+``LigerFusedLinearGRPOLoss`` when importable (GPU), and on CUDA the three bare matmuls (H W^T, dZ W,
+dZ^T H) that any implementation must do. Each provider runs in a fresh subprocess; time is the
+median of ``--repeat`` runs after a warm-up; "extra MiB" is peak memory above the inputs and their
+gradients (CUDA: max_memory_allocated; CPU: peak RSS). Prints a table and appends rows to
+bench/results/logprobs.csv with device, versions and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "logprobs.csv")
+FIELDS = ["time", "commit", "device", "torch", "triton", "op", "provider", "n", "d", "v", "dtype", "median_ms",
+          "extra_mib", "logits_mib", "note"]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _make_step(provider: str, h, w, y, up):
+    """The provider's forward+backward on these tensors, as a closure."""
+    import torch
+
+    if provider == "fasthint":
+        from fasthint import ops
+
+        def step():
+            lp, ent = ops.linear_logprobs(h, w, y, temperature=0.7, return_entropy=True)
+            ((lp * up).sum() + ent.sum()).backward()
+        return step
+    if provider in ("torch", "torch.compile"):
+        f = _COMPILED if provider == "torch.compile" else _eager_loss
+        return lambda: f(h, w, y, up).backward()
+    if provider == "matmuls":
+        dz = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype) * 1e-3
+
+        def step():
+            with torch.no_grad():
+                h @ w.t()
+                dz @ w
+                dz.t() @ h
+        return step
+    if provider == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, temperature=0.7)
+        b = 16
+        t = h.shape[0] // b
+        mask = torch.ones(b, t, device=h.device)
+        adv = torch.randn(b, device=h.device)
+        return lambda: loss_fn(h.view(b, t, -1), w, y.view(b, t), mask, adv)[0].backward()
+    raise SystemExit(f"unknown provider {provider}")
+
+
+def _eager_loss(h, w, y, up):
+    import torch
+
+    z = (h @ w.t()).float() / 0.7
+    logprobs = torch.log_softmax(z, -1)
+    lp = logprobs.gather(-1, y[:, None]).squeeze(-1)
+    return (lp * up).sum() - (logprobs.exp() * logprobs).sum()
+
+
+_COMPILED = None
+
+
+def _inputs(n: int, d: int, v: int, dtype, dev: str, seed: int = 0):
+    import torch
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h = (torch.randn(n, d, device=dev, generator=g) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, device=dev, generator=g) * 0.02).to(dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), device=dev, generator=g)
+    return h, w, y, torch.randn(n, device=dev, generator=g)
+
+
+def _worker(provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int) -> dict:
+    import torch
+
+    global _COMPILED
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, dtype_name)
+    if provider == "torch.compile":
+        _COMPILED = torch.compile(_eager_loss, dynamic=False)
+    _make_step(provider, *_inputs(64, d, 512, dtype, dev))()  # imports and lazy initialisation
+    h, w, y, up = _inputs(n, d, v, dtype, dev)
+    grad_mib = (h.numel() + w.numel()) * h.element_size() / 2**20 if provider != "matmuls" else 0.0
+    step = _make_step(provider, h, w, y, up)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    base = _rss_mib()
+    step()  # warm-up at the real shape (compilation, autotuning); on CPU its peak RSS is the measure
+    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base - grad_mib
+    sync()
+    if cuda:
+        h.grad = w.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base_b = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeat):
+        h.grad = w.grad = None
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        extra = (torch.cuda.max_memory_allocated() - base_b) / 2**20 - grad_mib
+    times.sort()
+    return {"median_ms": times[len(times) // 2], "extra_mib": extra,
+            "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
+
+
+def _versions() -> dict:
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "-"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                                text=True).stdout.strip() or "-"
+    except OSError:
+        commit = "-"
+    return {"torch": torch.__version__, "triton": tv, "commit": commit}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="4096,256,65536", help="N,D,V")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    n, d, v = (int(x) for x in args.shape.split(","))
+    if args.worker:
+        print(json.dumps(_worker(args.worker, n, d, v, args.dtype, args.repeat)))
+        return
+    import torch
+
+    cuda = torch.cuda.is_available()
+    rows, vers = [], _versions()
+    logits_mib = n * v * 4 / 2**20
+    for prov in args.providers.split(","):
+        if prov in ("liger", "matmuls") and not cuda:
+            continue
+        cmd = [sys.executable, __file__, "--worker", prov, "--shape", args.shape, "--dtype", args.dtype,
+               "--repeat", str(args.repeat)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        line = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
+        if not line:
+            err = (res.stderr.strip().splitlines() or ["failed"])[-1][:120]
+            print(f"{prov:<14} skipped: {err}")
+            continue
+        out = json.loads(line)
+        rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
+                     "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
+                     "op": "linear_logprobs+entropy fwd+bwd", "provider": prov, "n": n, "d": d, "v": v,
+                     "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
+                     "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1), "note": ""})
+    print(f"\nlinear log-probs + entropy, forward+backward, N={n} D={d} V={v} {args.dtype} "
+          f"({rows[0]['device'] if rows else '-'}); fp32 logits would take {logits_mib:.0f} MiB")
+    print(f"{'provider':<14} {'median ms':>10} {'extra MiB':>10} {'extra/logits':>13}")
+    for r in rows:
+        print(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['extra_mib']:>10.1f} "
+              f"{r['extra_mib'] / logits_mib:>12.1%}")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    new = not os.path.exists(RESULTS)
+    with open(RESULTS, "a", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            wr.writeheader()
+        wr.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
