@@ -3,7 +3,7 @@
 ``impl="auto"`` picks the fastest available implementation for the tensors' device; ``"torch"`` is
 the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton kernels
 (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
-(tests, benchmarks). ``auto`` = Triton on CUDA tensors, torch otherwise.
+(tests, benchmarks). ``auto`` = the torch path, and Triton on CUDA once validated there.
 
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use one bounded ``[chunk, V]`` workspace and O(N) vectors.
@@ -21,12 +21,18 @@ from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_re
 IMPLS = ("auto", "triton", "torch", "reference")
 
 
+# ``auto`` switches to Triton on CUDA once the kernels have passed their tests and benchmarks on a
+# GPU (tests/test_gpu.py, bench/logprobs.py); until then it is the chunked torch path everywhere.
+TRITON_AUTO_ON_CUDA = False
+
+
 def _check_impl(impl: str, device: Optional[torch.device] = None) -> str:
-    """Resolves ``auto``: Triton on CUDA tensors, the chunked torch path elsewhere."""
+    """Resolves ``auto`` (see TRITON_AUTO_ON_CUDA) and rejects unknown names."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device is not None and device.type == "cuda" else "torch"
+        cuda = device is not None and device.type == "cuda"
+        return "triton" if cuda and TRITON_AUTO_ON_CUDA else "torch"
     return impl
 
 

@@ -46,3 +46,32 @@ def test_cuda_training_run(tmp_path):
     assert res["last"]["step"] == 3
     diff = res["last"]["sampling/logp_diff/mean"]  # engine fp32 vs trainer bf16 autocast
     assert math.isnan(diff) or diff < 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_linear_logprobs_cuda_against_float64(dtype):
+    """The Triton kernels on real hardware (tf32/bf16 tensor cores): same rule as the torch path."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, d, v = 777, 320, 32003
+    h = (torch.randn(n, d, device="cuda", generator=g) * 0.5).to(dtype)
+    w = (torch.randn(v, d, device="cuda", generator=g) * 0.05).to(dtype)
+    b = torch.randn(v, device="cuda", generator=g).to(dtype)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    g_lp, g_ent = torch.randn(n, device="cuda", generator=g), torch.randn(n, device="cuda", generator=g)
+
+    def run(impl, cast):
+        leaves = [x.detach().to(cast).requires_grad_() for x in (h, w, b)]
+        lp, ent = ops.linear_logprobs(*leaves[:2], y, bias=leaves[2], temperature=0.7, return_entropy=True,
+                                      impl=impl)
+        grads = torch.autograd.grad((lp * g_lp).sum() + (ent * g_ent).sum(), leaves)
+        return [lp, ent, *grads]
+
+    gt = run("reference", torch.float64)
+    fast = run("triton", dtype)
+    same = run("reference", dtype)
+    tf32_slack = 3e-4 if dtype == torch.float32 else 0.0  # Triton's fp32 dot runs on tf32 tensor cores
+    for name, a, f, c in zip(("logp", "entropy", "dh", "dw", "db"), gt, fast, same):
+        scale = a.abs().max().item()
+        tol = (1e-5 + torch.finfo(dtype).eps + tf32_slack) * scale
+        err_f, err_c = (a - f.double()).abs(), (a - c.double()).abs()
+        assert bool((err_f <= err_c + tol).all()), f"{name}: {err_f.max().item():.3g} vs {err_c.max().item():.3g}"
