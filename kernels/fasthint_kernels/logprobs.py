@@ -78,6 +78,20 @@ def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t,
 
 
 @triton.jit
+def _token_coeffs(Y, LSE, ENT, G, GE, offs_n, mask_n, WITH_ENT: tl.constexpr):
+    """Per-token backward inputs: target, lse, dL/dlogp, dL/dentropy and entropy (e, ent = g unused)."""
+    y = tl.load(Y + offs_n, mask=mask_n, other=0)
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0)
+    e = g
+    ent = g
+    if WITH_ENT:
+        e = tl.load(GE + offs_n, mask=mask_n, other=0.0)
+        ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
+    return y, lse, g, e, ent
+
+
+@triton.jit
 def _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT: tl.constexpr):
     """dL/d(H W^T + b) for one tile (already divided by T)."""
     logp = z - lse[:, None]
@@ -94,14 +108,7 @@ def _bwd_dh(H, W, B, Y, LSE, ENT, G, GE, DH, N, V, D, stride_hn, stride_wv, stri
             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    y = tl.load(Y + offs_n, mask=mask_n, other=0)
-    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-    g = tl.load(G + offs_n, mask=mask_n, other=0.0)
-    e = g
-    ent = g
-    if WITH_ENT:
-        e = tl.load(GE + offs_n, mask=mask_n, other=0.0)
-        ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
+    y, lse, g, e, ent = _token_coeffs(Y, LSE, ENT, G, GE, offs_n, mask_n, WITH_ENT)
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
@@ -128,14 +135,7 @@ def _bwd_dw(H, W, B, Y, LSE, ENT, G, GE, DW, DB, N, V, D, stride_hn, stride_wv, 
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        y = tl.load(Y + offs_n, mask=mask_n, other=0)
-        lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-        g = tl.load(G + offs_n, mask=mask_n, other=0.0)
-        e = g
-        ent = g
-        if WITH_ENT:
-            e = tl.load(GE + offs_n, mask=mask_n, other=0.0)
-            ent = tl.load(ENT + offs_n, mask=mask_n, other=0.0)
+        y, lse, g, e, ent = _token_coeffs(Y, LSE, ENT, G, GE, offs_n, mask_n, WITH_ENT)
         z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
         dz = tl.where(mask_n[:, None], _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT), 0.0)
