@@ -30,10 +30,11 @@ def _chunk_rows(n: int, v: int, chunk_elems: int) -> int:
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
     acc = _acc_dtype(h.dtype)
-    z = (h @ w.t()).to(acc)
+    z = h @ w.t()
+    z = z if z.dtype == acc else z.to(acc)  # a fresh buffer either way: safe to update in place
     if b is not None:
-        z = z + b.to(acc)
-    return z / temperature if temperature != 1.0 else z
+        z.add_(b.to(acc))
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
