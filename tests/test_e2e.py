@@ -1,4 +1,5 @@
 """End to end: two GRPO steps of the default setup (tiny warm start), metrics and a loadable checkpoint."""
+import itertools
 import json
 import os
 import subprocess
@@ -76,9 +77,10 @@ def _tiny_cfg(tmp_path, **kw):
 def test_kl_reference_model_only_with_beta(tmp_path):
     import fasthint
 
-    def alternating(completion: str, row: dict, _n=[0]) -> float:
-        _n[0] += 1
-        return float(_n[0] % 2)
+    counter = itertools.count()
+
+    def alternating(completion: str, row: dict) -> float:
+        return float(next(counter) % 2)
 
     res = fasthint.fit(_tiny_cfg(tmp_path, beta=0.1), reward_fn=alternating)
     assert "kl" in res["last"] and res["last"]["kl"] >= 0.0
