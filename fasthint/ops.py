@@ -1,12 +1,12 @@
 """fasthint's public kernel API with implementation dispatch.
 
-``impl="auto"`` picks the fastest available implementation for the tensors' device; ``"torch"`` is
-the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton kernels
+``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton kernels
 (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
 (tests, benchmarks). ``auto`` = the torch path, and Triton on CUDA once validated there.
 
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
-inputs and their gradients they use one bounded ``[chunk, V]`` workspace and O(N) vectors.
+inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path) or O(N) vectors
+and fp32 gradient accumulators (Triton).
 """
 from __future__ import annotations
 

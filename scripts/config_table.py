@@ -19,5 +19,4 @@ if __name__ == "__main__":
     text = open(README).read()
     text = re.sub(r"(<!-- config-table:[^\n]*-->\n).*?(\n<!-- /config-table -->)",
                   lambda m: m.group(1) + table() + m.group(2), text, flags=re.S)
-    text = text.replace("CONFIG_TABLE", table())
     open(README, "w").write(text)
