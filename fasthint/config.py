@@ -163,7 +163,7 @@ def _coerce(name: str, value: Any, t: type) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}: pass a {t.__name__} value") from None
+        raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}: pass a value of type {t.__name__}") from None
 
 
 def _load_yaml(path: str) -> dict:
