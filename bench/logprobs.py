@@ -1,15 +1,19 @@
-"""Benchmark: forward+backward of linear log-probs (+ entropy) without vs with materialised logits.
+"""Benchmark: forward+backward of fasthint's head ops without vs with materialised logits.
 
     python bench/logprobs.py                 # CPU: N=4096, D=256, V=65536 fp32 (the issue's goal shape)
     python bench/logprobs.py --shape 16384,3584,152064 --dtype bfloat16   # GPU, Qwen2.5-7B head
 
-Providers: fasthint (``ops.linear_logprobs``, impl auto: Triton on CUDA, chunked torch on CPU),
-torch eager (materialised ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's
-``LigerFusedLinearGRPOLoss`` when importable (GPU), and on CUDA the three bare matmuls (H W^T, dZ W,
-dZ^T H) that any implementation must do. Each provider runs in a fresh subprocess; time is the
-median of ``--repeat`` runs after a warm-up; "extra MiB" is peak memory above the inputs and their
-gradients (CUDA: max_memory_allocated; CPU: peak RSS). Prints a table and appends rows to
-bench/results/logprobs.csv with device, versions and commit.
+Ops (``--ops``): ``logprobs``: ``ops.linear_logprobs`` with entropy at T=0.7 under a random upstream
+gradient (backward must recompute the logits); ``policy_loss``: the clipped GRPO loss of the head
+(``ops.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
+in its forward pass.
+Providers: fasthint (impl auto: Triton on CUDA, chunked torch on CPU), torch eager (materialised
+``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
+(policy_loss only; ``pip install liger-kernel -c constraints.txt``), and on CUDA the three bare
+matmuls (H W^T, dZ W, dZ^T H) that any implementation must do. Each provider runs in a fresh
+subprocess; time is the median of ``--repeat`` runs after a warm-up; "extra MiB" is peak memory
+above the inputs and their gradients (CUDA: max_memory_allocated; CPU: peak RSS). Prints a table
+and appends rows to bench/results/logprobs.csv with device, versions and commit.
 """
 from __future__ import annotations
 
@@ -17,11 +21,13 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import resource
 import subprocess
 import sys
 import time
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "logprobs.csv")
@@ -34,20 +40,13 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _make_step(provider: str, h, w, y, up):
-    """The provider's forward+backward on these tensors, as a closure."""
+SEQS = 16  # policy_loss: the N tokens form SEQS sequences of N / SEQS tokens
+
+
+def _make_step(op: str, provider: str, h, w, y, up):
+    """The provider's forward+backward of ``op`` on these tensors, as a closure."""
     import torch
 
-    if provider == "fasthint":
-        from fasthint import ops
-
-        def step():
-            lp, ent = ops.linear_logprobs(h, w, y, temperature=0.7, return_entropy=True)
-            ((lp * up).sum() + ent.sum()).backward()
-        return step
-    if provider in ("torch", "torch.compile"):
-        f = _COMPILED if provider == "torch.compile" else _eager_loss
-        return lambda: f(h, w, y, up).backward()
     if provider == "matmuls":
         dz = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype) * 1e-3
 
@@ -57,25 +56,58 @@ def _make_step(provider: str, h, w, y, up):
                 dz @ w
                 dz.t() @ h
         return step
+    if op == "logprobs":
+        if provider == "fasthint":
+            from fasthint import ops
+
+            def step():
+                lp, ent = ops.linear_logprobs(h, w, y, temperature=0.7, return_entropy=True)
+                ((lp * up).sum() + ent.sum()).backward()
+            return step
+        if provider in ("torch", "torch.compile"):
+            f = _COMPILED if provider == "torch.compile" else _eager_logprobs
+            return lambda: f(h, w, y, up).backward()
+        raise SystemExit(f"{provider} has no {op}")
+    n, v = h.shape[0], w.shape[0]
+    mask = torch.ones(n, device=h.device)
+    adv = torch.randn(SEQS, device=h.device, generator=torch.Generator(h.device).manual_seed(1))
+    adv_tok = adv.repeat_interleave(n // SEQS)
+    old = torch.full((n,), -math.log(v), device=h.device) + 0.1 * up
+    if provider == "fasthint":
+        from fasthint import ops
+
+        return lambda: ops.fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7)[0].backward()
+    if provider in ("torch", "torch.compile"):
+        f = _COMPILED if provider == "torch.compile" else _eager_policy_loss
+        return lambda: f(h, w, y, adv_tok, mask, old).backward()
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, temperature=0.7)
-        b = 16
-        t = h.shape[0] // b
-        mask = torch.ones(b, t, device=h.device)
-        adv = torch.randn(b, device=h.device)
-        return lambda: loss_fn(h.view(b, t, -1), w, y.view(b, t), mask, adv)[0].backward()
+        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, temperature=0.7, epsilon_low=0.2,
+                                           epsilon_high=0.28, loss_type="dapo")  # dapo = token-mean
+        t = n // SEQS
+        return lambda: loss_fn(h.view(SEQS, t, -1), w, y.view(SEQS, t), mask.view(SEQS, t), adv,
+                               old_per_token_logps=old.view(SEQS, t))[0].backward()
     raise SystemExit(f"unknown provider {provider}")
 
 
-def _eager_loss(h, w, y, up):
+def _eager_logprobs(h, w, y, up):
     import torch
 
     z = (h @ w.t()).float() / 0.7
     logprobs = torch.log_softmax(z, -1)
     lp = logprobs.gather(-1, y[:, None]).squeeze(-1)
     return (lp * up).sum() - (logprobs.exp() * logprobs).sum()
+
+
+def _eager_policy_loss(h, w, y, adv_tok, mask, old):
+    import torch
+
+    z = (h @ w.t()).float() / 0.7
+    lp = torch.log_softmax(z, -1).gather(-1, y[:, None]).squeeze(-1)
+    ratio = torch.exp(lp - old)
+    obj = torch.minimum(ratio * adv_tok, torch.clamp(ratio, 0.8, 1.28) * adv_tok)
+    return -(obj * mask).sum() / mask.sum()
 
 
 _COMPILED = None
@@ -91,7 +123,7 @@ def _inputs(n: int, d: int, v: int, dtype, dev: str, seed: int = 0):
     return h, w, y, torch.randn(n, device=dev, generator=g)
 
 
-def _worker(provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int) -> dict:
+def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int) -> dict:
     import torch
 
     global _COMPILED
@@ -99,11 +131,11 @@ def _worker(provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int)
     dev = "cuda" if cuda else "cpu"
     dtype = getattr(torch, dtype_name)
     if provider == "torch.compile":
-        _COMPILED = torch.compile(_eager_loss, dynamic=False)
-    _make_step(provider, *_inputs(64, d, 512, dtype, dev))()  # imports and lazy initialisation
+        _COMPILED = torch.compile(_eager_logprobs if op == "logprobs" else _eager_policy_loss, dynamic=False)
+    _make_step(op, provider, *_inputs(64, d, 512, dtype, dev))()  # imports and lazy initialisation
     h, w, y, up = _inputs(n, d, v, dtype, dev)
     grad_mib = (h.numel() + w.numel()) * h.element_size() / 2**20 if provider != "matmuls" else 0.0
-    step = _make_step(provider, h, w, y, up)
+    step = _make_step(op, provider, h, w, y, up)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     base = _rss_mib()
     step()  # warm-up at the real shape (compilation, autotuning); on CPU its peak RSS is the measure
@@ -145,45 +177,58 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "triton": tv, "commit": commit}
 
 
+OP_NAMES = {"logprobs": "linear_logprobs+entropy fwd+bwd", "policy_loss": "fused_policy_loss fwd+bwd"}
+
+
+def _run_provider(op: str, prov: str, args) -> Optional[dict]:
+    cmd = [sys.executable, __file__, "--worker", prov, "--ops", op, "--shape", args.shape, "--dtype", args.dtype,
+           "--repeat", str(args.repeat)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    line = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
+    if not line:
+        err = (res.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        print(f"{op:<12} {prov:<14} skipped: {err}")
+        return None
+    return json.loads(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="4096,256,65536", help="N,D,V")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--ops", default="logprobs,policy_loss")
     ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     n, d, v = (int(x) for x in args.shape.split(","))
+    if n % SEQS:
+        raise SystemExit(f"N must be a multiple of {SEQS}")
     if args.worker:
-        print(json.dumps(_worker(args.worker, n, d, v, args.dtype, args.repeat)))
+        print(json.dumps(_worker(args.ops, args.worker, n, d, v, args.dtype, args.repeat)))
         return
     import torch
 
     cuda = torch.cuda.is_available()
     rows, vers = [], _versions()
     logits_mib = n * v * 4 / 2**20
-    for prov in args.providers.split(","):
-        if prov in ("liger", "matmuls") and not cuda:
-            continue
-        cmd = [sys.executable, __file__, "--worker", prov, "--shape", args.shape, "--dtype", args.dtype,
-               "--repeat", str(args.repeat)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        line = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
-        if not line:
-            err = (res.stderr.strip().splitlines() or ["failed"])[-1][:120]
-            print(f"{prov:<14} skipped: {err}")
-            continue
-        out = json.loads(line)
-        rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
-                     "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
-                     "op": "linear_logprobs+entropy fwd+bwd", "provider": prov, "n": n, "d": d, "v": v,
-                     "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
-                     "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1), "note": ""})
-    print(f"\nlinear log-probs + entropy, forward+backward, N={n} D={d} V={v} {args.dtype} "
-          f"({rows[0]['device'] if rows else '-'}); fp32 logits would take {logits_mib:.0f} MiB")
-    print(f"{'provider':<14} {'median ms':>10} {'extra MiB':>10} {'extra/logits':>13}")
+    for op in args.ops.split(","):
+        for prov in args.providers.split(","):
+            if (prov == "matmuls" and (not cuda or op != "logprobs")) or (prov == "liger" and op != "policy_loss"):
+                continue  # the matmul floor is op-independent: measured once
+            out = _run_provider(op, prov, args)
+            if out is None:
+                continue
+            rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
+                         "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
+                         "op": OP_NAMES[op] if prov != "matmuls" else "3 bare matmuls", "provider": prov,
+                         "n": n, "d": d, "v": v, "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
+                         "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1), "note": ""})
+    print(f"\nforward+backward, N={n} D={d} V={v} {args.dtype} ({rows[0]['device'] if rows else '-'}); "
+          f"fp32 logits would take {logits_mib:.0f} MiB")
+    print(f"{'op':<32} {'provider':<14} {'median ms':>10} {'extra MiB':>10} {'extra/logits':>13}")
     for r in rows:
-        print(f"{r['provider']:<14} {r['median_ms']:>10.1f} {r['extra_mib']:>10.1f} "
+        print(f"{r['op']:<32} {r['provider']:<14} {r['median_ms']:>10.1f} {r['extra_mib']:>10.1f} "
               f"{r['extra_mib'] / logits_mib:>12.1%}")
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     new = not os.path.exists(RESULTS)

@@ -1,8 +1,9 @@
 """fasthint's public kernel API with implementation dispatch.
 
-``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton kernels
-(CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
-(tests, benchmarks). ``auto`` = the torch path, and Triton on CUDA once validated there.
+``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton
+kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
+(tests, benchmarks). ``"auto"``: torch on CPU; on CUDA, Triton for the advantages and, for the head
+ops, whichever of Triton and torch a one-time probe finds correct and faster (``fasthint.autoselect``).
 
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path) or O(N) vectors
@@ -10,6 +11,7 @@ and fp32 gradient accumulators (Triton).
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -19,37 +21,50 @@ from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_re
                                         policy_loss_ref)
 
 IMPLS = ("auto", "triton", "torch", "reference")
+log = logging.getLogger("fasthint")
+_ADV_TRITON_FAILED = False
 
 
-# ``auto`` switches to Triton on CUDA once the kernels have passed their tests and benchmarks on a
-# GPU (tests/test_gpu.py, bench/logprobs.py); until then it is the chunked torch path everywhere.
-TRITON_AUTO_ON_CUDA = False
-
-
-def _check_impl(impl: str, device: Optional[torch.device] = None) -> str:
-    """Resolves ``auto`` (see TRITON_AUTO_ON_CUDA) and rejects unknown names."""
+def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        cuda = device is not None and device.type == "cuda"
-        return "triton" if cuda and TRITON_AUTO_ON_CUDA else "torch"
     return impl
+
+
+def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                       return_entropy: bool) -> str:
+    """``auto``: the torch path on CPU; on CUDA the faster of Triton and torch, measured once per head
+    shape with a correctness check (``fasthint.autoselect``)."""
+    if _check_impl(impl) != "auto":
+        return impl
+    if hidden.device.type != "cuda":
+        return "torch"
+    from fasthint.autoselect import choose_cuda_impl
+
+    return choose_cuda_impl(op, hidden, weight, temperature, return_entropy)
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
                      eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
     """Group-normalised advantages, float32, one per completion; groups keyed by ``group_ids``
     (int64, need not be contiguous). All-equal groups and groups of one get 0."""
+    global _ADV_TRITON_FAILED
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards and group_ids must be 1-D of the same length, got "
                          f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}")
-    impl = _check_impl(impl, rewards.device)
+    auto_cuda = _check_impl(impl) == "auto" and rewards.device.type == "cuda" and not _ADV_TRITON_FAILED
     if impl == "reference":
         return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps).to(torch.float32)
-    if impl == "triton":
+    if impl == "triton" or auto_cuda:
         from fasthint_kernels.advantages import group_advantages_triton
 
-        return group_advantages_triton(rewards, group_ids, scale=scale, eps=eps)
+        try:
+            return group_advantages_triton(rewards, group_ids, scale=scale, eps=eps)
+        except Exception as e:  # noqa: BLE001 - auto falls back; an explicit "triton" re-raises
+            if not auto_cuda:
+                raise
+            _ADV_TRITON_FAILED = True
+            log.warning("fasthint: Triton group advantages failed (%s: %s); using torch", type(e).__name__, e)
     return group_advantages_torch(rewards, group_ids, scale=scale, eps=eps)
 
 
@@ -64,7 +79,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    impl = _check_impl(impl, hidden.device)
+    impl = _resolve_head_impl(impl, "logprobs", hidden, weight, temperature, return_entropy)
     if impl == "reference":
         return linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy)
@@ -111,11 +126,22 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       impl: str = "auto"):
     """``policy_loss`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
-    The loss is a per-token function of ``logp``, so its backward reaches the head as one
-    coefficient per token (dL/dlogp), and ``linear_logprobs``' backward recomputes the logit tiles
-    from the saved log-sum-exp. Returns ``(loss, stats)``; with ``return_entropy`` the stats also
-    hold ``entropy`` (per-token, detached) and ``logp`` (detached) for metrics.
+    The loss is a sum of per-token functions of ``logp``, so its gradient reaches the head as one
+    coefficient per token (dL/dlogp). The torch path uses that in its forward: each logit chunk
+    yields its log-probs, their coefficients and its share of dH/dW at once (6NDV, no recompute;
+    ``fasthint_kernels.fused_loss``). The Triton path composes ``linear_logprobs`` (whose backward
+    recomputes logit tiles from the saved log-sum-exp) with ``policy_loss``. Returns ``(loss, stats)``;
+    stats hold ``logp`` (detached) and, with ``return_entropy``, ``entropy`` (per token, detached).
     """
+    impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy)
+    if impl == "torch":
+        from fasthint_kernels.fused_loss import fused_policy_loss_chunked
+
+        return fused_policy_loss_chunked(
+            hidden, weight, targets, advantages, mask, old_logp, bias=bias, temperature=temperature,
+            return_entropy=return_entropy, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
+            dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
+            seq_weights=seq_weights)
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           return_entropy=return_entropy, impl=impl)
     logp, entropy = out if return_entropy else (out, None)

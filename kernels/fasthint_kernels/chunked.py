@@ -2,14 +2,16 @@
 
 Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md section 5):
 
-    z = (H W^T + b) / T,  lse = logsumexp(z),  logp = z_y - lse,  entropy = -sum_v p_v (z_v - lse)
-    dL/dz_v = g (1[v=y] - p_v) - e p_v (z_v - sum_u p_u z_u),   g = dL/dlogp, e = dL/dentropy
+    z = (H W^T + b) / T,  lse = logsumexp(z),  logp = z_y - lse,  entropy = -sum_v p_v log p_v
+    dL/dz_v = g (1[v=y] - p_v) - e p_v (log p_v + entropy),   g = dL/dlogp, e = dL/dentropy
     dH = dZ W / T,   dW = dZ^T H / T,   db = sum_t dZ / T
 
-Forward and backward walk token chunks of at most ``chunk_elems / V`` rows; backward recomputes each
-chunk's logits from the saved ``lse`` (and uses the saved entropy). Memory beyond inputs and
-gradients: two ``[chunk, V]`` buffers (8 MiB each by default) plus O(N). Accumulation is in fp32
-(float64 inputs stay float64).
+Forward and backward walk token chunks of ``chunk_elems / V`` rows; backward recomputes each chunk's
+logits from the saved ``lse``. Every chunk reuses ONE ``[rows, V]`` workspace transformed in place
+(logits -> exp -> probabilities -> logit gradient; 32 MiB fp32 by default) plus a ``[rows, 8192]``
+block for the entropy terms, so the chunks can be large enough for BLAS to run at full speed
+(small row counts pay for packing the whole head on every call). Memory beyond inputs and
+gradients: that buffer plus O(N). Accumulation is in fp32 (float64 inputs stay float64).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 21  # 2M logits (8 MiB fp32) per chunk buffer
+DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M logits (32 MiB fp32) per chunk buffer
+VOCAB_BLOCK = 8192  # columns per entropy block: a [rows, 8192] temporary
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,20 +31,54 @@ def _chunk_rows(n: int, v: int, chunk_elems: int) -> int:
     return max(1, min(n, chunk_elems // max(1, v)))
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float) -> torch.Tensor:
-    acc = _acc_dtype(h.dtype)
-    z = h @ w.t()
-    z = z if z.dtype == acc else z.to(acc)  # a fresh buffer either way: safe to update in place
+def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
+            out: torch.Tensor) -> torch.Tensor:
+    """``(h W^T + b) / T`` written into the workspace ``out`` (first ``len(h)`` rows; returned)."""
+    z = out[:h.shape[0]]
+    if h.dtype == z.dtype and w.dtype == z.dtype:
+        torch.mm(h, w.t(), out=z)
+    else:  # bf16/fp16 inputs: the product rounds like torch's own matmul, then fp32 from here on
+        z.copy_(h @ w.t())
     if b is not None:
-        z.add_(b.to(acc))
+        z.add_(b.to(z.dtype))
     return z.div_(temperature) if temperature != 1.0 else z
 
 
-class ChunkedLinearLogprobs(torch.autograd.Function):
-    """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens.
+def _workspace(rows: int, v: int, dtype: torch.dtype, device: torch.device):
+    """The one ``[rows, V]`` chunk buffer and the ``[rows, VOCAB_BLOCK]`` entropy block, reused by
+    every chunk (fresh buffers per chunk fragment the CPU heap: peak RSS grows by a buffer)."""
+    return (torch.empty(rows, v, dtype=dtype, device=device),
+            torch.empty(rows, min(v, VOCAB_BLOCK), dtype=dtype, device=device))
 
-    Each chunk works in place on two ``[rows, V]`` buffers (logits/log-probs and probabilities).
-    """
+
+def softmax_(z: torch.Tensor) -> torch.Tensor:
+    """Turns logits ``z [rows, V]`` into probabilities in place; returns ``lse [rows]``."""
+    m = z.amax(-1, keepdim=True)
+    s = z.sub_(m).exp_().sum(-1, keepdim=True)
+    z.div_(s)
+    return (m + s.log()).squeeze(-1)
+
+
+def neg_plogp(p: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-sum_v p_v log p_v`` of probability rows ``[rows, V]``, block by block in ``tmp``."""
+    ent = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
+    for c in range(0, p.shape[1], VOCAB_BLOCK):
+        blk = p[:, c:c + VOCAB_BLOCK]
+        ent -= torch.special.xlogy(blk, blk, out=tmp[:blk.shape[0], :blk.shape[1]]).sum(-1)  # 0 log 0 = 0
+    return ent
+
+
+def _entropy_dz_(p: torch.Tensor, g: torch.Tensor, e: torch.Tensor, ent: torch.Tensor, tmp: torch.Tensor) -> None:
+    """In place: ``p <- -(g + e H) p - e p log p`` (the logit gradient without its ``g 1[v=y]`` term)."""
+    c = g + e * ent
+    for b0 in range(0, p.shape[1], VOCAB_BLOCK):
+        blk = p[:, b0:b0 + VOCAB_BLOCK]
+        t = torch.special.xlogy(blk, blk, out=tmp[:blk.shape[0], :blk.shape[1]]).mul_(e)
+        blk.mul_(-c).sub_(t)
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool, chunk_elems: int):
@@ -51,14 +88,14 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty(n, dtype=acc, device=hidden.device) if return_entropy else None
         rows = _chunk_rows(n, v, chunk_elems)
+        buf, tmp = _workspace(rows, v, acc, hidden.device)
         for s in range(0, n, rows):
-            z = _logits(hidden[s:s + rows], weight, bias, temperature)
-            l = torch.logsumexp(z, dim=-1)
-            z.sub_(l.unsqueeze(-1))  # log p
-            lse[s:s + rows] = l
-            logp[s:s + rows] = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1)
-            if ent is not None:  # -sum p log p: shift-invariant, no cancellation of large logits
-                ent[s:s + rows] = -(torch.exp(z).mul_(z)).sum(-1)
+            z = _logits(hidden[s:s + rows], weight, bias, temperature, buf)
+            zy = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1)
+            lse[s:s + rows] = l = softmax_(z)
+            logp[s:s + rows] = zy - l
+            if ent is not None:
+                ent[s:s + rows] = neg_plogp(z, tmp)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
         ctx.mark_non_differentiable(targets)
@@ -77,28 +114,34 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         g_all = grad_logp.to(acc) if grad_logp is not None else torch.zeros(n, dtype=acc, device=hidden.device)
         with_ent = ctx.return_entropy and grad_ent is not None
         rows = _chunk_rows(n, v, ctx.chunk_elems)
+        buf, tmp = _workspace(rows, v, acc, hidden.device)
         for s in range(0, n, rows):
-            h = hidden[s:s + rows]
-            z = _logits(h, weight, bias, T).sub_(lse[s:s + rows].unsqueeze(-1))  # log p
-            p = torch.exp(z)
+            h, y = hidden[s:s + rows], targets[s:s + rows].long().unsqueeze(-1)
+            p = _logits(h, weight, bias, T, buf).sub_(lse[s:s + rows].unsqueeze(-1)).exp_()
             g = g_all[s:s + rows].unsqueeze(-1)
-            if with_ent:  # z <- e p (log p + entropy): d entropy / d z_v = -p_v (log p_v + entropy)
-                e = grad_ent[s:s + rows].to(acc).unsqueeze(-1)
-                z.add_(ent[s:s + rows].unsqueeze(-1)).mul_(p).mul_(e)
-            dz = p.mul_(-g)  # dz = g (1[v=y] - p) - e p (log p + entropy), in p's buffer
-            dz.scatter_add_(-1, targets[s:s + rows].long().unsqueeze(-1), g)
-            if with_ent:
-                dz.sub_(z)
+            if with_ent:  # dz = g 1[v=y] - (g + e H) p - e p log p
+                _entropy_dz_(p, g, grad_ent[s:s + rows].to(acc).unsqueeze(-1), ent[s:s + rows].unsqueeze(-1), tmp)
+            else:
+                p.mul_(-g)
+            dz = p.scatter_add_(-1, y, g)
             if T != 1.0:
                 dz.div_(T)
-            if need_h:
-                dh[s:s + rows] = dz @ weight if hidden.dtype == acc else (dz.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                dw.addmm_(dz.t(), h.to(acc))
-            if need_b:
-                db += dz.sum(0)
+            _accumulate_grads(dz, h, weight, dh, dw, db, s)
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
                 None, None, None, None)
+
+
+def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh: Optional[torch.Tensor],
+                      dw: Optional[torch.Tensor], db: Optional[torch.Tensor], start: int) -> None:
+    """dH rows ``start:`` = dz W; dW += dz^T h; db += sum dz (dz already divided by T)."""
+    if dh is not None:
+        rows = dz.shape[0]
+        dh[start:start + rows] = dz @ weight if dz.dtype == weight.dtype else \
+            (dz.to(weight.dtype) @ weight).to(dh.dtype)
+    if dw is not None:
+        dw.addmm_(dz.t(), h.to(dw.dtype))
+    if db is not None:
+        db += dz.sum(0)
 
 
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,

@@ -30,7 +30,8 @@ import triton.language as tl
 
 @triton.jit
 def _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     """z[BLOCK_N, BLOCK_V] in fp32 (masked vocab columns = -inf)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -38,7 +39,7 @@ def _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv
         mask_d = offs_d < D
         h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     return tl.where(mask_v[None, :], acc * inv_t, float("-inf"))
@@ -47,7 +48,8 @@ def _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv
 @triton.jit
 def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t,
          HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     y = tl.load(Y + offs_n, mask=mask_n, other=0)
@@ -59,7 +61,7 @@ def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         zc = z - m_new[:, None]
@@ -105,7 +107,8 @@ def _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT: tl.constexpr):
 @triton.jit
 def _bwd_dh(H, W, B, Y, LSE, ENT, G, GE, DH, N, V, D, stride_hn, stride_wv, stride_dhn, inv_t,
             HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     y, lse, g, e, ent = _token_coeffs(Y, LSE, ENT, G, GE, offs_n, mask_n, WITH_ENT)
@@ -113,7 +116,7 @@ def _bwd_dh(H, W, B, Y, LSE, ENT, G, GE, DH, N, V, D, stride_hn, stride_wv, stri
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT)
         for d0 in range(0, D, BLOCK_D):  # this program owns rows offs_n of DH: plain read-add-write
             offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -122,13 +125,15 @@ def _bwd_dh(H, W, B, Y, LSE, ENT, G, GE, DH, N, V, D, stride_hn, stride_wv, stri
                         other=0.0)
             ptr = DH + offs_n[:, None] * stride_dhn + offs_d[None, :]
             msk = mask_n[:, None] & mask_d[None, :]
-            tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + tl.dot(dz.to(w.dtype), w), mask=msk)
+            upd = tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC)
+            tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + upd, mask=msk)
 
 
 @triton.jit
 def _bwd_dw(H, W, B, Y, LSE, ENT, G, GE, DW, DB, N, V, D, stride_hn, stride_wv, stride_dwv, inv_t,
             HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, NEED_DB: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     offs_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
     db = tl.zeros((BLOCK_V,), tl.float32)
@@ -137,7 +142,7 @@ def _bwd_dw(H, W, B, Y, LSE, ENT, G, GE, DW, DB, N, V, D, stride_hn, stride_wv, 
         mask_n = offs_n < N
         y, lse, g, e, ent = _token_coeffs(Y, LSE, ENT, G, GE, offs_n, mask_n, WITH_ENT)
         z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         dz = tl.where(mask_n[:, None], _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT), 0.0)
         if NEED_DB:
             db += tl.sum(dz, axis=0)
@@ -148,16 +153,22 @@ def _bwd_dw(H, W, B, Y, LSE, ENT, G, GE, DW, DB, N, V, D, stride_hn, stride_wv, 
                         other=0.0)
             ptr = DW + offs_v[:, None] * stride_dwv + offs_d[None, :]
             msk = mask_v[:, None] & mask_d[None, :]
-            tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + tl.dot(tl.trans(dz.to(h.dtype)), h), mask=msk)
+            upd = tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC)
+            tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + upd, mask=msk)
     if NEED_DB:
         tl.store(DB + offs_v, db, mask=mask_v)
 
 
-def _blocks(d: int) -> dict:
-    """Tile sizes. Under the interpreter each tile iteration has a fixed cost, so vocab tiles grow."""
+def _blocks(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and dot precision. Under the interpreter each tile iteration has a fixed cost, so
+    vocab tiles grow. fp32 inputs follow torch's matmul setting: full fp32 ("ieee") unless the user
+    allowed TF32 (``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision``)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
+        and not torch.backends.cuda.matmul.allow_tf32
     return dict(BLOCK_N=64, BLOCK_V=1024 if interpret else 128,
-                BLOCK_D=64 if d >= 64 else max(16, triton.next_power_of_2(d)))
+                BLOCK_D=64 if d >= 64 else max(16, triton.next_power_of_2(d)),
+                DOT_PREC="ieee" if fp32_exact else "tf32")
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
@@ -170,7 +181,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
         n, d = hidden.shape
         v = weight.shape[0]
         logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        bl = _blocks(d)
+        bl = _blocks(d, hidden.dtype)
         b_arg = bias if bias is not None else lse
         _fwd[(triton.cdiv(n, bl["BLOCK_N"]),)](
             hidden, weight, b_arg, targets, logp, lse, ent, n, v, d, hidden.stride(0), weight.stride(0),
@@ -185,7 +196,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         n, d = hidden.shape
         v = weight.shape[0]
-        bl = _blocks(d)
+        bl = _blocks(d, hidden.dtype)
         g = (grad_logp if grad_logp is not None else torch.zeros_like(lse)).float().contiguous()
         with_ent = ctx.return_entropy and grad_ent is not None
         ge = grad_ent.float().contiguous() if with_ent else g

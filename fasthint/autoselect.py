@@ -1,0 +1,124 @@
+"""``impl="auto"`` on CUDA: pick the Triton kernels or the chunked torch path by measuring both.
+
+Both implementations accumulate in fp32 and are tested against float64 on CPU; which is faster
+depends on the GPU, the dtype and the head shape, and the Triton kernels carry no tuning table.
+So on the first CUDA call for a key (op, device, dtype, D, V, entropy), ``auto`` builds a probe
+problem with the real D and dtype (2048 tokens, ``min(V, 32768)`` vocabulary, random data: the real
+weights are never touched), checks Triton's log-probs and hidden-state gradient against a float64
+reference (the |gt - triton| <= |gt - torch| + tol rule of the tests), times forward+backward of
+both, and keeps Triton only if it is correct and not slower. The decision is logged once per key.
+A Triton failure (compilation, launch, wrong numbers) logs one warning and keeps the torch path.
+Each rank decides on its own; both paths compute the same function.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("fasthint")
+
+PROBE_TOKENS = 2048
+PROBE_VOCAB = 32768
+_DECISIONS: dict[tuple, str] = {}
+
+
+def _problem(d: int, v: int, dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(PROBE_TOKENS, d, device=device, generator=g).to(dtype)
+    w = (torch.randn(v, d, device=device, generator=g) / d ** 0.5).to(dtype)
+    y = torch.randint(0, v, (PROBE_TOKENS,), device=device, generator=g)
+    up = torch.randn(PROBE_TOKENS, device=device, generator=g)
+    return h, w, y, up
+
+
+def _step(run: Callable, h: torch.Tensor, w: torch.Tensor):
+    hh, ww = h.detach().requires_grad_(), w.detach().requires_grad_()
+    out = run(hh, ww)
+    out.backward()
+    return hh.grad
+
+
+def _median_ms(fn: Callable, device: torch.device, repeat: int = 3) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _triton_correct(h, w, y, temperature: float) -> bool:
+    """Triton vs float64 on a 64-token slice; the chunked torch path's error (same dtype) plus a small
+    tolerance is the allowance, for log-probs and for the hidden-state gradient."""
+    from fasthint import ops
+
+    hs, ys = h[:64], y[:64]
+    up = torch.linspace(-1, 1, 64, device=h.device, dtype=torch.float64)
+
+    def logp_and_grad(impl: str, hh, ww):
+        hh = hh.detach().requires_grad_()
+        lp = ops.linear_logprobs(hh, ww, ys, temperature=temperature, impl=impl)
+        (dh,) = torch.autograd.grad((lp * up.to(lp.dtype)).sum(), hh)
+        return lp.detach().double(), dh.double()
+
+    gt = logp_and_grad("reference", hs.double(), w.double())
+    same = logp_and_grad("torch", hs, w)
+    fast = logp_and_grad("triton", hs, w)
+    return all(bool(((a - b).abs() <= (a - c).abs() + 1e-3 * a.abs().max() + 1e-5).all())
+               for a, b, c in zip(gt, fast, same))
+
+
+def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
+                     return_entropy: bool) -> str:
+    """``"triton"`` or ``"torch"`` for this CUDA call (measured once per key, then cached). Works on
+    CPU tensors too (under ``TRITON_INTERPRET=1``), which is how the tests exercise it."""
+    from fasthint import ops
+
+    key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy)
+    if key in _DECISIONS:
+        return _DECISIONS[key]
+    v = min(weight.shape[0], PROBE_VOCAB)
+    h, w, y, up = _problem(weight.shape[1], v, weight.dtype, hidden.device)
+    adv, mask, old = up, torch.ones_like(up), torch.full_like(up, -float(torch.log(torch.tensor(float(v)))))
+
+    def run(impl: str) -> Callable:
+        if op == "policy_loss":
+            return lambda hh, ww: ops.fused_policy_loss(hh, ww, y, adv, mask, old, temperature=temperature,
+                                                        return_entropy=return_entropy, impl=impl)[0]
+
+        def loss(hh, ww):
+            out = ops.linear_logprobs(hh, ww, y, temperature=temperature, return_entropy=return_entropy, impl=impl)
+            lp, ent = out if return_entropy else (out, None)
+            return (lp * up).sum() + (ent.sum() if ent is not None else 0.0)
+        return loss
+
+    try:
+        ok = _triton_correct(h, w, y, temperature)
+        if ok:
+            times = {}
+            for impl in ("triton", "torch"):
+                fn = run(impl)
+                _step(fn, h, w)  # warm-up (Triton compiles here)
+                times[impl] = _median_ms(lambda: _step(fn, h, w), hidden.device)
+    except Exception as e:  # noqa: BLE001 - any Triton failure must leave training on the torch path
+        ok, err = False, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    else:
+        err = "its log-probs or gradients disagree with the float64 reference"
+    dev = torch.cuda.get_device_name(hidden.device) if hidden.device.type == "cuda" else str(hidden.device)
+    if not ok:
+        log.warning("fasthint: the Triton %s kernels cannot be used on %s (%s); using the chunked torch path",
+                    op, dev, err)
+        choice = "torch"
+    else:
+        choice = "triton" if times["triton"] <= times["torch"] else "torch"
+        log.info("fasthint: %s on %s %s D=%d V=%d uses %s (probe %d tokens x %d vocab: triton %.1f ms, "
+                 "torch %.1f ms)", op, dev, str(weight.dtype).replace("torch.", ""), weight.shape[1],
+                 weight.shape[0], choice, PROBE_TOKENS, v, times["triton"], times["torch"])
+    _DECISIONS[key] = choice
+    return choice

@@ -1,0 +1,59 @@
+"""impl="auto" on CUDA measures Triton against the torch path once per head shape and falls back to
+torch when Triton fails or is wrong. The selector is device-agnostic, so it runs here on CPU tensors
+with the interpreted kernels and a small probe."""
+import logging
+
+import pytest
+import torch
+
+import fasthint_kernels.logprobs as tl_logprobs
+from fasthint import autoselect
+
+
+@pytest.fixture
+def small_probe(monkeypatch):
+    monkeypatch.setattr(autoselect, "PROBE_TOKENS", 64)
+    monkeypatch.setattr(autoselect, "PROBE_VOCAB", 512)
+    monkeypatch.setattr(autoselect, "_DECISIONS", {})
+
+
+def _head(v=700, d=32):
+    return torch.randn(8, d), torch.randn(v, d)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "policy_loss"])
+def test_probe_measures_both_and_caches(small_probe, op, caplog):
+    h, w = _head()
+    with caplog.at_level(logging.INFO, logger="fasthint"):
+        first = autoselect.choose_cuda_impl(op, h, w, 0.7, True)
+    assert first in ("triton", "torch")
+    assert "triton" in caplog.text and "torch" in caplog.text and "ms" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fasthint"):
+        assert autoselect.choose_cuda_impl(op, h, w, 0.7, True) == first  # cached: no second probe
+    assert caplog.text == ""
+
+
+def test_triton_error_falls_back_to_torch_with_one_warning(small_probe, monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("PTX compilation failed")
+
+    monkeypatch.setattr(tl_logprobs, "linear_logprobs_triton", broken)
+    h, w = _head()
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False) == "torch"
+    assert "PTX compilation failed" in caplog.text and caplog.text.count("WARNING") == 1
+
+
+def test_wrong_triton_numbers_fall_back_to_torch(small_probe, monkeypatch, caplog):
+    real = tl_logprobs.linear_logprobs_triton
+
+    def off_by_a_bit(*a, **k):
+        out = real(*a, **k)
+        return out + 0.05 if isinstance(out, torch.Tensor) else (out[0] + 0.05, out[1])
+
+    monkeypatch.setattr(tl_logprobs, "linear_logprobs_triton", off_by_a_bit)
+    h, w = _head()
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False) == "torch"
+    assert "disagree" in caplog.text
