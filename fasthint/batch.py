@@ -22,6 +22,8 @@ class Sample:
     old_logprobs: list[float]
     advantage: float
     weight: float = 1.0
+    gamma: float = 0.0  # > 0: Guide's shaped, unclipped objective A r / (r + gamma) for this completion
+    truncated: bool = False  # cut by max_new_tokens (DAPO's overlong masking drops it)
 
 
 @dataclass
@@ -37,6 +39,7 @@ class MicroBatch:
     weights: torch.Tensor      # [N]
     seq_ids: torch.Tensor      # [N] local sequence index
     num_seqs: int
+    gamma: Optional[torch.Tensor] = None  # [N] Guide's shaping constant (None: no shaped sample)
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
@@ -54,7 +57,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
     L = max(len(x.prompt_ids) + len(x.completion_ids) for x in group)
     ids = torch.full((len(group), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(group), L), dtype=torch.long)
-    index, targets, old, adv, w, sid = [], [], [], [], [], []
+    index, targets, old, adv, w, sid, gam = [], [], [], [], [], [], []
     for b, x in enumerate(group):
         seq = x.prompt_ids + x.completion_ids
         ids[b, :len(seq)] = torch.tensor(seq)
@@ -66,10 +69,11 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
         adv.extend([x.advantage] * c)
         w.extend([x.weight] * c)
         sid.extend([b] * c)
+        gam.extend([x.gamma] * c)
 
     def t(v, dtype):
         return torch.tensor(v, dtype=dtype, device=device)
 
     return MicroBatch(ids.to(device), attn.to(device), t(index, torch.long), t(targets, torch.long),
                       t(old, torch.float32), t(adv, torch.float32), t(w, torch.float32), t(sid, torch.long),
-                      len(group))
+                      len(group), t(gam, torch.float32) if any(x.gamma > 0 for x in group) else None)

@@ -5,11 +5,13 @@ import json
 import os
 import shutil
 import time
+from typing import Optional
 
 
-def save_hf_checkpoint(model, tokenizer, path: str) -> str:
-    """Writes ``model`` and ``tokenizer`` to ``path`` atomically: a reader (or a crash) sees either
-    the previous complete checkpoint or the new complete one, never a partial directory."""
+def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] = None) -> str:
+    """Writes ``model`` and ``tokenizer`` (and ``extra_json``: file name -> JSON-able object, e.g. the
+    algorithm's state) to ``path`` atomically: a reader (or a crash) sees either the previous
+    complete checkpoint or the new complete one, never a partial directory."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -18,6 +20,9 @@ def save_hf_checkpoint(model, tokenizer, path: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, obj in (extra_json or {}).items():
+        with open(os.path.join(tmp, name), "w") as fh:
+            json.dump(obj, fh, indent=1)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)

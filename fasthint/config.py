@@ -16,9 +16,11 @@ from typing import Any, Optional
 
 from fasthint.errors import ConfigError
 
-ALGOS = ("grpo",)
+ALGOS = ("grpo", "dapo", "dr_grpo", "sage", "sage_light", "guide", "hint")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADV_SCALES = ("group", "batch", "none")
+HINT_PROVIDERS = ("auto", "self", "dataset", "solution")
+AFFINITY_RATIOS = ("sampling", "training")
 DTYPES = ("auto", "float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard")
 
@@ -49,14 +51,35 @@ class TrainConfig:
     prompts_per_step: int = _f(64, "prompts per optimizer step (each gets num_generations completions).")
     num_generations: int = _f(8, "completions per prompt: the group size G.")
     max_steps: int = _f(50, "optimizer steps.")
-    adv_scale: str = _f("group", f"advantage scaling, one of {ADV_SCALES} ('none' is Dr. GRPO).")
+    adv_scale: str = _f("auto", f"advantage scaling, one of {ADV_SCALES}; auto = 'none' for dr_grpo, "
+                                "else 'group'.")
     adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage.")
-    loss_agg: str = _f("token-mean", f"loss aggregation, one of {LOSS_AGGS}.")
+    loss_agg: str = _f("auto", f"loss aggregation, one of {LOSS_AGGS}; auto = "
+                               "'seq-mean-token-sum-norm' for dr_grpo, else 'token-mean'.")
     eps_low: float = _f(0.2, "lower clip range: ratio >= 1 - eps_low.")
     eps_high: float = _f(0.28, "upper clip range: ratio <= 1 + eps_high (DAPO clip-higher).")
     dual_clip: Optional[float] = _f(None, "dual-clip constant c (e.g. 3.0) for negative advantages; "
                                           "unset = off.")
     beta: float = _f(0.0, "k3 KL coefficient to a frozen reference model; 0 loads no reference.")
+    mask_truncated: Optional[bool] = _f(None, "give truncated completions no loss (DAPO's overlong "
+                                              "masking); unset = on for dapo only.")
+    dapo_max_rounds: int = _f(3, "dapo: sampling rounds per step to fill the batch with groups whose "
+                                 "rewards differ.")
+
+    # --- hints (sage, sage_light, guide, hint) ----------------------------------------------------
+    hint_provider: str = _f("auto", f"who writes hints, one of {HINT_PROVIDERS}: self = the policy from "
+                                    "the question and reference solution (SAGE), dataset = the data's hint "
+                                    "column, solution = reference-solution prefixes; auto = self for sage/"
+                                    "sage_light, dataset for guide/hint.")
+    hint_temperature: float = _f(1.0, "sampling temperature of self-written hints (0 = greedy).")
+    hint_max_new_tokens: int = _f(128, "maximum length of a self-written hint answer (JSON).")
+    hint_level: int = _f(2, "guide/hint: the hint strength (1-3) of a multi-level provider.")
+    sage_light_min_acc: float = _f(0.1, "sage_light: previous accuracy <= this raises the prompt's level.")
+    sage_light_max_acc: float = _f(0.35, "sage_light: previous accuracy > this lowers the prompt's level.")
+    guide_filter: bool = _f(True, "guide: drop groups whose rewards stay all 0 or all 1 after hinting.")
+    aapo_lambda: float = _f(1.0, "hint: AAPO weights a hinted group's loss by Affinity ** lambda "
+                                 "(0 = off).")
+    affinity_ratio: str = _f("sampling", f"hint: ratio Affinity is computed from, one of {AFFINITY_RATIOS}.")
 
     # --- rollouts -------------------------------------------------------------------------------
     temperature: float = _f(1.0, "sampling temperature of training rollouts (also used by the loss).")
@@ -99,12 +122,30 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(self.algo in ALGOS, f"--algo {self.algo!r} is not known: use one of {', '.join(ALGOS)}")
+        if self.adv_scale == "auto":  # resolved once, so train_config.json records what ran
+            self.adv_scale = "none" if self.algo == "dr_grpo" else "group"
+        if self.loss_agg == "auto":
+            self.loss_agg = "seq-mean-token-sum-norm" if self.algo == "dr_grpo" else "token-mean"
+        if self.mask_truncated is None:
+            self.mask_truncated = self.algo == "dapo"
+        if self.hint_provider == "auto":
+            self.hint_provider = {"sage": "self", "sage_light": "self"}.get(self.algo, "dataset")
         need(self.loss_agg in LOSS_AGGS, f"--loss_agg {self.loss_agg!r}: use one of {', '.join(LOSS_AGGS)}")
         need(self.adv_scale in ADV_SCALES, f"--adv_scale {self.adv_scale!r}: use one of {', '.join(ADV_SCALES)}")
+        need(self.hint_provider in HINT_PROVIDERS,
+             f"--hint_provider {self.hint_provider!r}: use one of {', '.join(HINT_PROVIDERS)}")
+        need(self.affinity_ratio in AFFINITY_RATIOS,
+             f"--affinity_ratio {self.affinity_ratio!r}: use one of {', '.join(AFFINITY_RATIOS)}")
+        need(1 <= self.hint_level <= 3, f"--hint_level must be 1, 2 or 3 (got {self.hint_level})")
+        need(0 <= self.sage_light_min_acc <= self.sage_light_max_acc <= 1,
+             "--sage_light_min_acc/--sage_light_max_acc: need 0 <= min <= max <= 1 (defaults 0.1 and 0.35)")
+        need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
+        need(self.aapo_lambda >= 0, f"--aapo_lambda must be >= 0 (got {self.aapo_lambda})")
         need(self.dtype in DTYPES, f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         need(self.report_to in REPORT_TO, f"--report_to {self.report_to!r}: use one of {', '.join(REPORT_TO)}")
         for name in ("prompts_per_step", "num_generations", "max_steps", "max_new_tokens",
-                     "max_prompt_length", "micro_batch_size", "generation_batch_size",
+                     "max_prompt_length", "micro_batch_size", "generation_batch_size", "dapo_max_rounds",
+                     "hint_max_new_tokens",
                      "eval_max_prompts", "toy_train_size"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
         for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples"):

@@ -99,21 +99,23 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                 num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                 num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                impl: str = "auto"):
+                shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto"):
     """Clipped (optionally dual-clipped) policy-gradient loss with optional k3 KL over packed tokens.
 
     All token tensors are ``[N]``; ``mask`` is 1 on completion tokens and 0 on prompt, hint and
     padding tokens. ``num_tokens`` is the global normaliser when the batch is split across
     micro-batches or ranks (``token-mean``: the global count of mask tokens;
     ``seq-mean-token-sum-norm``: batch size x max completion length); ``seq-mean-token-mean`` uses
-    ``seq_ids`` and ``num_seqs``. Returns ``(loss, stats)``; see ``policy_loss_ref``.
+    ``seq_ids`` and ``num_seqs``. ``shaped_gamma`` (per token, > 0 on Guide's hinted completions)
+    selects the unclipped shaped objective ``A r / (r + gamma)``. Returns ``(loss, stats)``; see
+    ``policy_loss_ref``.
     """
     # O(N) elementwise work: every impl shares these torch ops; a kernel pays in the fused op, which
     # never builds the [N, V] logits.
     _check_impl(impl)
     return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                            eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
-                           seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights)
+                           seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights, shaped_gamma=shaped_gamma)
 
 
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -123,7 +125,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                       num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                       num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                      impl: str = "auto"):
+                      shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto"):
     """``policy_loss`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
     The loss is a sum of per-token functions of ``logp``, so its gradient reaches the head as one
@@ -141,13 +143,14 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             hidden, weight, targets, advantages, mask, old_logp, bias=bias, temperature=temperature,
             return_entropy=return_entropy, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
             dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
-            seq_weights=seq_weights)
+            seq_weights=seq_weights, shaped_gamma=shaped_gamma)
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           return_entropy=return_entropy, impl=impl)
     logp, entropy = out if return_entropy else (out, None)
     loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                               eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
-                              seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights, impl=impl)
+                              seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights,
+                              shaped_gamma=shaped_gamma, impl=impl)
     stats["logp"] = logp.detach()
     if entropy is not None:
         stats["entropy"] = entropy.detach()

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from fasthint import ops
+from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, make_algorithm
 from fasthint.batch import Sample, make_micro_batches
 from fasthint.config import TrainConfig, parse_args
 from fasthint.data import PromptSampler, load_dataset, render_prompt
@@ -26,6 +27,7 @@ from fasthint.engines.base import SamplingConfig
 from fasthint.engines.hf import HFEngine
 from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
+from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.models import load_policy, resolve_model_path
 from fasthint.checkpoint import rotate_existing, save_hf_checkpoint, write_json_atomic
@@ -112,6 +114,8 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
     """
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
+    if cfg.mask_truncated:  # overlong masking: no loss, and not in the normaliser
+        samples = [s for s in samples if not s.truncated]
     n_tokens = sum(len(s.completion_ids) for s in samples)
     norm = n_tokens if cfg.loss_agg == "token-mean" else len(samples) * cfg.max_new_tokens
     num_seqs = len(samples)
@@ -142,7 +146,8 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
             h, head.weight, mb.targets, mb.advantages, mask, mb.old_logp, bias=head.bias,
             temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, beta=cfg.beta,
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
-            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights)
+            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
+            shaped_gamma=mb.gamma)
         logp, entropy = stats["logp"], stats["entropy"]
         if not torch.isfinite(loss):
             raise FastHintError("the loss is not finite (NaN/inf): lower --learning_rate or check the "
@@ -172,6 +177,66 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
     if ref_model is not None:
         out["kl"] = acc["kl"] / n
     return out
+
+
+class _TimedEngine:
+    """The rollout engine, with its generate time added to ``timings['generate']``."""
+
+    def __init__(self, engine, timings: dict):
+        self.engine, self.timings = engine, timings
+
+    def generate(self, prompts, sampling):
+        t0 = time.perf_counter()
+        try:
+            return self.engine.generate(prompts, sampling)
+        finally:
+            self.timings["generate"] = self.timings.get("generate", 0.0) + time.perf_counter() - t0
+
+    def update_weights(self, model) -> None:
+        self.engine.update_weights(model)
+
+
+def _timed(fn: Callable, timings: dict, key: str) -> Callable:
+    def run(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return run
+
+
+def _renderer(prompts: dict, tokenizer, cfg: TrainConfig) -> Callable:
+    """(row, hint) -> prompt ids; the no-hint prompts are rendered once, up front."""
+    def render(row: dict, hint: Optional[str]) -> list[int]:
+        if hint is None:
+            return prompts[row["uid"]]
+        return render_prompt(tokenizer, hinted_question(row["question"], hint), cfg.prompt_template)
+    return render
+
+
+def _hint_provider(cfg: TrainConfig, algo, rows: list[dict], engine, tokenizer, timings: dict):
+    """The hint provider of a hinting algorithm (None for the others), after checking the data has
+    what it needs; its time goes to ``timings['hint']`` (self-hint generation included)."""
+    if algo.hint_provider_default is None:
+        return None
+    from fasthint.algorithms.hint_providers import make_hint_provider
+
+    name = cfg.hint_provider
+    column = {"self": "solution", "solution": "solution", "dataset": "hint"}[name]
+    if not any(str(r.get(column) or "").strip() for r in rows):
+        fix = "use --hint_provider self or solution" if name == "dataset" else \
+            "add a 'solution' column (reference solutions) or use --hint_provider dataset"
+        raise DataError(f"--algo {cfg.algo} with --hint_provider {name} needs a '{column}' column in the "
+                        f"training data, and none of its rows has one: {fix}")
+    if name == "self":
+        provider = make_hint_provider("self", engine=engine, tokenizer=tokenizer, template=cfg.prompt_template,
+                                      temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
+                                      max_prompt_length=cfg.max_prompt_length)
+    else:
+        provider = make_hint_provider(name)
+    provider.hints = _timed(provider.hints, timings, "hint")
+    return provider
 
 
 def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
@@ -215,53 +280,56 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
 
     results = {"eval_before": evaluate()}
     log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
-    bar = tqdm(range(1, cfg.max_steps + 1), desc="GRPO", disable=not cfg.progress_bar, dynamic_ncols=True)
+    algo = make_algorithm(cfg)
+    timings: dict = {}
+    ctx = RolloutContext(engine=_TimedEngine(engine, timings), tokenizer=tokenizer, sampling=sampling,
+                         score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg),
+                         hints=_hint_provider(cfg, algo, rows, engine, tokenizer, timings),
+                         next_rows=lambda: [rows[i] for i in next(sampler)])
+    tracker = SolveTracker()
+    bar = tqdm(range(1, cfg.max_steps + 1), desc=cfg.algo, disable=not cfg.progress_bar, dynamic_ncols=True)
     last: dict = {}
     try:
         for step in bar:
             t_step = time.perf_counter()
-            # ---- rollout --------------------------------------------------------------------------
-            batch_rows = [rows[i] for i in next(sampler)]
-            t0 = time.perf_counter()
-            comps = engine.generate([prompts[r["uid"]] for r in batch_rows], sampling)
-            t_gen = time.perf_counter() - t0
-            # ---- score ----------------------------------------------------------------------------
-            t0 = time.perf_counter()
-            texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-            rewards = torch.tensor(score(texts, [batch_rows[c.prompt_index] for c in comps]), dtype=torch.float32)
-            t_score = time.perf_counter() - t0
-            # ---- advantages (groups keyed by prompt, never by row order) ---------------------------
-            group_ids = torch.tensor([c.prompt_index for c in comps])
-            adv = ops.group_advantages(rewards, group_ids, scale=cfg.adv_scale, eps=cfg.adv_eps)
+            timings.clear()
+            # ---- rollout (+ hints) and score: groups keyed by prompt uid ----------------------------
+            groups, info = algo.rollout([rows[i] for i in next(sampler)], ctx)
+            # ---- advantages and training contexts (the algorithm decides) --------------------------
+            model.train()
+            samples, info_train = algo.samples(groups, ctx, model)
             # ---- policy update --------------------------------------------------------------------
             t0 = time.perf_counter()
-            samples = [Sample(prompts[batch_rows[c.prompt_index]["uid"]], c.token_ids, c.logprobs, float(a))
-                       for c, a in zip(comps, adv.tolist())]
-            model.train()
             upd = train_step(model, samples, cfg, optimizer, scheduler, ref_model)
             engine.update_weights(model)
             t_train = time.perf_counter() - t0
             # ---- metrics --------------------------------------------------------------------------
-            lens = [len(c.token_ids) for c in comps]
-            g = rewards.view(len(batch_rows), cfg.num_generations)
+            rewards = torch.tensor([r for g in groups for r in g.rewards])
+            comps = [c for g in groups for c in g.completions]
+            lens = [len(c.token_ids) for c in comps] or [0]
             t_all = time.perf_counter() - t_step
-            last = {"step": step, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                    "accuracy": (rewards >= 1.0).float().mean().item(),
-                    "frac_reward_zero_std": (g.max(1).values == g.min(1).values).float().mean().item(),
+            last = {"step": step, "reward/mean": rewards.mean().item() if len(rewards) else float("nan"),
+                    "reward/std": rewards.std().item() if len(rewards) > 1 else float("nan"),
+                    "accuracy": (rewards >= 1.0).float().mean().item() if len(rewards) else float("nan"),
+                    **group_metrics(groups), "prompts/never_solved": tracker.update(groups),
                     "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
-                    "truncated_ratio": sum(c.truncated for c in comps) / len(comps), **upd,
-                    "lr": scheduler.get_last_lr()[0], "time/generate_s": t_gen, "time/score_s": t_score,
-                    "time/train_s": t_train, "time/step_s": t_all, "tokens_per_s": sum(lens) / t_all}
+                    "truncated_ratio": sum(c.truncated for c in comps) / max(1, len(comps)), **upd, **info,
+                    **info_train, "lr": scheduler.get_last_lr()[0],
+                    "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
+                    "time/hint_s": timings.get("hint", 0.0), "time/train_s": t_train, "time/step_s": t_all,
+                    "tokens_per_s": sum(lens) / t_all}
             logger.log(last)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
-                            ent=f"{last['entropy']:.2f}")
+                            hint=f"{last['hint/rate']:.2f}")
     finally:
         logger.close()
     # ---- evaluate, save, plot ---------------------------------------------------------------------
     results["eval_after"] = evaluate()
     close_scorer()
     log.info("no-hint evaluation after training: %s", _fmt(results["eval_after"]))
-    save_hf_checkpoint(model, tokenizer, os.path.join(cfg.output_dir, "final"))
+    save_hf_checkpoint(model, tokenizer, os.path.join(cfg.output_dir, "final"),
+                       extra_json={"algorithm_state.json": {"algo": cfg.algo, **algo.state_dict(),
+                                                            "solve_tracker": tracker.state_dict()}})
     plot = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
                         title=f"{cfg.algo} on {os.path.basename(train_path)}")
     results.update(last=last, checkpoint=os.path.join(cfg.output_dir, "final"), plot=plot)

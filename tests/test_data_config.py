@@ -93,10 +93,33 @@ def test_parse_args_overrides_yaml_and_dashes(tmp_path):
     cfg = parse_args(["--config", str(y), "--max-steps", "9", "--temperature", "0.7", "--progress_bar", "false"])
     assert (cfg.max_steps, cfg.learning_rate, cfg.dual_clip, cfg.temperature, cfg.progress_bar) == \
         (9, 0.01, 3.0, 0.7, False)
-    assert parse_args([]) == TrainConfig()
+    assert parse_args([]) == TrainConfig().validate()
+
+
+@pytest.mark.parametrize("algo,adv,agg,provider,mask_trunc", [
+    ("grpo", "group", "token-mean", "dataset", False),
+    ("dr_grpo", "none", "seq-mean-token-sum-norm", "dataset", False),
+    ("dapo", "group", "token-mean", "dataset", True),
+    ("sage", "group", "token-mean", "self", False),
+    ("sage_light", "group", "token-mean", "self", False),
+    ("guide", "group", "token-mean", "dataset", False),
+    ("hint", "group", "token-mean", "dataset", False),
+])
+def test_algo_auto_settings_resolve_and_explicit_values_win(algo, adv, agg, provider, mask_trunc):
+    cfg = parse_args(["--algo", algo])
+    assert (cfg.adv_scale, cfg.loss_agg, cfg.hint_provider, cfg.mask_truncated) == (adv, agg, provider, mask_trunc)
+    cfg = parse_args(["--algo", algo, "--adv_scale", "batch", "--loss_agg", "seq-mean-token-mean",
+                      "--hint_provider", "solution", "--mask_truncated", "true"])
+    assert (cfg.adv_scale, cfg.loss_agg, cfg.hint_provider, cfg.mask_truncated) == \
+        ("batch", "seq-mean-token-mean", "solution", True)
 
 
 @pytest.mark.parametrize("argv,match", [
+    (["--algo", "ppo"], "--algo 'ppo' is not known"),
+    (["--hint_level", "4"], "--hint_level must be 1, 2 or 3"),
+    (["--hint_provider", "teacher"], "--hint_provider 'teacher'"),
+    (["--sage_light_min_acc", "0.5", "--sage_light_max_acc", "0.2"], "min <= max"),
+    (["--affinity_ratio", "x"], "--affinity_ratio 'x'"),
     (["--max_steps", "abc"], "--max_steps expects int"),
     (["--max_steps", "0"], "--max_steps must be >= 1"),
     (["--algo", "ppo"], "--algo 'ppo' is not known"),

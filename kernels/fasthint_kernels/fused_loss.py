@@ -54,13 +54,18 @@ def token_weights(mask: torch.Tensor, loss_agg: str, *, num_tokens: Optional[flo
 
 def clipped_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
                        ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
-                       eps_high: float = 0.28, dual_clip: Optional[float] = None) -> torch.Tensor:
-    """Per-token ``l_t``: negative clipped (dual-clipped) surrogate plus ``beta`` * k3 KL."""
+                       eps_high: float = 0.28, dual_clip: Optional[float] = None,
+                       shaped_gamma: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-token ``l_t``: negative clipped (dual-clipped) surrogate plus ``beta`` * k3 KL; tokens with
+    ``shaped_gamma > 0`` use Guide's unclipped ``A r / (r + gamma)`` instead of the clipped surrogate."""
     ratio = torch.exp(logp - old_logp)
     adv = advantages.to(logp.dtype)
     obj = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     if dual_clip is not None:
         obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    if shaped_gamma is not None:
+        shaped = shaped_gamma > 0
+        obj = torch.where(shaped, adv * ratio / (ratio + torch.where(shaped, shaped_gamma, 1.0)), obj)
     tok = -obj
     if ref_logp is not None and beta > 0:
         d = ref_logp.to(logp.dtype) - logp
@@ -121,11 +126,15 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp=None, _grad_ent=None):
         dh, dw, db = ctx.saved_tensors
-        g = grad_loss
-        out_h = dh * g.to(dh.dtype) if dh is not None else None
-        out_w = (dw * g.to(dw.dtype)).to(ctx.dtypes[0]) if dw is not None else None
-        out_b = (db * g.to(db.dtype)).to(ctx.dtypes[1]) if db is not None else None
-        return out_h, out_w, out_b, None, None, None, None, None, None
+        unit = bool(grad_loss == 1)  # loss.backward(): hand over the stored gradients, no copy
+
+        def scaled(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            return (t if unit else t * grad_loss.to(t.dtype)).to(dtype)
+
+        return (scaled(dh, dh.dtype if dh is not None else None), scaled(dw, ctx.dtypes[0]),
+                scaled(db, ctx.dtypes[1]), None, None, None, None, None, None)
 
 
 def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -136,7 +145,7 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
                               dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                               num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                               num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                              chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+                              shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS):
     """``policy_loss`` of ``linear_logprobs`` in one chunked pass (see module doc); ``(loss, stats)``.
 
     ``old_logp``, ``advantages``, ``ref_logp`` and the weights are constants (no gradient).
@@ -152,10 +161,12 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
 
     old, adv = const(old_logp), const(advantages)
     ref = const(ref_logp) if ref_logp is not None else None
+    gam = const(shaped_gamma) if shaped_gamma is not None else None
 
     def token_loss(lp: torch.Tensor, s: int, e: int) -> torch.Tensor:
         tok = clipped_token_loss(lp, old[s:e], adv[s:e], ref_logp=ref[s:e] if ref is not None else None,
-                                 beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip)
+                                 beta=beta, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                                 shaped_gamma=gam[s:e] if gam is not None else None)
         return torch.where(on[s:e], tok * w[s:e], torch.zeros_like(tok))  # NaN/inf off the mask stay out
 
     need_grad = torch.is_grad_enabled() and any(
@@ -164,7 +175,7 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
                                                    bool(return_entropy), token_loss, need_grad, int(chunk_elems))
     _, stats = policy_loss_ref(logp, old, adv, mask, ref_logp=ref, beta=beta, eps_low=eps_low, eps_high=eps_high,
                                dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids,
-                               num_seqs=num_seqs, seq_weights=seq_weights)
+                               num_seqs=num_seqs, seq_weights=seq_weights, shaped_gamma=gam)
     stats["logp"] = logp
     if ent is not None:
         stats["entropy"] = ent

@@ -58,12 +58,15 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                     ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
                     eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                     num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
-                    num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None):
+                    num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
+                    shaped_gamma: Optional[torch.Tensor] = None):
     """Clipped policy-gradient loss over packed tokens ``[N]`` (ALGORITHMS.md sections 1.4-1.5).
 
     Per token: ``ratio = exp(logp - old)``, ``obj = min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A)``,
     dual clip ``obj = max(obj, c*A)`` where ``A < 0``, ``loss_t = -obj + beta * k3(ref, logp)``,
-    times ``seq_weights`` when given. Aggregation over ``mask`` tokens:
+    times ``seq_weights`` when given. Tokens with ``shaped_gamma > 0`` (Guide's hinted completions,
+    section 3) use the unclipped shaped objective ``obj = A * ratio / (ratio + gamma)`` instead.
+    Aggregation over ``mask`` tokens:
     ``token-mean``: sum / num_tokens (default: mask.sum());
     ``seq-mean-token-mean``: per-sequence mean (``seq_ids``), summed / num_seqs (default: #sequences);
     ``seq-mean-token-sum-norm``: sum / num_tokens, where the caller passes batch size x max length.
@@ -78,6 +81,10 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     obj = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv)
     if dual_clip is not None:
         obj = torch.where(adv < 0, torch.maximum(obj, dual_clip * adv), obj)
+    if shaped_gamma is not None:
+        gam = shaped_gamma.to(logp.dtype)
+        shaped = gam > 0
+        obj = torch.where(shaped, adv * ratio / (ratio + torch.where(shaped, gam, torch.ones_like(gam))), obj)
     tok = -obj
     kl = None
     if ref_logp is not None and beta > 0:

@@ -1,0 +1,181 @@
+"""What every algorithm shares: groups keyed by prompt uid, one rollout context, GRPO's advantages.
+
+An algorithm decides which prompts get hints, builds the hinted contexts, and says which context
+and which old log-probs each completion trains with; the trainer loop stays one loop:
+
+    groups, info = algo.rollout(rows, ctx)              # sample (and maybe hint and re-sample)
+    samples, info2 = algo.samples(groups, ctx, model)   # advantages, training contexts, weights
+    train_step(samples)
+
+A :class:`Group` is always pure: all of its completions come from one context (no hint, or one hint
+text at one level). Groups are keyed by the prompt's uid, never by row order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+from fasthint import ops
+from fasthint.batch import Sample
+from fasthint.engines.base import Completion, SamplingConfig
+
+ScoreFn = Callable[[list[str], list[dict]], list[float]]
+
+
+@dataclass
+class Group:
+    """One prompt's ``G`` completions, all sampled from ``prompt_ids`` (hinted when ``level > 0``)."""
+
+    uid: str
+    row: dict
+    prompt_ids: list[int]
+    completions: list[Completion]
+    rewards: list[float]
+    level: int = 0
+    hint: Optional[str] = None
+    pre_hint_rewards: Optional[list[float]] = None  # rewards of the no-hint group this one replaced
+
+    @property
+    def all_zero(self) -> bool:
+        return max(self.rewards) <= 0.0
+
+    @property
+    def solved(self) -> bool:
+        return max(self.rewards) >= 1.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r >= 1.0 for r in self.rewards) / len(self.rewards)
+
+
+@dataclass
+class RolloutContext:
+    """What an algorithm may use to sample: the engine, the reward, prompt rendering, hints."""
+
+    engine: object
+    tokenizer: object
+    sampling: SamplingConfig
+    score: ScoreFn
+    render: Callable[[dict, Optional[str]], list[int]]  # (row, hint or None) -> prompt token ids
+    hints: Optional[object] = None                      # a HintProvider (algorithms.hint_providers)
+    next_rows: Optional[Callable[[], list[dict]]] = None  # more prompts (DAPO's oversampling)
+    timings: dict = field(default_factory=dict)
+
+
+def sample_groups(ctx: RolloutContext, rows: list[dict], hints: Optional[list[Optional[str]]] = None,
+                  level: Union[int, list[int]] = 0) -> list[Group]:
+    """Samples ``G`` completions for each row (with its hint, if any; ``level`` per row or for all)
+    in ONE engine call, and scores them."""
+    if not rows:
+        return []
+    hints = hints or [None] * len(rows)
+    levels = level if isinstance(level, list) else [level] * len(rows)
+    prompts = [ctx.render(r, h) for r, h in zip(rows, hints)]
+    comps = ctx.engine.generate(prompts, ctx.sampling)
+    texts = ctx.tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+    rewards = ctx.score(texts, [rows[c.prompt_index] for c in comps])
+    by_prompt: list[list[int]] = [[] for _ in rows]
+    for i, c in enumerate(comps):
+        by_prompt[c.prompt_index].append(i)
+    return [Group(uid=rows[p]["uid"], row=rows[p], prompt_ids=prompts[p], completions=[comps[i] for i in idx],
+                  rewards=[float(rewards[i]) for i in idx], level=levels[p] if hints[p] is not None else 0,
+                  hint=hints[p]) for p, idx in enumerate(by_prompt)]
+
+
+@torch.no_grad()
+def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
+    """Current-policy log-probs of each sample's completion in its ``prompt_ids`` context (fp32 CPU
+    tensors, one per sample): Guide's and HINT's no-hint numerators before the update."""
+    from fasthint.batch import _collate
+
+    base = getattr(model, model.base_model_prefix)
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.dtype != "float32")
+    out: list[torch.Tensor] = []
+    for s in range(0, len(samples), cfg.micro_batch_size):
+        chunk = samples[s:s + cfg.micro_batch_size]
+        mb = _collate(chunk, model.config.pad_token_id or 0, device)
+        with autocast:
+            hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        h = hidden.flatten(0, 1).index_select(0, mb.score_index)
+        lp = ops.linear_logprobs(h, head.weight, mb.targets, bias=head.bias, temperature=cfg.temperature)
+        out += list(lp.float().cpu().split([len(x.completion_ids) for x in chunk]))
+    return out
+
+
+def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
+    """GRPO advantages within each group (``ops.group_advantages``, keyed by group index)."""
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+    ids = torch.tensor([k for k, g in enumerate(groups) for _ in g.rewards], dtype=torch.long)
+    adv = ops.group_advantages(rewards, ids, scale=cfg.adv_scale, eps=cfg.adv_eps).tolist()
+    out, i = [], 0
+    for g in groups:
+        out.append(adv[i:i + len(g.rewards)])
+        i += len(g.rewards)
+    return out
+
+
+class Algorithm:
+    """GRPO: no hints; every completion trains in the context it was sampled from."""
+
+    name = "grpo"
+    hint_provider_default: Optional[str] = None  # algorithms that hint name their default provider
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        return sample_groups(ctx, rows), {}
+
+    def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
+        out = []
+        for g, adv in zip(groups, group_advantages(groups, self.cfg)):
+            out += [Sample(g.prompt_ids, c.token_ids, c.logprobs, a, truncated=c.truncated)
+                    for c, a in zip(g.completions, adv)]
+        return out, {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def group_metrics(groups: list[Group]) -> dict:
+    """Hint rates per level and the zero-signal fraction before and after hinting."""
+    n = max(1, len(groups))
+
+    def zero_std(r: list[float]) -> bool:
+        return max(r) == min(r)
+
+    out = {"frac_reward_zero_std": sum(zero_std(g.rewards) for g in groups) / n,
+           "frac_reward_zero_std/pre_hint": sum(zero_std(g.pre_hint_rewards or g.rewards) for g in groups) / n,
+           "hint/rate": sum(g.level > 0 for g in groups) / n}
+    for lvl in (1, 2, 3):
+        out[f"hint/rate_level_{lvl}"] = sum(g.level == lvl for g in groups) / n
+    return out
+
+
+class SolveTracker:
+    """``prompts/never_solved``: share of the training prompts seen so far that no completion has
+    solved in any visit (hinted or not), the SAGE paper's Table 2 metric."""
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.solved: set[str] = set()
+
+    def update(self, groups: list[Group]) -> float:
+        for g in groups:
+            self.seen.add(g.uid)
+            if g.solved or (g.pre_hint_rewards and max(g.pre_hint_rewards) >= 1.0):
+                self.solved.add(g.uid)
+        return 1.0 - len(self.solved) / max(1, len(self.seen))
+
+    def state_dict(self) -> dict:
+        return {"seen": sorted(self.seen), "solved": sorted(self.solved)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.solved = set(state["seen"]), set(state["solved"])

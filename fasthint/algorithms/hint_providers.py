@@ -1,0 +1,238 @@
+"""Hint providers: where the hints of the hint-guided algorithms come from.
+
+Interface: a ``HintProvider`` has ``hints(rows) -> list[Optional[dict[int, str]]]``, one entry per
+dataset row: ``{1: weak, 2: medium, 3: strong}`` hint texts (``HINT_LEVELS`` of them), or ``None``
+when no hint could be produced for that row. ``stats`` is reset on every call and holds at least
+``requested`` (rows asked) and ``parse_fail`` (rows that got ``None``).
+
+Providers:
+
+- ``SelfHintProvider`` (SAGE-style self-hinting): the current policy compresses the row's reference
+  solution into three hints through the rollout engine (one batched ``generate`` call); its reply
+  is parsed with ``parse_hint_json`` and rejected when any level reveals the gold answer.
+- ``DatasetHintProvider``: hints stored in a dataset column (one text for all levels, a dict keyed
+  by level, or a list of three texts).
+- ``SolutionPrefixHintProvider``: growing prefixes of the reference solution, never the line with
+  the final ``\\boxed{}`` answer.
+
+``make_hint_provider(name, **kwargs)`` builds one by name ("self", "dataset", "solution").
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Optional
+
+from fasthint.data import render_prompt
+from fasthint.engines.base import SamplingConfig
+from fasthint.hints import HINT_LEVELS, hint_request
+
+Hints = dict[int, str]
+_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
+_SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
+                        "\u2018": "'", "\u2019": "'"})
+_NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
+
+
+def _level_of(key: Any) -> Optional[int]:
+    """1..HINT_LEVELS for keys like 'level_1', 'level1', 'Level 1', '1' or 1; else None."""
+    if isinstance(key, bool):
+        return None
+    k = re.sub(r"[\s_\-]", "", str(key).lower())
+    k = k[len("level"):] if k.startswith("level") else k
+    return int(k) if k.isdigit() and 1 <= int(k) <= HINT_LEVELS else None
+
+
+def _as_levels(obj: Any) -> Optional[Hints]:
+    """Validates a dict/list/tuple of level texts; numbers become strings; None when incomplete."""
+    if isinstance(obj, (list, tuple)):
+        obj = {i + 1: v for i, v in enumerate(obj)} if len(obj) == HINT_LEVELS else None
+    if not isinstance(obj, dict):
+        return None
+    out: Hints = {}
+    for key, value in obj.items():
+        level = _level_of(key)
+        if level is None or level in out:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            return None
+        out[level] = value.strip()
+    return out if len(out) == HINT_LEVELS else None
+
+
+def parse_hint_json(text: str) -> Optional[Hints]:
+    """The three hint levels from a policy's JSON reply: a fenced ```json block first, else the text
+    from the first '{' to the last '}' (each also with smart quotes replaced). None on any failure;
+    never raises."""
+    try:
+        if not isinstance(text, str):
+            return None
+        candidates = [m.group(1) for m in _FENCE.finditer(text)]
+        start, end = text.find("{"), text.rfind("}")
+        if 0 <= start < end:
+            candidates.append(text[start:end + 1])
+        for cand in candidates:
+            for variant in dict.fromkeys((cand.strip(), cand.strip().translate(_SMART))):
+                try:
+                    obj = json.loads(variant)
+                except Exception:  # noqa: BLE001 - includes RecursionError on deep nesting
+                    continue
+                if isinstance(obj, dict):
+                    levels = _as_levels(obj)
+                    if levels is not None:
+                        return levels
+        return None
+    except Exception:  # noqa: BLE001 - the parser must never raise
+        return None
+
+
+def leaks_answer(hint: str, answer: str) -> bool:
+    """True when the gold ``answer`` appears in ``hint`` as a standalone token: numbers must not be
+    part of a longer number (\"12\" leaks in \"= 12.\" but not in \"123\" or \"12.5\"); other answers
+    leak as a case-sensitive substring once all whitespace is removed. Empty answer: False."""
+    answer = str(answer).strip()
+    if not answer or not hint:
+        return False
+    if _NUMERIC.fullmatch(answer):
+        pattern = r"(?<![\d.])" + re.escape(answer) + r"(?!\d)(?!\.\d)(?!/\d)"
+        return re.search(pattern, hint) is not None
+    return re.sub(r"\s+", "", answer) in re.sub(r"\s+", "", hint)
+
+
+class HintProvider:
+    """Base class: ``hints(rows)`` gives one ``{level: text}`` or None per row; ``stats`` describes
+    the last call (``requested``, ``parse_fail`` and provider-specific counts)."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.stats: dict[str, float] = {"requested": 0.0, "parse_fail": 0.0}
+
+    def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
+        raise NotImplementedError
+
+    def _finish(self, rows: list[dict], out: list[Optional[Hints]], **extra: float) -> list[Optional[Hints]]:
+        self.stats = {"requested": float(len(rows)), "parse_fail": float(sum(h is None for h in out)),
+                      **{k: float(v) for k, v in extra.items()}}
+        return out
+
+
+class SelfHintProvider(HintProvider):
+    """The current policy writes the hints from the reference solution (one batched generate call).
+
+    Rows without a solution, or whose rendered request exceeds ``max_prompt_length`` tokens, are not
+    sent (``stats['skipped']``); a reply that fails to parse or whose any level leaks the gold answer
+    (``stats['leak']``) gives None."""
+
+    name = "self"
+
+    def __init__(self, engine, tokenizer, *, template: str = "{question}", temperature: float = 1.0,
+                 max_new_tokens: int = 128, max_prompt_length: int = 1024) -> None:
+        super().__init__()
+        self.engine, self.tokenizer, self.template = engine, tokenizer, template
+        self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        self.max_prompt_length = max_prompt_length
+
+    def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
+        out: list[Optional[Hints]] = [None] * len(rows)
+        prompts, owners = [], []
+        for i, row in enumerate(rows):
+            solution = row.get("solution")
+            if not isinstance(solution, str) or not solution.strip():
+                continue
+            ids = render_prompt(self.tokenizer, hint_request(row["question"], solution), self.template)
+            if len(ids) > self.max_prompt_length:
+                continue
+            prompts.append(ids)
+            owners.append(i)
+        leaks = 0
+        if prompts:
+            sampling = SamplingConfig(n=1, temperature=self.temperature, top_p=1.0,
+                                      max_new_tokens=self.max_new_tokens)
+            replies: dict[int, list[int]] = {}
+            for c in self.engine.generate(prompts, sampling):
+                replies.setdefault(c.prompt_index, list(c.token_ids))
+            for p, i in enumerate(owners):
+                if p not in replies:
+                    continue
+                levels = parse_hint_json(self.tokenizer.decode(replies[p], skip_special_tokens=True))
+                if levels is not None and any(leaks_answer(h, str(rows[i].get("answer", "")))
+                                              for h in levels.values()):
+                    leaks += 1
+                    levels = None
+                out[i] = levels
+        return self._finish(rows, out, leak=leaks, sent=len(prompts), skipped=len(rows) - len(prompts))
+
+
+class DatasetHintProvider(HintProvider):
+    """Hints from a dataset column: a text (used at every level), a dict keyed by level, or a list of
+    three texts; missing, empty or malformed gives None."""
+
+    name = "dataset"
+
+    def __init__(self, column: str = "hint") -> None:
+        super().__init__()
+        self.column = column
+
+    def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
+        out: list[Optional[Hints]] = []
+        for row in rows:
+            value = row.get(self.column)
+            if isinstance(value, str):
+                out.append({lv: value.strip() for lv in range(1, HINT_LEVELS + 1)} if value.strip() else None)
+            else:
+                out.append(_as_levels(value))
+        return self._finish(rows, out)
+
+
+class SolutionPrefixHintProvider(HintProvider):
+    """Level l is the first ``fractions[l-1]`` of the reference solution's lines (at least one, cut at
+    a line boundary; by words for a one-line solution), stopping before the line with the final
+    ``\\boxed{``. With ``check_leak`` a row whose prefixes reveal the gold answer gives None
+    (``stats['leak']``)."""
+
+    name = "solution"
+
+    def __init__(self, fractions: tuple[float, float, float] = (0.25, 0.5, 0.75), *, check_leak: bool = True) -> None:
+        super().__init__()
+        fr = tuple(float(f) for f in fractions)
+        if len(fr) != HINT_LEVELS or not all(0 < f <= 1 for f in fr) or list(fr) != sorted(fr):
+            raise ValueError(f"fractions must be {HINT_LEVELS} non-decreasing values in (0, 1], got {fractions!r}")
+        self.fractions, self.check_leak = fr, check_leak
+
+    def _prefixes(self, solution: str) -> Optional[Hints]:
+        lines = [ln for ln in solution.splitlines() if ln.strip()]
+        boxed = [i for i, ln in enumerate(lines) if "\\boxed{" in ln]
+        body = lines[:boxed[-1]] if boxed else lines
+        if not body:
+            return None
+        units, sep = (body, "\n") if len(body) > 1 else (body[0].split(), " ")
+        return {lv: sep.join(units[:max(1, math.floor(f * len(units)))]).strip()
+                for lv, f in enumerate(self.fractions, 1)}
+
+    def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
+        out: list[Optional[Hints]] = []
+        leaks = 0
+        for row in rows:
+            solution = row.get("solution")
+            levels = self._prefixes(solution) if isinstance(solution, str) and solution.strip() else None
+            if levels is not None and self.check_leak and any(
+                    leaks_answer(h, str(row.get("answer", ""))) for h in levels.values()):
+                leaks += 1
+                levels = None
+            out.append(levels)
+        return self._finish(rows, out, leak=leaks)
+
+
+PROVIDERS = {"self": SelfHintProvider, "dataset": DatasetHintProvider, "solution": SolutionPrefixHintProvider}
+
+
+def make_hint_provider(name: str, **kwargs: Any) -> HintProvider:
+    """Builds the provider called ``name`` ("self", "dataset" or "solution") with ``kwargs``."""
+    key = str(name).strip().lower()
+    if key not in PROVIDERS:
+        raise ValueError(f"unknown hint provider {name!r}: choose one of {', '.join(map(repr, PROVIDERS))}")
+    return PROVIDERS[key](**kwargs)

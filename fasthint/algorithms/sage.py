@@ -1,0 +1,97 @@
+"""SAGE and SAGE-light: the policy writes its own hints (ALGORITHMS.md section 2).
+
+SAGE, per step: (1) roll out ``G`` completions without hints; (2) for every prompt whose group is
+all-zero, ask the hint provider (default: the current policy, through the rollout engine, from the
+question and the reference solution) for hints at three strengths, fresh at every visit; (3) for
+``l = 1..3`` re-sample ONLY the still-unresolved prompts with their level-``l`` hint, replace each
+such prompt's whole group, and stop escalating a prompt once any completion succeeds. A prompt still
+all-zero at level 3 keeps its level-3 group; a prompt without a usable hint keeps its no-hint group.
+All-correct groups are never hinted. Training is on the hinted context (hint tokens are part of the
+prompt, so they are never scored); evaluation never uses hints.
+
+SAGE-light: one rollout pass per step. A per-prompt level persists across visits: the first visit
+has no hint; at each later visit the previous visit's accuracy ``<= sage_light_min_acc`` raises the
+level by one (at most 3), ``> sage_light_max_acc`` lowers it by one (at least 0). Prompts at a level
+above 0 are sampled with that level's hint. The levels are part of the algorithm's state (saved
+with checkpoints).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
+from fasthint.hints import HINT_LEVELS
+
+
+def _provider_stats(ctx: RolloutContext) -> dict:
+    st = getattr(ctx.hints, "stats", {}) or {}
+    req = st.get("requested", 0)
+    return {"hint/requested": req, "hint/parse_fail": st.get("parse_fail", 0) / req if req else 0.0}
+
+
+class SAGE(Algorithm):
+    name = "sage"
+    hint_provider_default = "self"
+
+    def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        groups = {g.uid: g for g in sample_groups(ctx, rows)}
+        failed = [g for g in groups.values() if g.all_zero]
+        info = {"hint/requested": 0, "hint/parse_fail": 0.0}
+        if not failed or ctx.hints is None:
+            return list(groups.values()), info
+        hints = dict(zip((g.uid for g in failed), ctx.hints.hints([g.row for g in failed])))
+        info.update(_provider_stats(ctx))
+        pending = [g for g in failed if hints[g.uid] is not None]
+        for level in range(1, HINT_LEVELS + 1):
+            if not pending:
+                break
+            redo = sample_groups(ctx, [g.row for g in pending], [hints[g.uid][level] for g in pending], level)
+            for old, new in zip(pending, redo):
+                new.pre_hint_rewards = old.pre_hint_rewards or old.rewards
+                groups[new.uid] = new  # the whole group is replaced: groups stay pure
+            pending = [g for g in redo if g.all_zero]
+        return [groups[r["uid"]] for r in rows], info
+
+
+class SAGELight(Algorithm):
+    name = "sage_light"
+    hint_provider_default = "self"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.levels: dict[str, int] = {}      # uid -> current hint level
+        self.last_acc: dict[str, float] = {}  # uid -> accuracy at the previous visit
+
+    def next_level(self, uid: str) -> int:
+        """The level for this visit, from the previous visit's accuracy (first visit: 0)."""
+        if uid not in self.last_acc:
+            return 0
+        lvl, acc = self.levels.get(uid, 0), self.last_acc[uid]
+        if acc <= self.cfg.sage_light_min_acc:
+            return min(HINT_LEVELS, lvl + 1)
+        if acc > self.cfg.sage_light_max_acc:
+            return max(0, lvl - 1)
+        return lvl
+
+    def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        levels = {r["uid"]: self.next_level(r["uid"]) for r in rows}
+        need = [r for r in rows if levels[r["uid"]] > 0]
+        hint_text: dict[int, Optional[str]] = {}
+        info = {"hint/requested": 0, "hint/parse_fail": 0.0}
+        if need and ctx.hints is not None:
+            for r, h in zip(need, ctx.hints.hints(need)):
+                hint_text[r["uid"]] = h[levels[r["uid"]]] if h is not None else None
+            info.update(_provider_stats(ctx))
+        texts = [hint_text.get(r["uid"]) for r in rows]
+        groups = {g.uid: g for g in sample_groups(ctx, rows, texts, [levels[r["uid"]] for r in rows])}
+        for r in rows:  # the level is the planned one even when no hint could be had this visit
+            self.levels[r["uid"]] = levels[r["uid"]]
+            self.last_acc[r["uid"]] = groups[r["uid"]].accuracy
+        return [groups[r["uid"]] for r in rows], info
+
+    def state_dict(self) -> dict:
+        return {"levels": dict(self.levels), "last_acc": dict(self.last_acc)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.levels = {str(k): int(v) for k, v in state.get("levels", {}).items()}
+        self.last_acc = {str(k): float(v) for k, v in state.get("last_acc", {}).items()}
