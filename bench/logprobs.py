@@ -172,6 +172,9 @@ def _versions() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                                 text=True).stdout.strip() or "-"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        commit += "-dirty" if dirty and commit != "-" else ""  # measured code != the commit
     except OSError:
         commit = "-"
     return {"torch": torch.__version__, "triton": tv, "commit": commit}

@@ -102,3 +102,31 @@ def test_nan_reward_stops_with_clear_error_and_keeps_metrics(tmp_path):
         fasthint.fit(_tiny_cfg(tmp_path, max_steps=3), reward_fn=flaky)
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "sage", "sage_light", "guide", "hint"])
+def test_each_algorithm_trains_on_the_toy(tmp_path, algo):
+    import fasthint
+
+    counter = itertools.count()
+
+    def odd_rows_sometimes(completion: str, row: dict) -> float:  # even rows always fail: hints trigger
+        return float(int(row["uid"]) % 2 == 1 and next(counter) % 3 == 0)
+
+    cfg = _tiny_cfg(tmp_path, algo=algo, max_steps=2, prompts_per_step=4, hint_max_new_tokens=16,
+                    hint_provider="solution" if algo == "sage_light" else "auto", sage_light_min_acc=0.0)
+    res = fasthint.fit(cfg, reward_fn=odd_rows_sometimes)
+    last = res["last"]
+    assert last["step"] == 2 and all(k in last for k in ("hint/rate", "prompts/never_solved", "time/hint_s"))
+    assert 0.0 <= last["prompts/never_solved"] <= 1.0
+    state = json.load(open(tmp_path / "o" / "final" / "algorithm_state.json"))
+    assert state["algo"] == algo and state["solve_tracker"]["seen"]
+    if algo in ("guide", "hint"):  # dataset hints exist for every all-zero group of the toy
+        assert last["hint/requested"] > 0 and last["hint/parse_fail"] == 0.0 and last["hint/rate"] > 0
+    if algo == "sage":
+        assert last["hint/requested"] > 0  # the untrained toy's self-hints mostly fail to parse: counted
+    if algo == "sage_light":  # step 2 revisits nothing new, levels start at 0 on first visits
+        assert set(state["levels"].values()) <= {0, 1}
+    if algo == "dapo":
+        assert last["dapo/rounds"] >= 1 and last["frac_reward_zero_std"] == 0.0

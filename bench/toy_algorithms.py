@@ -1,0 +1,80 @@
+"""Experiment: GRPO vs the hint-guided algorithms on the toy, at an equal number of optimizer steps.
+
+    python bench/toy_algorithms.py                                  # 5 algorithms x 3 seeds, defaults
+    python bench/toy_algorithms.py --algos grpo,sage --seeds 0 -- --max_steps 20   # extra flags after --
+
+Each (algorithm, seed) is one ``python -m fasthint.train`` run (same toy, warm start and settings;
+the toy cache is shared). Reported per run: no-hint greedy accuracy on the hardest level (4) and
+overall after training, ``prompts/never_solved`` at the last step, the mean hint rate, and the mean
+wall time per step. Prints a table (mean over seeds per algorithm) and appends one row per run to
+bench/results/toy_algorithms.csv with the device, versions and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "toy_algorithms.csv")
+FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "never_solved",
+          "hint_rate", "step_s", "extra_args"]
+
+
+def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "fasthint.train", "--algo", algo, "--seed", str(seed), "--output_dir", out,
+           "--progress_bar", "false", *extra]
+    res = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{algo} seed {seed} failed:\n{res.stderr[-2000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    ev = json.load(open(os.path.join(out, "eval.json")))["eval_after"]
+    return {"steps": len(rows), "acc_all": ev.get("eval/accuracy"), "acc_level_4": ev.get("eval/accuracy_level_4"),
+            "never_solved": rows[-1].get("prompts/never_solved"),
+            "hint_rate": sum(r.get("hint/rate", 0.0) for r in rows) / len(rows),
+            "step_s": sum(r["time/step_s"] for r in rows) / len(rows)}
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algos", default="grpo,sage,sage_light,guide,hint")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="outputs/toy_algorithms")
+    args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                            text=True).stdout.strip() or "-"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
+    rows = []
+    for algo in args.algos.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = _run(algo, seed, os.path.join(args.out, f"{algo}-s{seed}"), extra)
+            rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+                         "device": device, "torch": torch.__version__, "algo": algo, "seed": seed, **r,
+                         "extra_args": " ".join(extra)})
+            print(f"{algo:<11} seed {seed}: level-4 {r['acc_level_4']:.3f} all {r['acc_all']:.3f} "
+                  f"never_solved {r['never_solved']:.3f} {r['step_s']:.1f} s/step", flush=True)
+    print(f"\n{'algo':<11} {'acc L4':>7} {'acc all':>8} {'never solved':>13} {'hint rate':>10} {'s/step':>7}")
+    for algo in args.algos.split(","):
+        rs = [r for r in rows if r["algo"] == algo]
+        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+        print(f"{algo:<11} {mean('acc_level_4'):>7.3f} {mean('acc_all'):>8.3f} {mean('never_solved'):>13.3f} "
+              f"{mean('hint_rate'):>10.3f} {mean('step_s'):>7.1f}")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    new = not os.path.exists(RESULTS)
+    with open(RESULTS, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
