@@ -144,6 +144,13 @@ class Algorithm:
         pass
 
 
+def hint_stats(ctx: RolloutContext) -> dict:
+    """``hint/requested`` and ``hint/parse_fail`` (share of requests that gave no hint) of the last call."""
+    st = getattr(ctx.hints, "stats", None) or {}
+    req = st.get("requested", 0)
+    return {"hint/requested": req, "hint/parse_fail": st.get("parse_fail", 0) / req if req else 0.0}
+
+
 def group_metrics(groups: list[Group]) -> dict:
     """Hint rates per level and the zero-signal fraction before and after hinting."""
     n = max(1, len(groups))

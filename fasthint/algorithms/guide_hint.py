@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from fasthint.algorithms.affinity import group_affinity
-from fasthint.algorithms.base import (Algorithm, Group, RolloutContext, group_advantages, recompute_logprobs,
-                                      sample_groups)
+from fasthint.algorithms.base import (Algorithm, Group, RolloutContext, group_advantages, hint_stats,
+                                      recompute_logprobs, sample_groups)
 from fasthint.batch import Sample
 
 
@@ -38,9 +38,7 @@ class _HintedResample(Algorithm):
         if failed and ctx.hints is not None:
             lvl = self.cfg.hint_level
             got = ctx.hints.hints([g.row for g in failed])
-            st = ctx.hints.stats
-            info = {"hint/requested": st.get("requested", 0),
-                    "hint/parse_fail": st.get("parse_fail", 0) / max(1, st.get("requested", 0))}
+            info = hint_stats(ctx)
             todo = [(g, h[lvl]) for g, h in zip(failed, got) if h is not None]
             redo = sample_groups(ctx, [g.row for g, _ in todo], [h for _, h in todo], lvl)
             for (old, _), new in zip(todo, redo):

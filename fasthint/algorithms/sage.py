@@ -19,14 +19,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
+from fasthint.algorithms.base import Algorithm, Group, RolloutContext, hint_stats, sample_groups
 from fasthint.hints import HINT_LEVELS
-
-
-def _provider_stats(ctx: RolloutContext) -> dict:
-    st = getattr(ctx.hints, "stats", {}) or {}
-    req = st.get("requested", 0)
-    return {"hint/requested": req, "hint/parse_fail": st.get("parse_fail", 0) / req if req else 0.0}
 
 
 class SAGE(Algorithm):
@@ -40,7 +34,7 @@ class SAGE(Algorithm):
         if not failed or ctx.hints is None:
             return list(groups.values()), info
         hints = dict(zip((g.uid for g in failed), ctx.hints.hints([g.row for g in failed])))
-        info.update(_provider_stats(ctx))
+        info.update(hint_stats(ctx))
         pending = [g for g in failed if hints[g.uid] is not None]
         for level in range(1, HINT_LEVELS + 1):
             if not pending:
@@ -81,7 +75,7 @@ class SAGELight(Algorithm):
         if need and ctx.hints is not None:
             for r, h in zip(need, ctx.hints.hints(need)):
                 hint_text[r["uid"]] = h[levels[r["uid"]]] if h is not None else None
-            info.update(_provider_stats(ctx))
+            info.update(hint_stats(ctx))
         texts = [hint_text.get(r["uid"]) for r in rows]
         groups = {g.uid: g for g in sample_groups(ctx, rows, texts, [levels[r["uid"]] for r in rows])}
         for r in rows:  # the level is the planned one even when no hint could be had this visit
