@@ -264,6 +264,9 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
         ref_model.requires_grad_(False).eval()
     engine = HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
     score, close_scorer = _reward_batch(cfg, reward_fn)
+    algo = make_algorithm(cfg)
+    timings: dict = {}
+    hints = _hint_provider(cfg, algo, rows, engine, tokenizer, timings)  # checks the data before any work
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
@@ -280,11 +283,9 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
 
     results = {"eval_before": evaluate()}
     log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
-    algo = make_algorithm(cfg)
-    timings: dict = {}
     ctx = RolloutContext(engine=_TimedEngine(engine, timings), tokenizer=tokenizer, sampling=sampling,
                          score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg),
-                         hints=_hint_provider(cfg, algo, rows, engine, tokenizer, timings),
+                         hints=hints,
                          next_rows=lambda: [rows[i] for i in next(sampler)])
     tracker = SolveTracker()
     bar = tqdm(range(1, cfg.max_steps + 1), desc=cfg.algo, disable=not cfg.progress_bar, dynamic_ncols=True)

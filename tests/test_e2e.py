@@ -130,3 +130,14 @@ def test_each_algorithm_trains_on_the_toy(tmp_path, algo):
         assert set(state["levels"].values()) <= {0, 1}
     if algo == "dapo":
         assert last["dapo/rounds"] >= 1 and last["frac_reward_zero_std"] == 0.0
+
+
+@pytest.mark.slow
+def test_hinting_algo_without_hint_column_is_a_data_error_before_any_work(tmp_path):
+    import fasthint
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "1+1=?", "answer": "2"}\n{"question": "2+2=?", "answer": "4"}\n')
+    with pytest.raises(fasthint.FastHintError, match="needs a 'hint' column.*--hint_provider self or solution"):
+        fasthint.fit(_tiny_cfg(tmp_path, algo="guide", data=str(data)))
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
