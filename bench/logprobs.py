@@ -18,7 +18,6 @@ and appends rows to bench/results/logprobs.csv with device, versions and commit.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import math
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import time
 from typing import Optional
+
+from _results import append_rows, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "logprobs.csv")
@@ -160,26 +161,6 @@ def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, rep
             "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
 
 
-def _versions() -> dict:
-    import torch
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "-"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                text=True).stdout.strip() or "-"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
-        commit += "-dirty" if dirty and commit != "-" else ""  # measured code != the commit
-    except OSError:
-        commit = "-"
-    return {"torch": torch.__version__, "triton": tv, "commit": commit}
-
-
 OP_NAMES = {"logprobs": "linear_logprobs+entropy fwd+bwd", "policy_loss": "fused_policy_loss fwd+bwd"}
 
 
@@ -213,7 +194,7 @@ def main() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    rows, vers = [], _versions()
+    rows, vers = [], versions()
     logits_mib = n * v * 4 / 2**20
     for op in args.ops.split(","):
         for prov in args.providers.split(","):
@@ -233,14 +214,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['op']:<32} {r['provider']:<14} {r['median_ms']:>10.1f} {r['extra_mib']:>10.1f} "
               f"{r['extra_mib'] / logits_mib:>12.1%}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    new = not os.path.exists(RESULTS)
-    with open(RESULTS, "a", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            wr.writeheader()
-        wr.writerows(rows)
-
+    append_rows(RESULTS, FIELDS, rows)
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,13 @@ bench/results/toy_algorithms.csv with the device, versions and commit.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
 import subprocess
 import sys
+
+from _results import append_rows, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "toy_algorithms.csv")
@@ -49,8 +50,7 @@ def main() -> None:
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                            text=True).stdout.strip() or "-"
+    commit = versions()["commit"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu x{os.cpu_count()}"
     rows = []
     for algo in args.algos.split(","):
@@ -67,14 +67,7 @@ def main() -> None:
         mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
         print(f"{algo:<11} {mean('acc_level_4'):>7.3f} {mean('acc_all'):>8.3f} {mean('never_solved'):>13.3f} "
               f"{mean('hint_rate'):>10.3f} {mean('step_s'):>7.1f}")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    new = not os.path.exists(RESULTS)
-    with open(RESULTS, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
+    append_rows(RESULTS, FIELDS, rows)
 
 if __name__ == "__main__":
     main()
