@@ -21,6 +21,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADV_SCALES = ("group", "batch", "none")
 HINT_PROVIDERS = ("auto", "self", "dataset", "solution")
 AFFINITY_RATIOS = ("sampling", "training")
+SAGE_ESCALATIONS = ("parallel", "sequential")
 DTYPES = ("auto", "float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard")
 
@@ -74,6 +75,10 @@ class TrainConfig:
     hint_temperature: float = _f(1.0, "sampling temperature of self-written hints (0 = greedy).")
     hint_max_new_tokens: int = _f(128, "maximum length of a self-written hint answer (JSON).")
     hint_level: int = _f(2, "guide/hint: the hint strength (1-3) of a multi-level provider.")
+    sage_escalation: str = _f("parallel", f"sage: how unresolved prompts climb the hint levels, one of "
+                                          f"{SAGE_ESCALATIONS}: parallel = all levels in one engine call, "
+                                          "keeping the lowest that succeeds (same groups, one round); "
+                                          "sequential = one call per level (fewest samples).")
     sage_light_min_acc: float = _f(0.1, "sage_light: previous accuracy <= this raises the prompt's level.")
     sage_light_max_acc: float = _f(0.35, "sage_light: previous accuracy > this lowers the prompt's level.")
     guide_filter: bool = _f(True, "guide: drop groups whose rewards stay all 0 or all 1 after hinting.")
@@ -134,6 +139,8 @@ class TrainConfig:
         need(self.adv_scale in ADV_SCALES, f"--adv_scale {self.adv_scale!r}: use one of {', '.join(ADV_SCALES)}")
         need(self.hint_provider in HINT_PROVIDERS,
              f"--hint_provider {self.hint_provider!r}: use one of {', '.join(HINT_PROVIDERS)}")
+        need(self.sage_escalation in SAGE_ESCALATIONS,
+             f"--sage_escalation {self.sage_escalation!r}: use one of {', '.join(SAGE_ESCALATIONS)}")
         need(self.affinity_ratio in AFFINITY_RATIOS,
              f"--affinity_ratio {self.affinity_ratio!r}: use one of {', '.join(AFFINITY_RATIOS)}")
         need(1 <= self.hint_level <= 3, f"--hint_level must be 1, 2 or 3 (got {self.hint_level})")

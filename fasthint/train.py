@@ -180,17 +180,21 @@ def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, schedu
 
 
 class _TimedEngine:
-    """The rollout engine, with its generate time added to ``timings['generate']``."""
+    """The rollout engine, with its generate time added to ``timings[key]`` (when a key is given) and
+    the number of tokens it generated to ``timings['sampled_tokens']``."""
 
-    def __init__(self, engine, timings: dict):
-        self.engine, self.timings = engine, timings
+    def __init__(self, engine, timings: dict, key: Optional[str] = "generate"):
+        self.engine, self.timings, self.key = engine, timings, key
 
     def generate(self, prompts, sampling):
         t0 = time.perf_counter()
         try:
-            return self.engine.generate(prompts, sampling)
+            out = self.engine.generate(prompts, sampling)
+            self.timings["sampled_tokens"] = self.timings.get("sampled_tokens", 0) + sum(len(c.token_ids) for c in out)
+            return out
         finally:
-            self.timings["generate"] = self.timings.get("generate", 0.0) + time.perf_counter() - t0
+            if self.key:
+                self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - t0
 
     def update_weights(self, model) -> None:
         self.engine.update_weights(model)
@@ -230,7 +234,7 @@ def _hint_provider(cfg: TrainConfig, algo, rows: list[dict], engine, tokenizer, 
         raise DataError(f"--algo {cfg.algo} with --hint_provider {name} needs a '{column}' column in the "
                         f"training data, and none of its rows has one: {fix}")
     if name == "self":
-        provider = make_hint_provider("self", engine=engine, tokenizer=tokenizer, template=cfg.prompt_template,
+        provider = make_hint_provider("self", engine=_TimedEngine(engine, timings, key=None), tokenizer=tokenizer, template=cfg.prompt_template,
                                       temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
                                       max_prompt_length=cfg.max_prompt_length)
     else:
@@ -318,7 +322,7 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
                     **info_train, "lr": scheduler.get_last_lr()[0],
                     "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
                     "time/hint_s": timings.get("hint", 0.0), "time/train_s": t_train, "time/step_s": t_all,
-                    "tokens_per_s": sum(lens) / t_all}
+                    "tokens_per_s": sum(lens) / t_all, "sampled_tokens": timings.get("sampled_tokens", 0)}
             logger.log(last)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
                             hint=f"{last['hint/rate']:.2f}")

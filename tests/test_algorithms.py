@@ -83,14 +83,17 @@ def test_sample_groups_are_pure_and_keyed_by_uid():
     assert all(_pure(g) for g in groups) and [g.level for g in groups] == [0, 2, 0]
 
 
-def test_sage_escalates_only_unresolved_prompts():
+@pytest.mark.parametrize("escalation", ["sequential", "parallel"])
+def test_sage_escalates_only_unresolved_prompts(escalation):
     # row 0 solved unhinted, 1 needs level 1, 2 needs level 3, 3 never solved, 4 has no hint, 5 all correct
     rows = _rows([0, 1, 3, 9, 9, 0], {4: {"no_hint": True}, 5: {"all": True}})
     eng, hints = ScriptedEngine(), Hints()
-    algo = make_algorithm(TrainConfig(algo="sage").validate())
+    algo = make_algorithm(TrainConfig(algo="sage", sage_escalation=escalation).validate())
     groups, info = algo.rollout(rows, _ctx(rows, eng, hints))
-    # one no-hint pass, then level 1 for the 3 hintable failures, level 2 and 3 for those still failing
-    assert [len(c) for c in eng.calls] == [6, 3, 2, 2]
+    if escalation == "sequential":  # one no-hint pass, level 1 for the 3 hintable failures, 2 and 3 for the rest
+        assert [len(c) for c in eng.calls] == [6, 3, 2, 2]
+    else:  # one no-hint pass, then the 3 hintable failures at levels 1, 2, 3 in one call
+        assert eng.calls[1] == [[100 * k + lv] for k in (1, 2, 3) for lv in (1, 2, 3)]
     assert hints.calls == [["11", "12", "13", "14"]]  # only all-zero groups ask for hints
     assert [g.uid for g in groups] == [r["uid"] for r in rows]
     assert [g.level for g in groups] == [0, 1, 3, 3, 0, 0]

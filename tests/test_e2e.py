@@ -120,12 +120,16 @@ def test_each_algorithm_trains_on_the_toy(tmp_path, algo):
     last = res["last"]
     assert last["step"] == 2 and all(k in last for k in ("hint/rate", "prompts/never_solved", "time/hint_s"))
     assert 0.0 <= last["prompts/never_solved"] <= 1.0
+    trained_tokens = last["completion_len/mean"] * 4 * cfg.num_generations
+    assert last["sampled_tokens"] == pytest.approx(trained_tokens) if algo in ("grpo", "dr_grpo") else \
+        last["sampled_tokens"] >= trained_tokens - 1e-6
     state = json.load(open(tmp_path / "o" / "final" / "algorithm_state.json"))
     assert state["algo"] == algo and state["solve_tracker"]["seen"]
     if algo in ("guide", "hint"):  # dataset hints exist for every all-zero group of the toy
         assert last["hint/requested"] > 0 and last["hint/parse_fail"] == 0.0 and last["hint/rate"] > 0
     if algo == "sage":
         assert last["hint/requested"] > 0  # the untrained toy's self-hints mostly fail to parse: counted
+        assert last["sampled_tokens"] > trained_tokens  # the hints are sampled tokens too
     if algo == "sage_light":  # step 2 revisits nothing new, levels start at 0 on first visits
         assert set(state["levels"].values()) <= {0, 1}
     if algo == "dapo":

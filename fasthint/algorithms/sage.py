@@ -4,7 +4,11 @@ SAGE, per step: (1) roll out ``G`` completions without hints; (2) for every prom
 all-zero, ask the hint provider (default: the current policy, through the rollout engine, from the
 question and the reference solution) for hints at three strengths, fresh at every visit; (3) for
 ``l = 1..3`` re-sample ONLY the still-unresolved prompts with their level-``l`` hint, replace each
-such prompt's whole group, and stop escalating a prompt once any completion succeeds. A prompt still
+such prompt's whole group, and stop escalating a prompt once any completion succeeds.
+``--sage_escalation parallel`` (default) samples the failed prompts at all three levels in one
+engine call and keeps each prompt's lowest successful level: the same groups in distribution, one
+generation round instead of up to three (rounds, not samples, set the time of a latency-bound
+engine); ``sequential`` makes one call per level and samples the fewest completions. A prompt still
 all-zero at level 3 keeps its level-3 group; a prompt without a usable hint keeps its no-hint group.
 All-correct groups are never hinted. Training is on the hinted context (hint tokens are part of the
 prompt, so they are never scored); evaluation never uses hints.
@@ -36,15 +40,41 @@ class SAGE(Algorithm):
         hints = dict(zip((g.uid for g in failed), ctx.hints.hints([g.row for g in failed])))
         info.update(hint_stats(ctx))
         pending = [g for g in failed if hints[g.uid] is not None]
-        for level in range(1, HINT_LEVELS + 1):
-            if not pending:
-                break
-            redo = sample_groups(ctx, [g.row for g in pending], [hints[g.uid][level] for g in pending], level)
-            for old, new in zip(pending, redo):
-                new.pre_hint_rewards = old.pre_hint_rewards or old.rewards
-                groups[new.uid] = new  # the whole group is replaced: groups stay pure
-            pending = [g for g in redo if g.all_zero]
+        escalate = self._parallel if self.cfg.sage_escalation == "parallel" else self._sequential
+        for old, new in escalate(pending, hints, ctx):
+            new.pre_hint_rewards = old.rewards
+            groups[new.uid] = new  # the whole group is replaced: groups stay pure
         return [groups[r["uid"]] for r in rows], info
+
+    @staticmethod
+    def _sequential(pending: list[Group], hints: dict, ctx: RolloutContext) -> list[tuple[Group, Group]]:
+        """One engine call per level, each with only the prompts still all-zero: fewest samples."""
+        out, todo = [], list(pending)
+        for level in range(1, HINT_LEVELS + 1):
+            if not todo:
+                break
+            redo = sample_groups(ctx, [g.row for g in todo], [hints[g.uid][level] for g in todo], level)
+            final = [(old, new) for old, new in zip(todo, redo) if not new.all_zero or level == HINT_LEVELS]
+            out += final
+            todo = [old for old, new in zip(todo, redo) if new.all_zero]
+        return out
+
+    @staticmethod
+    def _parallel(pending: list[Group], hints: dict, ctx: RolloutContext) -> list[tuple[Group, Group]]:
+        """Every level in ONE engine call; each prompt keeps its lowest level with a success (else
+        level 3). The level groups are independent draws, so the kept group has exactly the
+        distribution of sequential escalation, in one generation round instead of up to three."""
+        if not pending:
+            return []
+        levels = range(1, HINT_LEVELS + 1)
+        redo = sample_groups(ctx, [g.row for g in pending for _ in levels],
+                             [hints[g.uid][lv] for g in pending for lv in levels],
+                             [lv for _ in pending for lv in levels])
+        out = []
+        for k, old in enumerate(pending):
+            tries = redo[k * HINT_LEVELS:(k + 1) * HINT_LEVELS]
+            out.append((old, next((g for g in tries if not g.all_zero), tries[-1])))
+        return out
 
 
 class SAGELight(Algorithm):
