@@ -31,11 +31,26 @@ def versions() -> dict:
 
 
 def append_rows(path: str, fields: list[str], rows: list[dict]) -> None:
-    """Appends ``rows`` to the CSV at ``path`` (header written when the file is new)."""
+    """Appends ``rows`` to the CSV at ``path`` (header written when the file is new; when ``fields``
+    adds columns to an existing file, the file is rewritten with them, old rows left empty there)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    old: list[dict] = []
+    if os.path.exists(path):
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            if header == fields:
+                old = None
+            else:
+                old = list(reader)
+                fields = header + [f for f in fields if f not in header]
+    if old is None:  # same columns: append
+        with open(path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=fields).writerows(rows)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(old + rows)
+    os.replace(tmp, path)

@@ -3,11 +3,12 @@
     python bench/toy_algorithms.py                                  # 5 algorithms x 3 seeds, defaults
     python bench/toy_algorithms.py --algos grpo,sage --seeds 0 -- --max_steps 20   # extra flags after --
 
-Each (algorithm, seed) is one ``python -m fasthint.train`` run (same toy, warm start and settings;
-the toy cache is shared). Reported per run: no-hint greedy accuracy on the hardest level (4) and
-overall after training, ``prompts/never_solved`` at the last step, the mean hint rate, and the mean
-wall time per step. Prints a table (mean over seeds per algorithm) and appends one row per run to
-bench/results/toy_algorithms.csv with the device, versions and commit.
+Each (algorithm, seed) is one ``python -m fasthint.train`` run (the seed picks the toy data and
+warm start; algorithms share them). Reported per run: no-hint greedy accuracy on the hardest level
+(4) and overall after training (and avg@k on level 4 with ``--eval_samples k``),
+``prompts/never_solved`` at the last step, the mean hint rate, the mean wall time per step and the
+mean tokens sampled per step. Prints a table (mean ± sd over seeds, cost relative to GRPO) and
+appends one row per run to bench/results/toy_algorithms.csv with the device, versions and commit.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from _results import append_rows, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "toy_algorithms.csv")
-FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "never_solved",
-          "hint_rate", "step_s", "extra_args"]
+FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "avg_level_4", "never_solved",
+          "hint_rate", "step_s", "sampled_tokens", "extra_args"]
 
 
 def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
@@ -34,10 +35,34 @@ def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
         raise SystemExit(f"{algo} seed {seed} failed:\n{res.stderr[-2000:]}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     ev = json.load(open(os.path.join(out, "eval.json")))["eval_after"]
+    avg4 = next((v for k, v in ev.items() if k.startswith("eval/avg@") and k.endswith("_level_4")), "")
     return {"steps": len(rows), "acc_all": ev.get("eval/accuracy"), "acc_level_4": ev.get("eval/accuracy_level_4"),
+            "avg_level_4": avg4,
             "never_solved": rows[-1].get("prompts/never_solved"),
             "hint_rate": sum(r.get("hint/rate", 0.0) for r in rows) / len(rows),
-            "step_s": sum(r["time/step_s"] for r in rows) / len(rows)}
+            "step_s": sum(r["time/step_s"] for r in rows) / len(rows),
+            "sampled_tokens": sum(r.get("sampled_tokens", 0) for r in rows) / len(rows)}
+
+
+def _summary(rows: list[dict], algos: list[str]) -> None:
+    """Mean (and spread over seeds) per algorithm; step time and sampled tokens also relative to GRPO."""
+    def stat(rs: list[dict], k: str) -> tuple[float, float]:
+        v = [float(r[k]) for r in rs]
+        m = sum(v) / len(v)
+        return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+
+    base = [r for r in rows if r["algo"] == "grpo"]
+    print(f"\n{'algo':<11} {'seeds':>5} {'acc L4':>13} {'avg@k L4':>13} {'acc all':>13} {'never solved':>13} {'hint rate':>9} "
+          f"{'s/step':>7} {'x grpo':>6} {'tokens/step':>11} {'x grpo':>6}")
+    for algo in algos:
+        rs = [r for r in rows if r["algo"] == algo]
+        if not rs:
+            continue
+        cell = lambda k: "{:.3f} ± {:.3f}".format(*stat(rs, k))  # noqa: E731
+        ratio = lambda k: f"{stat(rs, k)[0] / stat(base, k)[0]:.2f}" if base else "-"  # noqa: E731
+        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_4'):>13} {cell('avg_level_4') if rs[0]['avg_level_4'] != '' else '-':>13} {cell('acc_all'):>13} {cell('never_solved'):>13} "
+              f"{stat(rs, 'hint_rate')[0]:>9.3f} {stat(rs, 'step_s')[0]:>7.2f} {ratio('step_s'):>6} "
+              f"{stat(rs, 'sampled_tokens')[0]:>11.0f} {ratio('sampled_tokens'):>6}")
 
 
 def main() -> None:
@@ -61,12 +86,7 @@ def main() -> None:
                          "extra_args": " ".join(extra)})
             print(f"{algo:<11} seed {seed}: level-4 {r['acc_level_4']:.3f} all {r['acc_all']:.3f} "
                   f"never_solved {r['never_solved']:.3f} {r['step_s']:.1f} s/step", flush=True)
-    print(f"\n{'algo':<11} {'acc L4':>7} {'acc all':>8} {'never solved':>13} {'hint rate':>10} {'s/step':>7}")
-    for algo in args.algos.split(","):
-        rs = [r for r in rows if r["algo"] == algo]
-        mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-        print(f"{algo:<11} {mean('acc_level_4'):>7.3f} {mean('acc_all'):>8.3f} {mean('never_solved'):>13.3f} "
-              f"{mean('hint_rate'):>10.3f} {mean('step_s'):>7.1f}")
+    _summary(rows, args.algos.split(","))
     append_rows(RESULTS, FIELDS, rows)
 
 if __name__ == "__main__":
