@@ -12,6 +12,7 @@ import random
 from typing import Any, Iterator, Optional
 
 from fasthint.errors import DataError
+from fasthint.hints import as_hint_levels
 
 QUESTION_COLUMNS = ("question", "problem")
 
@@ -53,6 +54,13 @@ def _answer_str(value: Any) -> Optional[str]:
     return None
 
 
+def _valid_hint(value) -> bool:
+    """A hint cell is missing, a text (every level), 3 texts, or a mapping of the 3 levels to texts."""
+    if value is None or isinstance(value, str):
+        return True
+    return as_hint_levels(value) is not None
+
+
 def load_dataset(path: str, *, check_answers: bool = True) -> list[dict]:
     """Reads and validates a dataset; returns rows with ``uid``, ``question``, ``answer`` and extras.
 
@@ -85,9 +93,11 @@ def load_dataset(path: str, *, check_answers: bool = True) -> list[dict]:
                                 "fix or drop the row")
         row = dict(r)
         row.update(uid=str(r.get("uid", i)), question=question, answer=answer)
-        for opt in ("solution", "hint"):
-            if opt in row and row[opt] is not None and not isinstance(row[opt], str):
-                raise DataError(f"{path}: row {i}: column {opt!r} must be text, got {type(row[opt]).__name__}")
+        if row.get("solution") is not None and not isinstance(row["solution"], str):
+            raise DataError(f"{path}: row {i}: column 'solution' must be text, got {type(row['solution']).__name__}")
+        if not _valid_hint(row.get("hint")):
+            raise DataError(f"{path}: row {i}: column 'hint' must be a text, a list of 3 texts (levels 1-3) or "
+                            f"an object with keys level_1, level_2, level_3; got {str(row['hint'])[:80]!r}")
         rows.append(row)
     uids = [r["uid"] for r in rows]
     if len(set(uids)) != len(uids):

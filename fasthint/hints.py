@@ -5,7 +5,11 @@ hint request asks the policy for hints at three strengths as one JSON object.
 """
 from __future__ import annotations
 
+import re
+from typing import Any, Optional
+
 HINT_LEVELS = 3
+Hints = dict[int, str]  # hint text per level, 1 (weakest) .. HINT_LEVELS (strongest)
 
 
 def hinted_question(question: str, hint: str) -> str:
@@ -18,3 +22,32 @@ def hint_request(question: str, solution: str) -> str:
     return (f"Write hints for: {question}\nSolution: {solution}\n"
             'Reply with JSON {"level_1": key idea, "level_2": more direction, '
             '"level_3": substantial guidance}, never the final answer.')
+
+
+def _level_of(key: Any) -> Optional[int]:
+    """1..HINT_LEVELS for keys like 'level_1', 'level1', 'Level 1', '1' or 1; else None."""
+    if isinstance(key, bool):
+        return None
+    k = re.sub(r"[\s_\-]", "", str(key).lower())
+    k = k[len("level"):] if k.startswith("level") else k
+    return int(k) if k.isdigit() and 1 <= int(k) <= HINT_LEVELS else None
+
+
+def as_hint_levels(obj: Any) -> Optional[Hints]:
+    """``{1: text, 2: text, 3: text}`` from a dict keyed by level (``level_1``, ``1``, ...) or a list of
+    three texts; numbers become strings; None when anything is missing, empty or of another type."""
+    if isinstance(obj, (list, tuple)):
+        obj = {i + 1: v for i, v in enumerate(obj)} if len(obj) == HINT_LEVELS else None
+    if not isinstance(obj, dict):
+        return None
+    out: Hints = {}
+    for key, value in obj.items():
+        level = _level_of(key)
+        if level is None or level in out:
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            return None
+        out[level] = value.strip()
+    return out if len(out) == HINT_LEVELS else None

@@ -210,12 +210,25 @@ def _timed(fn: Callable, timings: dict, key: str) -> Callable:
     return run
 
 
-def _renderer(prompts: dict, tokenizer, cfg: TrainConfig) -> Callable:
-    """(row, hint) -> prompt ids; the no-hint prompts are rendered once, up front."""
+def _renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Callable:
+    """(row, hint) -> prompt ids; the no-hint prompts are rendered once, up front. A hinted prompt
+    longer than ``max_prompt_length`` has its hint cut (by tokens) until it fits; counted in
+    ``timings['hint_truncated']``."""
     def render(row: dict, hint: Optional[str]) -> list[int]:
         if hint is None:
             return prompts[row["uid"]]
-        return render_prompt(tokenizer, hinted_question(row["question"], hint), cfg.prompt_template)
+        ids = render_prompt(tokenizer, hinted_question(row["question"], hint), cfg.prompt_template)
+        if len(ids) <= cfg.max_prompt_length:
+            return ids
+        timings["hint_truncated"] = timings.get("hint_truncated", 0) + 1
+        hint_ids = tokenizer(hint, add_special_tokens=False)["input_ids"]
+        keep = len(hint_ids) - (len(ids) - cfg.max_prompt_length)
+        while True:  # token boundaries may merge differently after the cut: shrink until it fits
+            text = tokenizer.decode(hint_ids[:max(0, keep)], skip_special_tokens=True)
+            ids = render_prompt(tokenizer, hinted_question(row["question"], text), cfg.prompt_template)
+            if len(ids) <= cfg.max_prompt_length or keep <= 0:
+                return ids
+            keep -= len(ids) - cfg.max_prompt_length
     return render
 
 
@@ -288,7 +301,7 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     results = {"eval_before": evaluate()}
     log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
     ctx = RolloutContext(engine=_TimedEngine(engine, timings), tokenizer=tokenizer, sampling=sampling,
-                         score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg),
+                         score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg, timings),
                          hints=hints,
                          next_rows=lambda: [rows[i] for i in next(sampler)])
     tracker = SolveTracker()
@@ -322,7 +335,8 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
                     **info_train, "lr": scheduler.get_last_lr()[0],
                     "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
                     "time/hint_s": timings.get("hint", 0.0), "time/train_s": t_train, "time/step_s": t_all,
-                    "tokens_per_s": sum(lens) / t_all, "sampled_tokens": timings.get("sampled_tokens", 0)}
+                    "tokens_per_s": sum(lens) / t_all, "sampled_tokens": timings.get("sampled_tokens", 0),
+                    "hint/truncated": timings.get("hint_truncated", 0)}
             logger.log(last)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
                             hint=f"{last['hint/rate']:.2f}")

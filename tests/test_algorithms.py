@@ -306,3 +306,27 @@ def test_every_algorithm_is_registered_and_in_the_config():
     from fasthint.config import ALGOS
 
     assert set(REGISTRY) == set(ALGOS)
+
+
+def test_hinted_prompt_longer_than_max_prompt_length_gets_its_hint_cut():
+    from fasthint.data import render_prompt
+    from fasthint.hints import hinted_question
+    from fasthint.toy.model import build_tokenizer
+    from fasthint.train import _renderer
+
+    tok = build_tokenizer()
+    row = {"uid": "0", "question": "What is 12 + 30?"}
+    plain = render_prompt(tok, row["question"])
+    cfg = TrainConfig(max_prompt_length=len(plain) + 40).validate()
+    timings: dict = {}
+    render = _renderer({"0": plain}, tok, cfg, timings)
+    assert render(row, None) == plain
+    short = render(row, "add")
+    assert short == render_prompt(tok, hinted_question(row["question"], "add")) and not timings
+    long_hint = "first add the tens, then add the ones, and check the sum twice " * 4
+    full = render_prompt(tok, hinted_question(row["question"], long_hint))
+    cut = render(row, long_hint)
+    assert len(full) > cfg.max_prompt_length >= len(cut) >= len(plain)
+    assert timings["hint_truncated"] == 1
+    kept = tok.decode(cut, skip_special_tokens=True).split("Hint: ", 1)[1].split("\n")[0]
+    assert len(kept) > 10 and long_hint.startswith(kept) and len(kept) < len(long_hint)  # a prefix of the hint

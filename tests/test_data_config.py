@@ -36,13 +36,33 @@ def test_load_parquet(tmp_path):
     assert [r["answer"] for r in load_dataset(p)] == ["1", "2"]
 
 
+def test_hint_column_forms_reach_the_dataset_provider(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fasthint.algorithms.hint_providers import DatasetHintProvider
+
+    rows = [{"question": "q0", "answer": "1", "hint": "same"},
+            {"question": "q1", "answer": "1", "hint": ["w", "m", "s"]},
+            {"question": "q2", "answer": "1", "hint": {"level_3": "S", "level_1": "W", "level_2": "M"}},
+            {"question": "q3", "answer": "1", "hint": None}]
+    want = [{1: "same", 2: "same", 3: "same"}, {1: "w", 2: "m", 3: "s"}, {1: "W", 2: "M", 3: "S"}, None]
+    assert DatasetHintProvider().hints(load_dataset(_jsonl(tmp_path / "d.jsonl", rows))) == want
+    p = str(tmp_path / "d.parquet")  # a list column (parquet has no mixed types: one form per file)
+    pq.write_table(pa.table({"question": ["a", "b"], "answer": ["1", "2"], "hint": [["x", "y", "z"], None]}), p)
+    assert DatasetHintProvider().hints(load_dataset(p)) == [{1: "x", 2: "y", 3: "z"}, None]
+
+
 @pytest.mark.parametrize("rows,match", [
     ([{"question": "q"}], "row 0 has no 'answer'"),
     ([{"answer": "1", "question": "q"}, {"answer": "1"}], "row 1 has no 'question' or 'problem'"),
     ([{"question": "q", "answer": None}], "row 0 has an empty"),
     ([{"question": "q", "answer": [1, 2]}], "row 0 has an empty or non-scalar"),
     ([{"question": "q", "answer": "\\frac{"}], "cannot be parsed"),
-    ([{"question": "q", "answer": "1", "hint": 3}], "'hint' must be text"),
+    ([{"question": "q", "answer": "1", "hint": 3}], "'hint' must be a text, a list of 3 texts"),
+    ([{"question": "q", "answer": "1", "hint": ["a", "b"]}], "row 0: column 'hint' must be"),
+    ([{"question": "q", "answer": "1", "hint": {"level_1": "a", "level_2": "b"}}], "column 'hint' must be"),
+    ([{"question": "q", "answer": "1", "solution": 5}], "'solution' must be text"),
 ])
 def test_data_errors_name_the_row(tmp_path, rows, match):
     with pytest.raises(DataError, match=match):

@@ -26,41 +26,12 @@ from typing import Any, Optional
 
 from fasthint.data import render_prompt
 from fasthint.engines.base import SamplingConfig
-from fasthint.hints import HINT_LEVELS, hint_request
+from fasthint.hints import HINT_LEVELS, Hints, as_hint_levels, hint_request
 
-Hints = dict[int, str]
 _FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 _SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
                         "\u2018": "'", "\u2019": "'"})
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
-
-
-def _level_of(key: Any) -> Optional[int]:
-    """1..HINT_LEVELS for keys like 'level_1', 'level1', 'Level 1', '1' or 1; else None."""
-    if isinstance(key, bool):
-        return None
-    k = re.sub(r"[\s_\-]", "", str(key).lower())
-    k = k[len("level"):] if k.startswith("level") else k
-    return int(k) if k.isdigit() and 1 <= int(k) <= HINT_LEVELS else None
-
-
-def _as_levels(obj: Any) -> Optional[Hints]:
-    """Validates a dict/list/tuple of level texts; numbers become strings; None when incomplete."""
-    if isinstance(obj, (list, tuple)):
-        obj = {i + 1: v for i, v in enumerate(obj)} if len(obj) == HINT_LEVELS else None
-    if not isinstance(obj, dict):
-        return None
-    out: Hints = {}
-    for key, value in obj.items():
-        level = _level_of(key)
-        if level is None or level in out:
-            continue
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            return None
-        out[level] = value.strip()
-    return out if len(out) == HINT_LEVELS else None
 
 
 def parse_hint_json(text: str) -> Optional[Hints]:
@@ -81,7 +52,7 @@ def parse_hint_json(text: str) -> Optional[Hints]:
                 except Exception:  # noqa: BLE001 - includes RecursionError on deep nesting
                     continue
                 if isinstance(obj, dict):
-                    levels = _as_levels(obj)
+                    levels = as_hint_levels(obj)
                     if levels is not None:
                         return levels
         return None
@@ -184,7 +155,7 @@ class DatasetHintProvider(HintProvider):
             if isinstance(value, str):
                 out.append({lv: value.strip() for lv in range(1, HINT_LEVELS + 1)} if value.strip() else None)
             else:
-                out.append(_as_levels(value))
+                out.append(as_hint_levels(value))
         return self._finish(rows, out)
 
 
