@@ -1,17 +1,48 @@
-"""Checkpoint writing: atomic (temp directory, then rename), Hugging Face format, safetensors."""
+"""Checkpoints: atomic (temp directory, then rename), Hugging Face format, no pickle anywhere.
+
+A resumable checkpoint ``OUTPUT_DIR/checkpoint-<step>/`` holds:
+
+- the model and tokenizer (``save_pretrained``, safetensors): loadable by any HF tool as is;
+- ``optimizer.rank<r>.safetensors`` (every optimizer state tensor of rank ``r``) and
+  ``optimizer.rank<r>.json`` (its hyper-parameters);
+- ``rng.rank<r>.safetensors`` / ``rng.rank<r>.json``: torch (CPU and CUDA), numpy and Python RNGs;
+- ``scheduler.json`` and ``trainer_state.json`` (step, data position, algorithm state, solve
+  tracker, evaluation before training). ``trainer_state.json`` marks a complete checkpoint.
+
+The directory is renamed into place only when every file is written, so a run killed while saving
+leaves the previous checkpoints intact and resumable; leftovers of an interrupted save are hidden
+``.checkpoint-*.tmp*`` directories, ignored and removed by the next save.
+"""
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import time
 from typing import Optional
 
+import numpy as np
+import torch
 
-def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] = None) -> str:
-    """Writes ``model`` and ``tokenizer`` (and ``extra_json``: file name -> JSON-able object, e.g. the
-    algorithm's state) to ``path`` atomically: a reader (or a crash) sees either the previous
-    complete checkpoint or the new complete one, never a partial directory."""
+CKPT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+_CKPT_RE = re.compile(rf"^{CKPT_PREFIX}(\d+)$")
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+
+
+def save_checkpoint(path: str, model, tokenizer, json_files: Optional[dict] = None,
+                    tensor_files: Optional[dict] = None) -> str:
+    """Writes the HF model and tokenizer plus ``json_files`` (name -> JSON-able object) and
+    ``tensor_files`` (name -> {key: tensor}, as safetensors) to ``path`` atomically: a reader, or a
+    crash, sees the previous complete directory or the new complete one, never a partial one."""
+    from safetensors.torch import save_file
+
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -20,9 +51,13 @@ def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] =
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    for name, obj in (extra_json or {}).items():
-        with open(os.path.join(tmp, name), "w") as fh:
-            json.dump(obj, fh, indent=1)
+    for name, tensors in (tensor_files or {}).items():
+        save_file({k: t.detach().contiguous().cpu().clone() for k, t in tensors.items()}, os.path.join(tmp, name))
+    for name, obj in (json_files or {}).items():  # the state file last: it marks completeness
+        if name != STATE_FILE:
+            _write_json(os.path.join(tmp, name), obj)
+    if json_files and STATE_FILE in json_files:
+        _write_json(os.path.join(tmp, STATE_FILE), json_files[STATE_FILE])
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -30,13 +65,185 @@ def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] =
     return path
 
 
-def rotate_existing(output_dir: str) -> None:
-    """A fresh run in a used output directory keeps the old metrics: metrics.jsonl is renamed to
-    metrics.<time>.jsonl (nothing already written is lost)."""
+def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] = None) -> str:
+    """The final model: HF format plus ``extra_json`` files (e.g. the algorithm's state), atomically."""
+    return save_checkpoint(path, model, tokenizer, json_files=extra_json)
+
+
+# ---- optimizer, scheduler, RNG as safetensors + JSON ---------------------------------------------
+
+def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, json) of ``optimizer.state_dict()``: tensors keyed ``state.<param>.<name>``."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = v
+            else:
+                scalars[f"{pid}.{name}"] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, t in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = t
+    for key, v in meta.get("scalars", {}).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_files() -> tuple[dict, dict]:
+    """(tensors, json) holding every RNG the loop draws from: torch CPU/CUDA, numpy, Python."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    meta = {"python": [version, list(internal), py_gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return tensors, meta
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, py_gauss = meta["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def save_training_checkpoint(path: str, model, tokenizer, optimizer, scheduler, trainer_state: dict,
+                             rank: int = 0) -> str:
+    """A resumable checkpoint (see the module docstring) of one process."""
+    opt_t, opt_j = optimizer_files(optimizer)
+    rng_t, rng_j = rng_files()
+    return save_checkpoint(
+        path, model, tokenizer,
+        json_files={f"optimizer.rank{rank}.json": opt_j, f"rng.rank{rank}.json": rng_j,
+                    "scheduler.json": scheduler.state_dict(), STATE_FILE: trainer_state},
+        tensor_files={f"optimizer.rank{rank}.safetensors": opt_t, f"rng.rank{rank}.safetensors": rng_t})
+
+
+def load_training_checkpoint(path: str, optimizer, scheduler, rank: int = 0) -> tuple[dict, tuple[dict, dict]]:
+    """Restores the optimizer and scheduler from ``path``; returns (trainer_state, rng) where ``rng``
+    goes to :func:`restore_rng` right before the next step."""
+    from safetensors.torch import load_file
+
+    def js(name: str):
+        with open(os.path.join(path, name), encoding="utf-8") as fh:
+            return json.load(fh)
+
+    load_optimizer_files(optimizer, load_file(os.path.join(path, f"optimizer.rank{rank}.safetensors")),
+                         js(f"optimizer.rank{rank}.json"))
+    scheduler.load_state_dict(js("scheduler.json"))
+    rng = (load_file(os.path.join(path, f"rng.rank{rank}.safetensors")), js(f"rng.rank{rank}.json"))
+    return js(STATE_FILE), rng
+
+
+# ---- finding, pruning, metrics ---------------------------------------------------------------------
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints (those with ``trainer_state.json``) in ``output_dir``, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    out = []
+    for name in os.listdir(output_dir):
+        m = _CKPT_RE.match(name)
+        p = os.path.join(output_dir, name)
+        if m and os.path.isfile(os.path.join(p, STATE_FILE)):
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, STATE_FILE))
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Deletes all but the newest ``keep`` checkpoints (0 keeps all) and leftovers of interrupted saves."""
+    for name in os.listdir(output_dir):
+        if name.startswith(f".{CKPT_PREFIX}") and (".tmp" in name or ".old" in name):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if keep > 0:
+        for _, p in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Keeps the rows of ``metrics.jsonl`` up to ``last_step`` (a resumed run rewrites what came
+    after its checkpoint); atomic; a torn last line is dropped."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)
+
+
+def move_aside(output_dir: str) -> None:
+    """A fresh run in a used output directory keeps what is there: metrics.jsonl becomes
+    metrics.<time>.jsonl and the step checkpoints move to checkpoints.<time>/ (nothing is lost)."""
     p = os.path.join(output_dir, "metrics.jsonl")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(p) if os.path.isfile(p) else None))
     if os.path.isfile(p):
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(p)))
         os.replace(p, os.path.join(output_dir, f"metrics.{stamp}.jsonl"))
+    old = [path for _, path in list_checkpoints(output_dir)]
+    if old:
+        dest = os.path.join(output_dir, f"checkpoints.{stamp}")
+        os.makedirs(dest, exist_ok=True)
+        for path in old:
+            os.replace(path, os.path.join(dest, os.path.basename(path)))
+
+
+# options that may differ between a run and its resumption (the others must match)
+RESUME_MAY_CHANGE = frozenset({"max_steps", "save_steps", "save_total_limit", "resume", "progress_bar", "report_to",
+                               "num_threads", "eval_data", "eval_max_prompts", "eval_samples", "output_dir",
+                               "cache_dir", "reward_timeout_s", "generation_batch_size", "micro_batch_size"})
+
+
+def find_resume(cfg) -> Optional[str]:
+    """The checkpoint ``cfg.resume`` asks for (None = start fresh). Raises ConfigError for a path
+    that is not a complete checkpoint, or a checkpoint whose run had other settings."""
+    from fasthint.errors import ConfigError
+
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        found = list_checkpoints(cfg.output_dir)
+        path = found[-1][1] if found else None
+    else:
+        path = os.path.abspath(os.path.expanduser(cfg.resume))
+        if not is_checkpoint(path):
+            raise ConfigError(f"--resume {cfg.resume}: not a complete checkpoint (no {STATE_FILE}): pass an "
+                              f"OUTPUT_DIR/{CKPT_PREFIX}N directory, auto, or none")
+    if path is None:
+        return None
+    with open(os.path.join(path, STATE_FILE), encoding="utf-8") as fh:
+        saved = json.load(fh).get("config", {})
+    now = vars(cfg)
+    diff = [k for k in sorted(saved) if k not in RESUME_MAY_CHANGE and k in now and saved[k] != now[k]]
+    if diff:
+        shown = ", ".join(f"--{k} {saved[k]!r} -> {now[k]!r}" for k in diff[:3])
+        raise ConfigError(f"{path} was written by a run with other settings ({shown}): resume with the same "
+                          "settings, or start fresh with --resume none or another --output_dir")
+    return path
 
 
 def write_json_atomic(path: str, obj) -> None:

@@ -106,6 +106,15 @@ class TrainConfig:
     dtype: str = _f("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
                             "float32 on CPU.")
 
+    # --- checkpoints ----------------------------------------------------------------------------
+    save_steps: int = _f(25, "write a resumable checkpoint (model, optimizer, scheduler, RNG, data "
+                             "position, algorithm state) to OUTPUT_DIR/checkpoint-N every N steps "
+                             "(0 = only the final model).")
+    save_total_limit: int = _f(2, "keep the newest N step checkpoints (0 = all).")
+    resume: str = _f("auto", "auto = continue from the newest complete checkpoint in output_dir when "
+                             "there is one; a checkpoint-N path = continue from it; none = start fresh "
+                             "(earlier checkpoints and metrics are moved aside, never deleted).")
+
     # --- evaluation, logging, system -------------------------------------------------------------
     eval_max_prompts: int = _f(400, "at most this many evaluation prompts (no hints).")
     eval_samples: int = _f(4, "besides greedy accuracy, report avg@k over this many completions "
@@ -155,7 +164,9 @@ class TrainConfig:
                      "hint_max_new_tokens",
                      "eval_max_prompts", "toy_train_size"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
-        for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples"):
+        need(bool(self.resume), "--resume must be auto, none or a checkpoint directory")
+        for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples", "save_steps",
+                     "save_total_limit"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")

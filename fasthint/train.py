@@ -30,7 +30,8 @@ from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.models import load_policy, resolve_model_path
-from fasthint.checkpoint import rotate_existing, save_hf_checkpoint, write_json_atomic
+from fasthint.checkpoint import (find_resume, load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
+                                 save_hf_checkpoint, save_training_checkpoint, truncate_metrics, write_json_atomic)
 
 log = logging.getLogger("fasthint")
 
@@ -267,8 +268,9 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     train_path, eval_path = _data_paths(cfg)
     rows = load_dataset(train_path)
     eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
+    resume_dir = find_resume(cfg)  # checks a requested checkpoint (and its settings) before any work
     model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
-    model, tokenizer = load_policy(model_path, device)
+    model, tokenizer = load_policy(resume_dir or model_path, device)
     _check_head(model, tokenizer, device)
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
     too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
@@ -288,24 +290,47 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     sampler = PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed)
+    tracker = SolveTracker()
     os.makedirs(cfg.output_dir, exist_ok=True)
-    rotate_existing(cfg.output_dir)
-    logger = MetricsLogger(cfg.output_dir, cfg.report_to)
-    write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
     sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens)
 
     def evaluate() -> dict:
         return _evaluate(engine, tokenizer, eval_rows, score, cfg)
 
-    results = {"eval_before": evaluate()}
-    log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
+    # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ------------
+    start, rng = 0, None
+    if resume_dir:
+        state, rng = load_training_checkpoint(resume_dir, optimizer, scheduler)
+        start, results = state["step"], {"eval_before": state["eval_before"]}
+        sampler.load_state(state["sampler"])
+        algo.load_state_dict(state["algorithm"])
+        tracker.load_state_dict(state["solve_tracker"])
+        truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
+        log.info("resuming from %s at step %d of %d", resume_dir, start, cfg.max_steps)
+    else:
+        move_aside(cfg.output_dir)
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to)
+    write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
+    if not resume_dir:
+        results = {"eval_before": evaluate()}
+        log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
     ctx = RolloutContext(engine=_TimedEngine(engine, timings), tokenizer=tokenizer, sampling=sampling,
                          score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg, timings),
                          hints=hints,
                          next_rows=lambda: [rows[i] for i in next(sampler)])
-    tracker = SolveTracker()
-    bar = tqdm(range(1, cfg.max_steps + 1), desc=cfg.algo, disable=not cfg.progress_bar, dynamic_ncols=True)
+
+    def save(step: int) -> None:
+        state = {"step": step, "sampler": sampler.state(), "algorithm": algo.state_dict(),
+                 "solve_tracker": tracker.state_dict(), "eval_before": results["eval_before"], "config": vars(cfg)}
+        save_training_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, tokenizer, optimizer,
+                                 scheduler, state)
+        prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+
+    if rng is not None:  # last, so that the next step draws exactly what the uninterrupted run drew
+        restore_rng(*rng)
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=cfg.algo, disable=not cfg.progress_bar, dynamic_ncols=True,
+               initial=start, total=cfg.max_steps)
     last: dict = {}
     try:
         for step in bar:
@@ -338,6 +363,8 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
                     "tokens_per_s": sum(lens) / t_all, "sampled_tokens": timings.get("sampled_tokens", 0),
                     "hint/truncated": timings.get("hint_truncated", 0)}
             logger.log(last)
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save(step)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
                             hint=f"{last['hint/rate']:.2f}")
     finally:
