@@ -37,20 +37,34 @@ def _write_json(path: str, obj) -> None:
 
 
 def save_checkpoint(path: str, model, tokenizer, json_files: Optional[dict] = None,
-                    tensor_files: Optional[dict] = None) -> str:
+                    tensor_files: Optional[dict] = None, *, state_dict: Optional[dict] = None) -> str:
     """Writes the HF model and tokenizer plus ``json_files`` (name -> JSON-able object) and
     ``tensor_files`` (name -> {key: tensor}, as safetensors) to ``path`` atomically: a reader, or a
-    crash, sees the previous complete directory or the new complete one, never a partial one."""
+    crash, sees the previous complete directory or the new complete one, never a partial one.
+    ``state_dict`` replaces the model's own (a full state dict gathered from FSDP shards)."""
+    tmp = _begin(path)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    _write_files(tmp, json_files, tensor_files)
+    return _commit(path)
+
+
+def _tmp(path: str) -> str:
+    path = os.path.abspath(path)
+    return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+
+
+def _begin(path: str) -> str:
+    tmp = _tmp(path)
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _write_files(tmp: str, json_files: Optional[dict], tensor_files: Optional[dict]) -> None:
     from safetensors.torch import save_file
 
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    old = os.path.join(parent, f".{os.path.basename(path)}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     for name, tensors in (tensor_files or {}).items():
         save_file({k: t.detach().contiguous().cpu().clone() for k, t in tensors.items()}, os.path.join(tmp, name))
     for name, obj in (json_files or {}).items():  # the state file last: it marks completeness
@@ -58,16 +72,23 @@ def save_checkpoint(path: str, model, tokenizer, json_files: Optional[dict] = No
             _write_json(os.path.join(tmp, name), obj)
     if json_files and STATE_FILE in json_files:
         _write_json(os.path.join(tmp, STATE_FILE), json_files[STATE_FILE])
+
+
+def _commit(path: str) -> str:
+    path = os.path.abspath(path)
+    old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
-    os.replace(tmp, path)
+    os.replace(_tmp(path), path)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] = None) -> str:
+def save_hf_checkpoint(model, tokenizer, path: str, extra_json: Optional[dict] = None,
+                       state_dict: Optional[dict] = None) -> str:
     """The final model: HF format plus ``extra_json`` files (e.g. the algorithm's state), atomically."""
-    return save_checkpoint(path, model, tokenizer, json_files=extra_json)
+    return save_checkpoint(path, model, tokenizer, json_files=extra_json, state_dict=state_dict)
 
 
 # ---- optimizer, scheduler, RNG as safetensors + JSON ---------------------------------------------
@@ -79,7 +100,7 @@ def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     for pid, st in sd["state"].items():
         for name, v in st.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"state.{pid}.{name}"] = v
+                tensors[f"state.{pid}.{name}"] = v.to_local() if hasattr(v, "to_local") else v
             else:
                 scalars[f"{pid}.{name}"] = v
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
@@ -87,9 +108,17 @@ def optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
 
 
 def load_optimizer_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Inverse of :func:`optimizer_files` (FSDP: this rank's shards become DTensors like the params)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict = {}
     for key, t in tensors.items():
         _, pid, name = key.split(".", 2)
+        p = params[int(pid)]
+        if hasattr(p, "device_mesh") and t.dim() == p.dim():
+            from torch.distributed.tensor import DTensor
+
+            t = DTensor.from_local(t.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
+                                   shape=p.shape, stride=p.stride())
         state.setdefault(int(pid), {})[name] = t
     for key, v in meta.get("scalars", {}).items():
         pid, name = key.split(".", 1)
@@ -121,27 +150,51 @@ def restore_rng(tensors: dict, meta: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
 
 
-def save_training_checkpoint(path: str, model, tokenizer, optimizer, scheduler, trainer_state: dict,
-                             rank: int = 0) -> str:
-    """A resumable checkpoint (see the module docstring) of one process."""
+def save_training_checkpoint(path: str, model, tokenizer, optimizer, scheduler, trainer_state: dict, *,
+                             state_dict: Optional[dict] = None) -> str:
+    """A resumable checkpoint (see the module docstring). Collective over ranks: rank 0 writes the
+    model (``state_dict``: the full one gathered from FSDP shards) and the shared files, every rank
+    its optimizer shard and RNG states, then rank 0 renames the directory into place."""
+    from fasthint import dist
+
+    r = dist.rank()
+    tmp = _begin(path) if r == 0 else _tmp(path)
+    if r == 0:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+    dist.barrier()
     opt_t, opt_j = optimizer_files(optimizer)
     rng_t, rng_j = rng_files()
-    return save_checkpoint(
-        path, model, tokenizer,
-        json_files={f"optimizer.rank{rank}.json": opt_j, f"rng.rank{rank}.json": rng_j,
-                    "scheduler.json": scheduler.state_dict(), STATE_FILE: trainer_state},
-        tensor_files={f"optimizer.rank{rank}.safetensors": opt_t, f"rng.rank{rank}.safetensors": rng_t})
+    _write_files(tmp, {f"optimizer.rank{r}.json": opt_j, f"rng.rank{r}.json": rng_j},
+                 {f"optimizer.rank{r}.safetensors": opt_t, f"rng.rank{r}.safetensors": rng_t})
+    dist.barrier()
+    if r == 0:
+        _write_files(tmp, {"scheduler.json": scheduler.state_dict(),
+                           STATE_FILE: {**trainer_state, "world_size": dist.world_size()}}, None)
+        _commit(path)
+    dist.barrier()
+    return os.path.abspath(path)
 
 
-def load_training_checkpoint(path: str, optimizer, scheduler, rank: int = 0) -> tuple[dict, tuple[dict, dict]]:
-    """Restores the optimizer and scheduler from ``path``; returns (trainer_state, rng) where ``rng``
-    goes to :func:`restore_rng` right before the next step."""
+def load_training_checkpoint(path: str, optimizer, scheduler) -> tuple[dict, tuple[dict, dict]]:
+    """Restores this rank's optimizer and the scheduler from ``path``; returns (trainer_state, rng)
+    where ``rng`` goes to :func:`restore_rng` right before the next step."""
     from safetensors.torch import load_file
+
+    from fasthint import dist
+    from fasthint.errors import ConfigError
+
+    rank = dist.rank()
 
     def js(name: str):
         with open(os.path.join(path, name), encoding="utf-8") as fh:
             return json.load(fh)
 
+    saved_world = js(STATE_FILE).get("world_size", 1)
+    if saved_world != dist.world_size():
+        raise ConfigError(f"{path} was written by {saved_world} processes and this run has {dist.world_size()}: "
+                          f"resume with --nproc_per_node {saved_world} (its model directory can start a new run "
+                          "at any size)")
     load_optimizer_files(optimizer, load_file(os.path.join(path, f"optimizer.rank{rank}.safetensors")),
                          js(f"optimizer.rank{rank}.json"))
     scheduler.load_state_dict(js("scheduler.json"))

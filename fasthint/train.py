@@ -12,15 +12,15 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from fasthint import ops
+from fasthint import dist
 from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, make_algorithm
-from fasthint.batch import Sample, make_micro_batches
 from fasthint.config import TrainConfig, parse_args
 from fasthint.data import PromptSampler, load_dataset, render_prompt
 from fasthint.engines.base import SamplingConfig
@@ -30,6 +30,8 @@ from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.models import load_policy, resolve_model_path
+from fasthint.dist import PolicyLoss
+from fasthint.update import train_step
 from fasthint.checkpoint import (find_resume, load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
                                  save_hf_checkpoint, save_training_checkpoint, truncate_metrics, write_json_atomic)
 
@@ -39,14 +41,19 @@ RewardFn = Callable[[str, dict], float]
 
 
 def _setup(cfg: TrainConfig) -> torch.device:
+    """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("multi-process training is not available yet: run torchrun with --nproc_per_node=1")
+        for bad, why in ((cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
+                         (cfg.adv_scale == "batch", "--adv_scale batch (needs the whole batch's rewards)")):
+            if bad:
+                raise ConfigError(f"{why} runs on one process only for now: use --nproc_per_node 1")
+    device = dist.init()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device
 
 
 def _data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
@@ -104,80 +111,6 @@ def _check_head(model, tokenizer, device) -> None:
     if not torch.allclose(out.logits.float(), ref, atol=1e-3, rtol=1e-3):
         raise FastHintError("this model's logits are not lm_head(last hidden state) (logit scaling or "
                             "soft-capping?): it is not supported by the fused loss yet")
-
-
-def train_step(model, samples: list[Sample], cfg: TrainConfig, optimizer, scheduler, ref_model=None) -> dict:
-    """One optimizer step over ``samples`` with gradient accumulation and a global normaliser.
-
-    Without KL, a sample whose advantage (or weight) is 0 adds exactly nothing to the loss or its
-    gradient, so it is skipped (it still counts in the normaliser); token metrics (entropy, clip
-    ratios, log-prob mismatch) are then over the trained tokens.
-    """
-    base = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-    if cfg.mask_truncated:  # overlong masking: no loss, and not in the normaliser
-        samples = [s for s in samples if not s.truncated]
-    n_tokens = sum(len(s.completion_ids) for s in samples)
-    norm = n_tokens if cfg.loss_agg == "token-mean" else len(samples) * cfg.max_new_tokens
-    num_seqs = len(samples)
-    if ref_model is None:
-        samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
-    mbs = make_micro_batches(samples, cfg.micro_batch_size, model.config.pad_token_id or 0,
-                             device=next(model.parameters()).device)
-    n_trained = sum(len(s.completion_ids) for s in samples)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.dtype != "float32" and
-                              next(model.parameters()).is_cuda)
-    acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
-           "logp_diff_sum": 0.0, "logp_diff_max": 0.0}
-    optimizer.zero_grad(set_to_none=True)
-    for mb in mbs:
-        with autocast:
-            hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-        h = hidden.flatten(0, 1).index_select(0, mb.score_index)
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad(), autocast:
-                rh = getattr(ref_model, ref_model.base_model_prefix)(
-                    input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-                rhead = ref_model.get_output_embeddings()
-                ref_logp = ops.linear_logprobs(rh.flatten(0, 1).index_select(0, mb.score_index), rhead.weight,
-                                               mb.targets, bias=rhead.bias, temperature=cfg.temperature)
-        mask = torch.ones_like(mb.old_logp)  # the packed stream holds completion tokens only
-        loss, stats = ops.fused_policy_loss(
-            h, head.weight, mb.targets, mb.advantages, mask, mb.old_logp, bias=head.bias,
-            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, beta=cfg.beta,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
-            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            shaped_gamma=mb.gamma)
-        logp, entropy = stats["logp"], stats["entropy"]
-        if not torch.isfinite(loss):
-            raise FastHintError("the loss is not finite (NaN/inf): lower --learning_rate or check the "
-                                "rewards; nothing was updated at this step")
-        loss.backward()
-        k = logp.numel()
-        acc["loss"] += loss.item()
-        for key in ("clip_ratio/low", "clip_ratio/high", "kl"):
-            acc[key] += stats[key].item() * k
-        acc["entropy"] += entropy.sum().item()
-        diff = (logp - mb.old_logp).abs()
-        acc["logp_diff_sum"] += diff.sum().item()
-        acc["logp_diff_max"] = max(acc["logp_diff_max"], diff.max().item() if k else 0.0)
-    params = [p for p in model.parameters() if p.grad is not None]
-    gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")) \
-        if params else torch.zeros(())
-    if not torch.isfinite(gn):
-        optimizer.zero_grad(set_to_none=True)
-        raise FastHintError("the gradient norm is not finite: lower --learning_rate; nothing was updated")
-    optimizer.step()  # a no-op when every advantage was 0 (no parameter has a gradient)
-    scheduler.step()
-    n = n_trained or float("nan")
-    out = {"loss": acc["loss"], "grad_norm": gn.item(), "entropy": acc["entropy"] / n,
-           "clip_ratio/low": acc["clip_ratio/low"] / n, "clip_ratio/high": acc["clip_ratio/high"] / n,
-           "sampling/logp_diff/mean": acc["logp_diff_sum"] / n, "sampling/logp_diff/max": acc["logp_diff_max"],
-           "num_tokens/trained": n_trained}
-    if ref_model is not None:
-        out["kl"] = acc["kl"] / n
-    return out
 
 
 class _TimedEngine:
@@ -257,19 +190,45 @@ def _hint_provider(cfg: TrainConfig, algo, rows: list[dict], engine, tokenizer, 
     return provider
 
 
-def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
-    """Trains with ``cfg``; returns the final metrics (incl. ``eval/...`` before and after).
+@dataclass
+class _Run:
+    """What the loop works with, built once by :func:`_build`."""
 
-    ``reward_fn(completion_text, row) -> float`` replaces the math verifier when given.
-    """
-    cfg.validate()
-    # ---- setup: device, model, data, engine, optimizer ------------------------------------------
+    cfg: TrainConfig
+    rows: list
+    eval_rows: list
+    train_path: str
+    model_path: str
+    resume_dir: Optional[str]
+    policy: PolicyLoss  # the LM (``policy.lm``) with the loss; FSDP-sharded when world > 1
+    tokenizer: object
+    ref_model: object
+    engine: HFEngine
+    score: Callable
+    close_scorer: Callable
+    algo: object
+    hints: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: PromptSampler
+    prompts: dict
+    timings: dict = field(default_factory=dict)
+    tracker: SolveTracker = field(default_factory=SolveTracker)
+
+
+def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
+    """Device, data, model (sharded over ranks), engine, reward, algorithm, optimizer; every input is
+    checked here, before anything is written."""
     device = _setup(cfg)
+    if dist.rank() != 0:  # rank 0 builds the toy caches first
+        dist.barrier()
     train_path, eval_path = _data_paths(cfg)
-    rows = load_dataset(train_path)
-    eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
     resume_dir = find_resume(cfg)  # checks a requested checkpoint (and its settings) before any work
     model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+    if dist.rank() == 0:
+        dist.barrier()
+    rows = load_dataset(train_path)
+    eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
     model, tokenizer = load_policy(resume_dir or model_path, device)
     _check_head(model, tokenizer, device)
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
@@ -281,108 +240,196 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device)
         ref_model.requires_grad_(False).eval()
+    policy = PolicyLoss(model)
+    if dist.world_size() > 1:
+        dist.shard(policy)
+    torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions
     engine = HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
     score, close_scorer = _reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
     timings: dict = {}
     hints = _hint_provider(cfg, algo, rows, engine, tokenizer, timings)  # checks the data before any work
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    sampler = PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed)
-    tracker = SolveTracker()
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
-                              max_new_tokens=cfg.max_new_tokens)
+    return _Run(cfg, rows, eval_rows, train_path, model_path, resume_dir, policy, tokenizer, ref_model, engine, score,
+                close_scorer, algo, hints, optimizer, scheduler, PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
+                prompts, timings)
 
-    def evaluate() -> dict:
-        return _evaluate(engine, tokenizer, eval_rows, score, cfg)
 
-    # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ------------
+def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
+    """Trains with ``cfg``; returns the final metrics (incl. ``eval/...`` before and after).
+
+    ``reward_fn(completion_text, row) -> float`` replaces the math verifier when given.
+    """
+    cfg.validate()
+    try:
+        return _fit(_build(cfg, reward_fn))
+    finally:
+        dist.close()
+
+
+def _fit(run: _Run) -> dict:
+    cfg, policy, algo, sampler, tracker, timings = run.cfg, run.policy, run.algo, run.sampler, run.tracker, run.timings
+    main = dist.rank() == 0
+    rank, world = dist.rank(), dist.world_size()
+
+    def evaluate() -> dict:  # rank 0 evaluates with the whole model; the others wait
+        with dist.gathered(policy):
+            out = _evaluate(run.engine, run.tokenizer, run.eval_rows, run.score, cfg) if main else None
+        return dist.broadcast(out)
+
+    # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ---------
     start, rng = 0, None
-    if resume_dir:
-        state, rng = load_training_checkpoint(resume_dir, optimizer, scheduler)
+    if run.resume_dir:
+        state, rng = load_training_checkpoint(run.resume_dir, run.optimizer, run.scheduler)
         start, results = state["step"], {"eval_before": state["eval_before"]}
         sampler.load_state(state["sampler"])
         algo.load_state_dict(state["algorithm"])
         tracker.load_state_dict(state["solve_tracker"])
-        truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
-        log.info("resuming from %s at step %d of %d", resume_dir, start, cfg.max_steps)
-    else:
+        if main:
+            truncate_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"), start)
+        log.info("resuming from %s at step %d of %d", run.resume_dir, start, cfg.max_steps)
+    elif main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
         move_aside(cfg.output_dir)
-    logger = MetricsLogger(cfg.output_dir, cfg.report_to)
-    write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
-    if not resume_dir:
+    dist.barrier()
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to) if main else None
+    if main:
+        write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
+    if not run.resume_dir:
         results = {"eval_before": evaluate()}
         log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
-    ctx = RolloutContext(engine=_TimedEngine(engine, timings), tokenizer=tokenizer, sampling=sampling,
-                         score=_timed(score, timings, "score"), render=_renderer(prompts, tokenizer, cfg, timings),
-                         hints=hints,
-                         next_rows=lambda: [rows[i] for i in next(sampler)])
+    sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
+                              max_new_tokens=cfg.max_new_tokens)
+    ctx = RolloutContext(engine=_TimedEngine(run.engine, timings), tokenizer=run.tokenizer, sampling=sampling,
+                         score=_timed(run.score, timings, "score"),
+                         render=_renderer(run.prompts, run.tokenizer, cfg, timings), hints=run.hints,
+                         next_rows=lambda: [run.rows[i] for i in next(sampler)][rank::world])
 
     def save(step: int) -> None:
         state = {"step": step, "sampler": sampler.state(), "algorithm": algo.state_dict(),
                  "solve_tracker": tracker.state_dict(), "eval_before": results["eval_before"], "config": vars(cfg)}
-        save_training_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), model, tokenizer, optimizer,
-                                 scheduler, state)
-        prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+        save_training_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), policy.lm, run.tokenizer,
+                                 run.optimizer, run.scheduler, state, state_dict=_full_state(policy))
+        if main:
+            prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
 
     if rng is not None:  # last, so that the next step draws exactly what the uninterrupted run drew
         restore_rng(*rng)
-    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=cfg.algo, disable=not cfg.progress_bar, dynamic_ncols=True,
-               initial=start, total=cfg.max_steps)
+    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=cfg.algo, disable=not (cfg.progress_bar and main),
+               dynamic_ncols=True, initial=start, total=cfg.max_steps)
     last: dict = {}
     try:
         for step in bar:
             t_step = time.perf_counter()
             timings.clear()
-            # ---- rollout (+ hints) and score: groups keyed by prompt uid ----------------------------
-            groups, info = algo.rollout([rows[i] for i in next(sampler)], ctx)
-            # ---- advantages and training contexts (the algorithm decides) --------------------------
-            model.train()
-            samples, info_train = algo.samples(groups, ctx, model)
-            # ---- policy update --------------------------------------------------------------------
+            batch = [run.rows[i] for i in next(sampler)][rank::world]  # whole prompts (groups) per rank
+            with dist.gathered(policy):
+                # ---- rollout (+ hints) and score: groups keyed by prompt uid ------------------------
+                groups, info = algo.rollout(batch, ctx)
+                # ---- advantages and training contexts (the algorithm decides) ----------------------
+                policy.train()
+                samples, info_train = algo.samples(groups, ctx, policy.lm)
+            # ---- policy update ------------------------------------------------------------------------
             t0 = time.perf_counter()
-            upd = train_step(model, samples, cfg, optimizer, scheduler, ref_model)
-            engine.update_weights(model)
+            upd = train_step(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model)
+            run.engine.update_weights(policy.lm)
             t_train = time.perf_counter() - t0
-            # ---- metrics --------------------------------------------------------------------------
-            rewards = torch.tensor([r for g in groups for r in g.rewards])
-            comps = [c for g in groups for c in g.completions]
-            lens = [len(c.token_ids) for c in comps] or [0]
-            t_all = time.perf_counter() - t_step
-            last = {"step": step, "reward/mean": rewards.mean().item() if len(rewards) else float("nan"),
-                    "reward/std": rewards.std().item() if len(rewards) > 1 else float("nan"),
-                    "accuracy": (rewards >= 1.0).float().mean().item() if len(rewards) else float("nan"),
-                    **group_metrics(groups), "prompts/never_solved": tracker.update(groups),
-                    "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
-                    "truncated_ratio": sum(c.truncated for c in comps) / max(1, len(comps)), **upd, **info,
-                    **info_train, "lr": scheduler.get_last_lr()[0],
-                    "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
-                    "time/hint_s": timings.get("hint", 0.0), "time/train_s": t_train, "time/step_s": t_all,
-                    "tokens_per_s": sum(lens) / t_all, "sampled_tokens": timings.get("sampled_tokens", 0),
-                    "hint/truncated": timings.get("hint_truncated", 0)}
-            logger.log(last)
+            # ---- metrics (over all ranks) and checkpoint ---------------------------------------------
+            if world > 1:
+                _sync_algo_state(algo, [r["uid"] for r in batch])
+            last = {"step": step, **_step_metrics(groups, tracker, {**info, **info_train}, timings),
+                    **upd, "lr": run.scheduler.get_last_lr()[0], "time/train_s": t_train}
+            last["time/step_s"] = time.perf_counter() - t_step
+            last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
+            if main:
+                logger.log(last)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 save(step)
             bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
                             hint=f"{last['hint/rate']:.2f}")
     finally:
-        logger.close()
-    # ---- evaluate, save, plot ---------------------------------------------------------------------
+        if logger is not None:
+            logger.close()
+    return _finish(run, results, last, evaluate, logger)
+
+
+def _finish(run: _Run, results: dict, last: dict, evaluate: Callable, logger) -> dict:
+    """No-hint evaluation after training, the final model, plot and eval.json (rank 0 writes)."""
+    cfg = run.cfg
     results["eval_after"] = evaluate()
-    close_scorer()
+    run.close_scorer()
     log.info("no-hint evaluation after training: %s", _fmt(results["eval_after"]))
-    save_hf_checkpoint(model, tokenizer, os.path.join(cfg.output_dir, "final"),
-                       extra_json={"algorithm_state.json": {"algo": cfg.algo, **algo.state_dict(),
-                                                            "solve_tracker": tracker.state_dict()}})
-    plot = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
-                        title=f"{cfg.algo} on {os.path.basename(train_path)}")
-    results.update(last=last, checkpoint=os.path.join(cfg.output_dir, "final"), plot=plot)
-    write_json_atomic(os.path.join(cfg.output_dir, "eval.json"),
-                      {k: results[k] for k in ("eval_before", "eval_after")})
-    _print_table(results["eval_before"], results["eval_after"])
+    final = os.path.join(cfg.output_dir, "final")
+    sd = _full_state(run.policy)
+    results.update(last=last, checkpoint=final, plot=None)
+    if dist.rank() == 0:
+        save_hf_checkpoint(run.policy.lm, run.tokenizer, final, state_dict=sd,
+                           extra_json={"algorithm_state.json": {"algo": cfg.algo, **run.algo.state_dict(),
+                                                                "solve_tracker": run.tracker.state_dict()}})
+        results["plot"] = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
+                                       title=f"{cfg.algo} on {os.path.basename(run.train_path)}")
+        write_json_atomic(os.path.join(cfg.output_dir, "eval.json"),
+                          {k: results[k] for k in ("eval_before", "eval_after")})
+        _print_table(results["eval_before"], results["eval_after"])
+    dist.barrier()
     return results
+
+
+def _full_state(policy: PolicyLoss) -> Optional[dict]:
+    """None without FSDP (the model saves its own state); else the gathered full state (collective)."""
+    return dist.full_state_dict(policy) if dist.world_size() > 1 else None
+
+
+def _sync_algo_state(algo, local_uids: list[str]) -> None:
+    """Per-prompt algorithm state (SAGE-light's levels) updated on the rank that owned each prompt
+    this step, made the same on every rank."""
+    state = algo.state_dict()
+    mine = {k: {u: v[u] for u in local_uids if u in v} for k, v in state.items() if isinstance(v, dict)}
+    for part in dist.all_gather(mine):
+        for k, d in part.items():
+            state[k].update(d)
+    algo.load_state_dict(state)
+
+
+SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated", "dapo/rounds")
+
+
+def _step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict) -> dict:
+    """Rollout metrics over every rank's groups (gathered once); per-rank infos averaged (counts summed,
+    minima and maxima taken)."""
+    light = [(replace(g, row={}, prompt_ids=[], completions=[]), [len(c.token_ids) for c in g.completions],
+              [c.truncated for c in g.completions]) for g in groups]
+    info = {**info, "sampled_tokens": timings.get("sampled_tokens", 0),
+            "hint/truncated": timings.get("hint_truncated", 0)}
+    parts = dist.all_gather((light, info))
+    light = [x for part, _ in parts for x in part]
+    infos = [i for _, i in parts]
+    gs = [g for g, _, _ in light]
+    lens = [n for _, ls, _ in light for n in ls] or [0]
+    truncs = [t for _, _, ts in light for t in ts]
+    rewards = torch.tensor([r for g in gs for r in g.rewards])
+    out = {"reward/mean": rewards.mean().item() if len(rewards) else float("nan"),
+           "reward/std": rewards.std().item() if len(rewards) > 1 else float("nan"),
+           "accuracy": (rewards >= 1.0).float().mean().item() if len(rewards) else float("nan"),
+           **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
+           "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
+           "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),
+           "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
+           "time/hint_s": timings.get("hint", 0.0)}
+    for k in dict.fromkeys(k for i in infos for k in i):
+        vals = [i[k] for i in infos if k in i and isinstance(i[k], (int, float))]
+        if not vals:
+            continue
+        if k == "hint/parse_fail":  # a share of requests: weighted by each rank's requests
+            req = [i.get("hint/requested", 0) for i in infos if k in i]
+            out[k] = sum(v * r for v, r in zip(vals, req)) / sum(req) if sum(req) else 0.0
+        elif k.endswith(("min", "max")):
+            out[k] = min(vals) if k.endswith("min") else max(vals)
+        else:
+            out[k] = sum(vals) if k in SUMMED_INFO else sum(vals) / len(vals)
+    return out
 
 
 def _fmt(m: dict) -> str:

@@ -110,11 +110,11 @@ TIME_KEYS = ("time/", "tokens_per_s")
 
 
 def _train_cmd(out, cache, steps, algo):
-    return [sys.executable, "-m", "fasthint.train", "--output_dir", str(out), "--cache_dir", str(cache),
+    return [sys.executable, os.path.join(REPO, "tests", "fit_toy_reward.py"), "--output_dir", str(out), "--cache_dir", str(cache),
             "--toy_warmstart_steps", "0", "--toy_train_size", "12", "--eval_data", "", "--prompts_per_step", "3",
             "--num_generations", "4", "--max_new_tokens", "8", "--max_steps", str(steps), "--save_steps", "1",
             "--save_total_limit", "2", "--progress_bar", "false", "--algo", algo, "--num_threads", "1",
-            "--hint_provider", "solution", "--sage_light_min_acc", "0.5"]
+            "--hint_provider", "solution", "--sage_light_min_acc", "0.5", "--sage_light_max_acc", "0.9"]
 
 
 def _rows(out):
@@ -147,11 +147,12 @@ def test_sigkilled_run_resumes_exactly(tmp_path, algo):
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"resuming from {done[-1][1]} at step {done[-1][0]}" in res.stderr
     a, b = _rows(tmp_path / "ref"), _rows(out)
+    assert sum(r["grad_norm"] > 0 for r in a) >= steps // 2  # real updates (not all-equal rewards)
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
         assert rb.keys() == ra.keys()
         for k in ra:
-            assert rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9, nan_ok=True), (ra["step"], k)
+            assert (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9), (ra["step"], k)
     if algo == "sage_light":
         sa = json.load(open(tmp_path / "ref" / "final" / "algorithm_state.json"))
         sb = json.load(open(out / "final" / "algorithm_state.json"))

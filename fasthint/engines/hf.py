@@ -56,7 +56,9 @@ class HFEngine:
         res = self.model.generate(
             input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=sp.max_new_tokens,
             num_return_sequences=sp.n, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True, use_cache=True, **kwargs)
+            output_logits=True, return_dict_in_generate=True, use_cache=True,
+            synced_gpus=False,  # under FSDP the trainer gathers the weights first: ranks generate alone
+            **kwargs)
         gen = res.sequences[:, L:].cpu()
         temp = 1.0 if greedy else sp.temperature
         if gen.shape[1]:

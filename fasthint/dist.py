@@ -1,0 +1,163 @@
+"""Data parallelism on ``torch.distributed``, applied from outside the model.
+
+``torchrun --nproc_per_node=N -m fasthint.train`` starts N processes (gloo on CPU, NCCL on GPU).
+Every process draws the same global batch of prompts and keeps whole prompts (so whole groups):
+rank ``r`` takes prompts ``r, r+N, ...``. The policy is sharded with FSDP2 ``fully_shard`` (each
+decoder layer, then the :class:`PolicyLoss` root that owns embeddings and head); gradients are
+*summed* over ranks (FSDP averages them, so each rank's loss is scaled by the world size) because
+every rank's loss is already divided by the global normaliser.
+
+Rollouts and other forward-only work run inside :func:`gathered`: every FSDP module is unsharded
+once and kept whole, so ranks may run different numbers of forward passes (different prompt and
+completion lengths) without collective calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init() -> torch.device:
+    """Joins the process group when launched with WORLD_SIZE > 1; returns this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def close() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sum over ranks (float64)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_max(value: float) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable Python data; small: metrics and group summaries)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class PolicyLoss(torch.nn.Module):
+    """The causal LM plus the fused loss in one ``forward``: the FSDP root, so that its own
+    parameters (embeddings, final norm, head) are gathered and their gradients reduced like any
+    layer's. ``forward(input_ids, attention_mask, score_index, targets, autocast, **loss_kwargs)``
+    returns ``ops.fused_policy_loss``'s (loss, stats) on the hidden states at ``score_index`` (the
+    LM body under bfloat16 autocast when ``autocast``)."""
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
+        from fasthint import ops
+
+        base = getattr(self.lm, self.lm.base_model_prefix)
+        head = self.lm.get_output_embeddings()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if targets is None:  # hidden states only
+            return hidden
+        h = hidden.flatten(0, 1).index_select(0, score_index)
+        return ops.fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
+
+
+def shard(policy: PolicyLoss) -> None:
+    """FSDP2: each decoder layer is one unit, the root holds the rest. FSDP averages gradients over
+    ranks; :func:`fasthint.update.train_step` multiplies each rank's loss by the world size, so the
+    result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    base = getattr(policy.lm, policy.lm.base_model_prefix)
+    for layer in base.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(policy, mesh=mesh)
+    # FSDP initialises lazily on the first forward through the root; rollouts call the LM directly,
+    # so initialise now. (A no-grad dummy root forward instead left the tied embedding/head update
+    # different from one process's in tests/test_distributed.py; not investigated further.)
+    policy._get_fsdp_state()._lazy_init()
+
+
+def _fsdp_modules(module: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered(policy: torch.nn.Module) -> Iterator[None]:
+    """Whole parameters on every rank for forward-only work (rollouts, evaluation, log-prob
+    recomputation); a no-op without FSDP. Resharded on exit."""
+    mods = _fsdp_modules(policy)
+    if not mods:
+        yield
+        return
+    for m in mods:
+        m.set_reshard_after_forward(False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def full_state_dict(policy: PolicyLoss) -> dict:
+    """The LM's full state dict on CPU (rank 0; empty elsewhere) for saving; collective under FSDP."""
+    if not _fsdp_modules(policy):
+        return policy.lm.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("lm."): v for k, v in sd.items()}

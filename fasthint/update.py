@@ -1,0 +1,118 @@
+"""The policy update: one optimizer step over this rank's samples, normalised globally.
+
+Every rank divides its loss by the *global* normaliser (tokens or sequences summed over ranks, one
+all-reduce), so the gradients FSDP sums over ranks are exactly those of one process holding the
+whole batch. Under FSDP every rank runs the same number of micro-batches (a rank with fewer runs
+zero-weight ones), because each forward/backward of a sharded model is a collective.
+"""
+from __future__ import annotations
+
+import torch
+
+from fasthint import dist
+from fasthint.batch import Sample, make_micro_batches
+from fasthint.errors import FastHintError
+
+
+def _as_policy(model) -> dist.PolicyLoss:
+    return model if isinstance(model, dist.PolicyLoss) else dist.PolicyLoss(model)
+
+
+def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None) -> dict:
+    """One optimizer step over ``samples`` with gradient accumulation and a global normaliser.
+
+    ``model`` is the causal LM or its :class:`dist.PolicyLoss` (FSDP root). Without KL, a sample whose
+    advantage (or weight) is 0 adds exactly nothing to the loss or its gradient, so it is skipped (it
+    still counts in the normaliser); token metrics (entropy, clip ratios, log-prob mismatch) are then
+    over the trained tokens of all ranks.
+    """
+    policy = _as_policy(model)
+    lm = policy.lm
+    if cfg.mask_truncated:  # overlong masking: no loss, and not in the normaliser
+        samples = [s for s in samples if not s.truncated]
+    n_tokens, num_seqs = dist.all_sum([sum(len(s.completion_ids) for s in samples), len(samples)])
+    norm = n_tokens if cfg.loss_agg == "token-mean" else num_seqs * cfg.max_new_tokens
+    if ref_model is None:
+        samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
+    pad = lm.config.pad_token_id or 0
+    device = next(lm.parameters()).device
+    mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device)
+    n_mb = int(dist.all_max(len(mbs))) if dist.world_size() > 1 else len(mbs)
+    autocast = cfg.dtype != "float32" and device.type == "cuda"
+    acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
+           "logp_diff_sum": 0.0, "tokens": 0.0}
+    diff_max = 0.0
+    scale = float(dist.world_size())  # FSDP averages gradients over ranks; the sum is wanted
+    optimizer.zero_grad(set_to_none=True)
+    for i in range(n_mb):
+        real = i < len(mbs)
+        mb = mbs[i] if real else _idle_micro_batch(pad, device)
+        ref_logp = _ref_logprobs(ref_model, mb, cfg, autocast) if ref_model is not None else None
+        loss, stats = policy(
+            mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
+            advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
+            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, beta=cfg.beta,
+            eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
+            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
+            shaped_gamma=mb.gamma)
+        if not real:  # keeps the collectives of a sharded model in step; contributes nothing
+            (loss * 0.0).backward()
+            continue
+        if not torch.isfinite(loss):
+            raise FastHintError("the loss is not finite (NaN/inf): lower --learning_rate or check the "
+                                "rewards; nothing was updated at this step")
+        (loss * scale if scale != 1.0 else loss).backward()
+        logp, k = stats["logp"], stats["logp"].numel()
+        acc["loss"] += loss.item()
+        for key in ("clip_ratio/low", "clip_ratio/high", "kl"):
+            acc[key] += stats[key].item() * k
+        acc["entropy"] += stats["entropy"].sum().item()
+        diff = (logp - mb.old_logp).abs()
+        acc["logp_diff_sum"] += diff.sum().item()
+        acc["tokens"] += k
+        diff_max = max(diff_max, diff.max().item() if k else 0.0)
+    gn = _clip_and_step(policy, cfg, optimizer, scheduler, stepped=n_mb > 0)
+    keys = list(acc)
+    acc = dict(zip(keys, dist.all_sum([acc[k] for k in keys])))
+    n = acc["tokens"] or float("nan")
+    out = {"loss": acc["loss"], "grad_norm": gn, "entropy": acc["entropy"] / n,
+           "clip_ratio/low": acc["clip_ratio/low"] / n, "clip_ratio/high": acc["clip_ratio/high"] / n,
+           "sampling/logp_diff/mean": acc["logp_diff_sum"] / n, "sampling/logp_diff/max": dist.all_max(diff_max),
+           "num_tokens/trained": int(acc["tokens"])}
+    if ref_model is not None:
+        out["kl"] = acc["kl"] / n
+    return out
+
+
+def _clip_and_step(policy, cfg, optimizer, scheduler, stepped: bool) -> float:
+    """Clips the global gradient norm, steps (a no-op when no parameter has a gradient); the norm."""
+    params = [p for p in policy.parameters() if p.grad is not None]
+    gn = torch.zeros(())
+    if stepped and params:
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+    if not torch.isfinite(gn):
+        optimizer.zero_grad(set_to_none=True)
+        raise FastHintError("the gradient norm is not finite: lower --learning_rate; nothing was updated")
+    optimizer.step()
+    scheduler.step()
+    return gn.item()
+
+
+def _idle_micro_batch(pad: int, device):
+    """A one-token micro-batch with zero advantage, for a rank with fewer micro-batches than others."""
+    from fasthint.batch import _collate
+
+    return _collate([Sample([pad], [pad], [0.0], 0.0, weight=0.0)], pad, device)
+
+
+@torch.no_grad()
+def _ref_logprobs(ref_model, mb, cfg, autocast: bool) -> torch.Tensor:
+    from fasthint import ops
+
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        rh = getattr(ref_model, ref_model.base_model_prefix)(
+            input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+    head = ref_model.get_output_embeddings()
+    return ops.linear_logprobs(rh.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
+                               bias=head.bias, temperature=cfg.temperature)
