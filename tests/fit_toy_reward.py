@@ -1,6 +1,6 @@
 """``fasthint.fit`` with the CLI's options and a reward that depends only on the completion text
-(length mod 3), so that even an untrained toy model gets groups with different rewards and real
-updates. Used by the resume and distributed tests (``python|torchrun tests/fit_toy_reward.py --key value ...``)."""
+(the parity of its characters' code points), so that even an untrained toy model gets groups with
+different rewards and real updates. Used by the resume and distributed tests (``python|torchrun tests/fit_toy_reward.py --key value ...``)."""
 import logging
 import sys
 
@@ -9,7 +9,7 @@ from fasthint.train import fit
 
 
 def reward(text: str, row: dict) -> float:
-    return float(len(text) % 3 == 0)
+    return float(sum(map(ord, text)) % 2 == 0)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,61 @@ def test_hf_engine_logprobs_order_and_truncation(toy):
     assert any(c.truncated for c in comps)  # an untrained model rarely stops within 12 tokens
 
 
+@pytest.fixture(scope="module")
+def varied():
+    """A toy model with large random weights: its greedy outputs differ between prompts (the
+    freshly initialised one repeats one token)."""
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(tok, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model, tok
+
+
+def _early_stopping_engine(model, tok, **kw):
+    """Every 3rd token id also ends a sequence, so sequences stop at many different steps and the
+    engine's drop-finished path runs."""
+    engine = HFEngine(model, tok, **kw)
+    engine.eos_ids = sorted(set(engine.eos_ids) | set(range(3, len(tok), 3)))
+    return engine
+
+
+def test_hf_engine_greedy_equals_transformers_generate_per_prompt(varied):
+    model, tok = varied
+    engine = _early_stopping_engine(model, tok)
+    prompts = [render_prompt(tok, q) for q in ("1+2=?", "10+11-3+4=?", "7=?", "123*4-5=?", "2+2=?")]
+    comps = engine.generate(prompts, SamplingConfig(n=2, temperature=0.0, max_new_tokens=10))
+    lengths = {len(c.token_ids) for c in comps}
+    assert len(lengths) > 1  # sequences finished at different steps
+    for c in comps:  # reference: transformers' generate on the unpadded prompt alone
+        ref = model.generate(torch.tensor([prompts[c.prompt_index]]), do_sample=False, max_new_tokens=10,
+                             eos_token_id=engine.eos_ids, pad_token_id=engine.pad_id)[0, len(prompts[c.prompt_index]):]
+        assert c.token_ids == ref.tolist()
+        assert c.truncated == (c.token_ids[-1] not in engine.eos_ids)
+        want = _recompute_logprobs(model, prompts[c.prompt_index], c.token_ids, 1.0)
+        assert torch.allclose(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=1e-4)
+
+
+def test_hf_engine_sampling_with_early_stops_and_top_p(varied):
+    model, tok = varied
+    engine = _early_stopping_engine(model, tok, batch_size=8)
+    prompts = [render_prompt(tok, q) for q in ("1+2=?", "10+11-3=?", "5*5=?")]
+    torch.manual_seed(3)
+    comps = engine.generate(prompts, SamplingConfig(n=4, temperature=0.8, top_p=0.9, max_new_tokens=12))
+    assert [c.prompt_index for c in comps] == [0] * 4 + [1] * 4 + [2] * 4
+    assert len({len(c.token_ids) for c in comps}) > 2
+    eos = set(engine.eos_ids)
+    for c in comps:  # log-probs at the sampling temperature, unaffected by which rows left the batch
+        assert all(t not in eos for t in c.token_ids[:-1])
+        want = _recompute_logprobs(model, prompts[c.prompt_index], c.token_ids, 0.8)
+        assert torch.allclose(torch.tensor(c.logprobs, dtype=torch.float64), want, atol=1e-4)
+        assert all(lp > -20 for lp in c.logprobs)
+
+
 def test_hf_engine_greedy_is_deterministic_and_unpadded_equal(toy):
     model, tok = toy
     engine = HFEngine(model, tok)

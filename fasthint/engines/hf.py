@@ -1,6 +1,8 @@
-"""Rollout engine on Hugging Face ``generate``: batched, left-padded, KV cache, shares the model.
+"""Rollout engine on a Hugging Face causal LM: batched, left-padded, KV cache, shares the model.
 
-The engine samples from the trainer's own module, so weight sync is free. Sampling log-probs are
+The engine samples from the trainer's own module, so weight sync is free. Its decode loop drops a
+sequence from the batch and the KV cache as soon as it emits EOS (``generate`` keeps decoding
+finished rows until the longest is done). Sampling log-probs are
 computed from the raw logits at the sampling temperature (no top-p/top-k renormalisation), which is
 what the trainer's loss computes too.
 """
@@ -12,7 +14,7 @@ from fasthint.engines.base import Completion, SamplingConfig
 
 
 class HFEngine:
-    """Generates with ``model.generate``; ``batch_size`` bounds the sequences per call."""
+    """Samples from ``model`` with its own decode loop; ``batch_size`` bounds the sequences per call."""
 
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -43,6 +45,9 @@ class HFEngine:
         return out
 
     def _generate_chunk(self, prompts: list[list[int]], offset: int, sp: SamplingConfig) -> list[Completion]:
+        """Left-padded prefill, then one token per step for the sequences still running: a sequence
+        that has emitted EOS leaves the batch (and the KV cache), so the work follows the sampled
+        tokens rather than ``batch x longest completion``."""
         device = next(self.model.parameters()).device
         L = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), L), self.pad_id, dtype=torch.long)
@@ -50,28 +55,48 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left padding
             ids[i, L - len(p):] = torch.tensor(p)
             attn[i, L - len(p):] = 1
-        greedy = sp.temperature == 0
-        kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=sp.temperature,
-                                                           top_p=sp.top_p, top_k=0)
-        res = self.model.generate(
-            input_ids=ids.to(device), attention_mask=attn.to(device), max_new_tokens=sp.max_new_tokens,
-            num_return_sequences=sp.n, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            output_logits=True, return_dict_in_generate=True, use_cache=True,
-            synced_gpus=False,  # under FSDP the trainer gathers the weights first: ranks generate alone
-            **kwargs)
-        gen = res.sequences[:, L:].cpu()
-        temp = 1.0 if greedy else sp.temperature
-        if gen.shape[1]:
-            logits = torch.stack(res.logits, dim=1).float().cpu()  # [B*n, T, V]
-            lp = torch.log_softmax(logits / temp, dim=-1).gather(-1, gen.unsqueeze(-1)).squeeze(-1)
-        else:
-            lp = torch.zeros(gen.shape)
-        eos = torch.tensor(self.eos_ids)
-        out = []
-        for row in range(gen.shape[0]):
-            toks = gen[row].tolist()
-            is_eos = torch.isin(gen[row], eos).nonzero()
-            end = int(is_eos[0]) + 1 if len(is_eos) else len(toks)
-            out.append(Completion(prompt_index=offset + row // sp.n, token_ids=toks[:end],
-                                  logprobs=lp[row, :end].tolist(), truncated=not len(is_eos)))
-        return out
+        ids, attn = ids.repeat_interleave(sp.n, 0).to(device), attn.repeat_interleave(sp.n, 0).to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1] + 1
+        alive = torch.arange(ids.shape[0])  # original row of each running sequence
+        toks: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        lps: list[list[float]] = [[] for _ in range(ids.shape[0])]
+        eos = torch.tensor(self.eos_ids, device=device)
+        for t in range(sp.max_new_tokens):
+            tok, lp = _sample(logits, sp)
+            for r, a, b in zip(alive.tolist(), tok.tolist(), lp.tolist()):
+                toks[r].append(a)
+                lps[r].append(b)
+            running = ~torch.isin(tok, eos)
+            if t == sp.max_new_tokens - 1 or not running.any():
+                break
+            if not running.all():
+                keep = running.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                alive, attn, tok, next_pos = alive[keep.cpu()], attn[keep], tok[keep], next_pos[keep]
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                             past_key_values=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        eos_set = set(self.eos_ids)
+        return [Completion(prompt_index=offset + row // sp.n, token_ids=toks[row], logprobs=lps[row],
+                           truncated=toks[row][-1] not in eos_set) for row in range(len(toks))]
+
+
+def _sample(logits: torch.Tensor, sp: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens and their log-probs at the sampling temperature (raw logits for greedy; nucleus
+    filtering, when ``top_p < 1``, changes what is drawn but not the reported log-prob)."""
+    logits = logits.float()
+    if sp.temperature == 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = logits.argmax(-1)
+    else:
+        logp = torch.log_softmax(logits / sp.temperature, -1)
+        probs = logp.exp()
+        if sp.top_p < 1.0:  # keep the smallest set of most likely tokens with mass >= top_p
+            sorted_p, order = probs.sort(-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p >= sp.top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        tok = torch.multinomial(probs, 1).squeeze(1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(1)
