@@ -24,6 +24,7 @@ AFFINITY_RATIOS = ("sampling", "training")
 SAGE_ESCALATIONS = ("parallel", "sequential")
 DTYPES = ("auto", "float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard")
+ENGINES = ("hf", "vllm")
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
@@ -93,6 +94,12 @@ class TrainConfig:
     max_prompt_length: int = _f(512, "prompts longer than this (in tokens) are a data error.")
     max_new_tokens: int = _f(64, "maximum completion length; longer completions are truncated.")
     generation_batch_size: int = _f(256, "sequences per generate call of the HF engine.")
+    engine: str = _f("hf", f"rollout engine, one of {ENGINES}: hf = the trainer's own module (no weight "
+                           "copy); vllm = an in-process vLLM engine fed the weights after every step "
+                           "(pip extra 'vllm'; one process for now).")
+    vllm_gpu_memory_utilization: float = _f(0.5, "vllm: share of GPU memory for the engine's weights and "
+                                                  "KV cache.")
+    vllm_sleep_mode: bool = _f(False, "vllm: free the engine's GPU memory during each policy update.")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = _f(5e-5, "AdamW learning rate (constant after warm-up); the default suits "
@@ -158,6 +165,9 @@ class TrainConfig:
         need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
         need(self.aapo_lambda >= 0, f"--aapo_lambda must be >= 0 (got {self.aapo_lambda})")
         need(self.dtype in DTYPES, f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        need(self.engine in ENGINES, f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        need(0 < self.vllm_gpu_memory_utilization <= 1,
+             f"--vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
         need(self.report_to in REPORT_TO, f"--report_to {self.report_to!r}: use one of {', '.join(REPORT_TO)}")
         for name in ("prompts_per_step", "num_generations", "max_steps", "max_new_tokens",
                      "max_prompt_length", "micro_batch_size", "generation_batch_size", "dapo_max_rounds",

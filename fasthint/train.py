@@ -24,7 +24,7 @@ from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, mak
 from fasthint.config import TrainConfig, parse_args
 from fasthint.data import PromptSampler, load_dataset, render_prompt
 from fasthint.engines.base import SamplingConfig
-from fasthint.engines.hf import HFEngine
+from fasthint.engines.vllm import make_engine
 from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
@@ -43,7 +43,8 @@ RewardFn = Callable[[str, dict], float]
 def _setup(cfg: TrainConfig) -> torch.device:
     """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        for bad, why in ((cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
+        for bad, why in ((cfg.engine == "vllm", "--engine vllm"),
+                         (cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
                          (cfg.adv_scale == "batch", "--adv_scale batch (needs the whole batch's rewards)")):
             if bad:
                 raise ConfigError(f"{why} runs on one process only for now: use --nproc_per_node 1")
@@ -203,7 +204,7 @@ class _Run:
     policy: PolicyLoss  # the LM (``policy.lm``) with the loss; FSDP-sharded when world > 1
     tokenizer: object
     ref_model: object
-    engine: HFEngine
+    engine: object  # HFEngine or VLLMEngine
     score: Callable
     close_scorer: Callable
     algo: object
@@ -244,7 +245,7 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     if dist.world_size() > 1:
         dist.shard(policy)
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions
-    engine = HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
+    engine = make_engine(cfg.engine, model, tokenizer, resume_dir or model_path, cfg)
     score, close_scorer = _reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
     timings: dict = {}
@@ -332,6 +333,7 @@ def _fit(run: _Run) -> dict:
                 policy.train()
                 samples, info_train = algo.samples(groups, ctx, policy.lm)
             # ---- policy update ------------------------------------------------------------------------
+            run.engine.sleep()  # vLLM sleep mode frees its memory; the sync below wakes it
             t0 = time.perf_counter()
             upd = train_step(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model)
             run.engine.update_weights(policy.lm)

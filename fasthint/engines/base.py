@@ -39,3 +39,7 @@ class RolloutEngine(Protocol):
     def update_weights(self, model) -> None:
         """Makes the engine sample from ``model``'s current weights (no-op when it shares them)."""
         ...
+
+    def sleep(self) -> None:
+        """Frees what the engine holds during the policy update (no-op when it holds nothing)."""
+        ...

@@ -30,6 +30,9 @@ class HFEngine:
     def update_weights(self, model) -> None:
         self.model = model
 
+    def sleep(self) -> None:
+        """Nothing to free: the engine is the trainer's module."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """``len(prompts) * sampling.n`` completions, prompt-major (prompt 0's n first)."""

