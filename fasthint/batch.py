@@ -43,12 +43,21 @@ class MicroBatch:
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
-                       device: Optional[torch.device] = None) -> list[MicroBatch]:
-    """Sorts samples by length and cuts them into micro-batches of ``micro_batch_size`` sequences."""
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].prompt_ids) + len(samples[i].completion_ids))
-    out = []
-    for s in range(0, len(order), micro_batch_size):
-        group = [samples[i] for i in order[s:s + micro_batch_size]]
+                       device: Optional[torch.device] = None, max_tokens: int = 0) -> list[MicroBatch]:
+    """Sorts samples by length and cuts them into micro-batches of at most ``micro_batch_size``
+    sequences and, when ``max_tokens > 0``, at most ``max_tokens`` padded tokens (sequences x the
+    longest; a sequence longer than the budget gets a micro-batch of its own)."""
+    def length(s: Sample) -> int:
+        return len(s.prompt_ids) + len(s.completion_ids)
+
+    out, group = [], []
+    for s in sorted(samples, key=length):  # ascending: the newest sample is the longest of its group
+        full = len(group) == micro_batch_size or (max_tokens > 0 and (len(group) + 1) * length(s) > max_tokens)
+        if group and full:
+            out.append(_collate(group, pad_id, device))
+            group = []
+        group.append(s)
+    if group:
         out.append(_collate(group, pad_id, device))
     return out
 

@@ -110,6 +110,11 @@ class TrainConfig:
     adam_beta2: float = _f(0.99, "AdamW beta2.")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off).")
     micro_batch_size: int = _f(64, "sequences per forward/backward; gradients are accumulated.")
+    micro_batch_tokens: int = _f(0, "also cap each forward/backward at this many padded tokens (sequences x "
+                                    "longest), so long and short rollouts use memory alike (0 = no cap).")
+    attn_implementation: str = _f("auto", "attention kernel of the trainer's model: auto = flash_attention_2 "
+                                          "when flash-attn is importable on CUDA, else sdpa; or any value "
+                                          "transformers accepts.")
     dtype: str = _f("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
                             "float32 on CPU.")
 
@@ -176,7 +181,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
         need(bool(self.resume), "--resume must be auto, none or a checkpoint directory")
         for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples", "save_steps",
-                     "save_total_limit"):
+                     "save_total_limit", "micro_batch_tokens"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")

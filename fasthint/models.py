@@ -26,6 +26,15 @@ def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: i
     return model
 
 
+def resolve_attn_implementation(value: str, device: torch.device) -> str:
+    """``auto``: flash-attn's kernels when the package imports and the model runs on CUDA, else sdpa."""
+    if value != "auto":
+        return value
+    import importlib.util
+
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def load_policy(path: str, device: torch.device, attn_implementation: str = "sdpa"):
     """(model in float32 on ``device``, tokenizer) from a checkpoint directory or hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -29,7 +29,7 @@ from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
-from fasthint.models import load_policy, resolve_model_path
+from fasthint.models import load_policy, resolve_attn_implementation, resolve_model_path
 from fasthint.dist import PolicyLoss
 from fasthint.update import train_step
 from fasthint.checkpoint import (find_resume, load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
@@ -182,7 +182,8 @@ def _hint_provider(cfg: TrainConfig, algo, rows: list[dict], engine, tokenizer, 
         raise DataError(f"--algo {cfg.algo} with --hint_provider {name} needs a '{column}' column in the "
                         f"training data, and none of its rows has one: {fix}")
     if name == "self":
-        provider = make_hint_provider("self", engine=_TimedEngine(engine, timings, key=None), tokenizer=tokenizer, template=cfg.prompt_template,
+        provider = make_hint_provider("self", engine=_TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
+                                      template=cfg.prompt_template,
                                       temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
                                       max_prompt_length=cfg.max_prompt_length)
     else:
@@ -230,7 +231,8 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
         dist.barrier()
     rows = load_dataset(train_path)
     eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
-    model, tokenizer = load_policy(resume_dir or model_path, device)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    model, tokenizer = load_policy(resume_dir or model_path, device, attn_implementation=attn)
     _check_head(model, tokenizer, device)
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
     too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
@@ -239,7 +241,7 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
                         f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
     ref_model = None
     if cfg.beta > 0:
-        ref_model, _ = load_policy(model_path, device)
+        ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
     policy = PolicyLoss(model)
     if dist.world_size() > 1:
@@ -254,7 +256,8 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
     return _Run(cfg, rows, eval_rows, train_path, model_path, resume_dir, policy, tokenizer, ref_model, engine, score,
-                close_scorer, algo, hints, optimizer, scheduler, PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
+                close_scorer, algo, hints, optimizer, scheduler,
+                PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
                 prompts, timings)
 
 

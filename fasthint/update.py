@@ -36,7 +36,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
     pad = lm.config.pad_token_id or 0
     device = next(lm.parameters()).device
-    mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device)
+    mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device, max_tokens=cfg.micro_batch_tokens)
     n_mb = int(dist.all_max(len(mbs))) if dist.world_size() > 1 else len(mbs)
     autocast = cfg.dtype != "float32" and device.type == "cuda"
     acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,

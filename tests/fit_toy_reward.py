@@ -1,6 +1,7 @@
 """``fasthint.fit`` with the CLI's options and a reward that depends only on the completion text
 (the parity of its characters' code points), so that even an untrained toy model gets groups with
-different rewards and real updates. Used by the resume and distributed tests (``python|torchrun tests/fit_toy_reward.py --key value ...``)."""
+different rewards and real updates. Used by the resume and distributed tests
+(``python|torchrun tests/fit_toy_reward.py --key value ...``)."""
 import logging
 import sys
 

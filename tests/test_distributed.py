@@ -54,12 +54,14 @@ def _initial():
 
 
 def _train(out, cache, steps):
-    return TORCHRUN + [os.path.join(REPO, "tests", "fit_toy_reward.py"), "--output_dir", str(out), "--cache_dir", str(cache),
+    return TORCHRUN + [os.path.join(REPO, "tests", "fit_toy_reward.py"), "--output_dir", str(out),
+                       "--cache_dir", str(cache),
                        "--toy_warmstart_steps", "0", "--toy_train_size", "12", "--eval_data", "toy",
                        "--eval_max_prompts", "4", "--eval_samples", "0", "--prompts_per_step", "4",
                        "--num_generations", "4", "--max_new_tokens", "8", "--max_steps", str(steps),
                        "--save_steps", "1", "--progress_bar", "false", "--algo", "sage_light",
-                       "--hint_provider", "solution", "--sage_light_min_acc", "0.5", "--sage_light_max_acc", "0.9", "--num_threads", "1"]
+                       "--hint_provider", "solution", "--sage_light_min_acc", "0.5", "--sage_light_max_acc", "0.9",
+                       "--num_threads", "1"]
 
 
 def _metrics(out):
@@ -91,4 +93,5 @@ def test_two_rank_run_killed_and_resumed_logs_the_same_metrics(tmp_path):
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     for ra, rb in zip(ref, got):
         for k in ra:
-            assert (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+            same = (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9)
+            assert same, (ra["step"], k)

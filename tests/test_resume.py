@@ -110,7 +110,8 @@ TIME_KEYS = ("time/", "tokens_per_s")
 
 
 def _train_cmd(out, cache, steps, algo):
-    return [sys.executable, os.path.join(REPO, "tests", "fit_toy_reward.py"), "--output_dir", str(out), "--cache_dir", str(cache),
+    return [sys.executable, os.path.join(REPO, "tests", "fit_toy_reward.py"), "--output_dir", str(out),
+            "--cache_dir", str(cache),
             "--toy_warmstart_steps", "0", "--toy_train_size", "12", "--eval_data", "", "--prompts_per_step", "3",
             "--num_generations", "4", "--max_new_tokens", "8", "--max_steps", str(steps), "--save_steps", "1",
             "--save_total_limit", "2", "--progress_bar", "false", "--algo", algo, "--num_threads", "1",
@@ -152,7 +153,8 @@ def test_sigkilled_run_resumes_exactly(tmp_path, algo):
     for ra, rb in zip(a, b):
         assert rb.keys() == ra.keys()
         for k in ra:
-            assert (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9), (ra["step"], k)
+            same = (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9)
+            assert same, (ra["step"], k)
     if algo == "sage_light":
         sa = json.load(open(tmp_path / "ref" / "final" / "algorithm_state.json"))
         sb = json.load(open(out / "final" / "algorithm_state.json"))

@@ -135,6 +135,11 @@ def test_micro_batching_equals_one_batch(toy, loss_agg):
     assert s1["loss"] == pytest.approx(s2["loss"], rel=1e-5, abs=1e-7)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-7), name
+    cfg3 = TrainConfig(micro_batch_size=6, micro_batch_tokens=60, loss_agg=loss_agg, max_grad_norm=0.0).validate()
+    g5, s5 = _grads(model, samples, cfg3)  # a token budget cuts other micro-batches: same step
+    assert s5["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
+    for name in g1:
+        assert torch.allclose(g1[name], g5[name], rtol=1e-4, atol=1e-7), name
     # zero-advantage samples are skipped (exactly 0 without KL) but still count in the normaliser
     zeroed = [Sample(s.prompt_ids, s.completion_ids, s.old_logprobs, 0.0) for s in samples[:3]] + samples[3:]
     g3, s3 = _grads(model, zeroed, cfg1)
@@ -160,3 +165,29 @@ def test_toy_tokenizer_round_trip(tmp_path, toy):
     assert render_prompt(loaded, "3+4=?") == render_prompt(tok, "3+4=?")
     assert tok.convert_tokens_to_ids("<|im_start|>") in render_prompt(tok, "x")
     assert len(tok(text)["input_ids"]) == len(text.encode())  # one token per byte
+
+
+def test_token_budget_micro_batches():
+    from fasthint.batch import make_micro_batches
+
+    lens = [5, 40, 7, 12, 3, 30, 9, 90, 11]  # prompt 2 + completion
+    samples = [Sample([1, 2], [3] * (n - 2), [0.0] * (n - 2), 1.0) for n in lens]
+    mbs = make_micro_batches(samples, micro_batch_size=4, pad_id=0, max_tokens=48)
+    shapes = [tuple(mb.input_ids.shape) for mb in mbs]
+    assert sum(b for b, _ in shapes) == len(lens)  # every sample exactly once
+    assert sorted(mb.num_seqs for mb in mbs) == sorted(b for b, _ in shapes)
+    for b, L in shapes:
+        assert b <= 4 and (b * L <= 48 or b == 1)  # 90 tokens alone is over the budget: its own batch
+    assert (1, 90) in shapes and len(mbs) > len(make_micro_batches(samples, 4, 0))
+
+
+def test_attn_implementation_auto(monkeypatch):
+    import importlib.util
+
+    from fasthint.models import resolve_attn_implementation
+
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_attn_implementation("eager", torch.device("cpu")) == "eager"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert resolve_attn_implementation("auto", torch.device("cuda")) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"

@@ -114,7 +114,8 @@ class VLLMEngine:
 def make_engine(kind: str, model, tokenizer, model_path: Optional[str], cfg):
     """The rollout engine named by ``--engine``."""
     if kind == "vllm":
-        engine = VLLMEngine(model_path, tokenizer, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+        engine = VLLMEngine(model_path, tokenizer, seed=cfg.seed,
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                             max_model_len=cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.hint_max_new_tokens),
                             sleep_mode=cfg.vllm_sleep_mode)
         engine.update_weights(model)  # a resumed run's weights, whatever the checkpoint on disk
