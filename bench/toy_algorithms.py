@@ -23,12 +23,14 @@ from _results import append_rows, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "toy_algorithms.csv")
-FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "avg_level_4", "never_solved",
+FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "avg_level_4",
+          "never_solved",
           "hint_rate", "step_s", "sampled_tokens", "extra_args"]
 
 
 def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "fasthint.train", "--algo", algo, "--seed", str(seed), "--output_dir", out,
+           "--resume", "none",  # a fresh run each time, never a continuation of an earlier one
            "--progress_bar", "false", *extra]
     res = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True)
     if res.returncode != 0:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 LRS=${1:-"1e-4 3e-4 1e-3"}; shift || true
 OUT=${OUT:-outputs/sweep}
 for lr in $LRS; do
-  python3 -m fasthint.train --learning_rate "$lr" --output_dir "$OUT/lr$lr" --progress_bar false "$@" \
+  python3 -m fasthint.train --learning_rate "$lr" --output_dir "$OUT/lr$lr" --resume none --progress_bar false "$@" \
     2>&1 | grep -v -i warn | grep -E "accuracy|level|all|error" | sed "s/^/lr=$lr /"
   python3 - "$OUT/lr$lr/metrics.jsonl" <<'PY'
 import json, sys

@@ -13,6 +13,6 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15
-python3 -m fasthint.train --max_steps 20 --cache_dir /tmp/fh-cache --output_dir "$OUT/run" \
+python3 -m fasthint.train --max_steps 20 --cache_dir /tmp/fh-cache --output_dir "$OUT/run" --resume none \
   --progress_bar false "$@" 2>&1 | grep -v -i warn | tail -25
 cp "$OUT/run/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null || true
