@@ -24,7 +24,7 @@ from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, mak
 from fasthint.config import TrainConfig, parse_args
 from fasthint.data import PromptSampler, load_dataset, render_prompt
 from fasthint.engines.base import SamplingConfig
-from fasthint.engines.vllm import make_engine
+from fasthint.engines import make_engine
 from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question

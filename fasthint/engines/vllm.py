@@ -18,8 +18,6 @@ trainer relies on lives in this file:
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import torch
 
 from fasthint.engines.base import Completion, SamplingConfig
@@ -110,16 +108,3 @@ class VLLMEngine:
         if self.sleep_mode:
             self.llm.sleep(level=1)
 
-
-def make_engine(kind: str, model, tokenizer, model_path: Optional[str], cfg):
-    """The rollout engine named by ``--engine``."""
-    if kind == "vllm":
-        engine = VLLMEngine(model_path, tokenizer, seed=cfg.seed,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                            max_model_len=cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.hint_max_new_tokens),
-                            sleep_mode=cfg.vllm_sleep_mode)
-        engine.update_weights(model)  # a resumed run's weights, whatever the checkpoint on disk
-        return engine
-    from fasthint.engines.hf import HFEngine
-
-    return HFEngine(model, tokenizer, batch_size=cfg.generation_batch_size)
