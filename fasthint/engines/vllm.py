@@ -18,6 +18,7 @@ trainer relies on lives in this file:
 from __future__ import annotations
 
 import os
+
 import torch
 
 from fasthint.engines.base import Completion, SamplingConfig
