@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 from _results import append_rows, versions
 
@@ -61,11 +62,6 @@ def run_fasthint(a) -> dict:
     return {"step_times": [r["time/step_s"] for r in rows], "completion_len": rows[-1]["completion_len/mean"]}
 
 
-class _StepTimer:
-    def __init__(self):
-        self.times, self.lens, self.t0 = [], [], None
-
-
 def run_trl(a) -> dict:
     import torch
     from datasets import Dataset
@@ -84,7 +80,7 @@ def run_trl(a) -> dict:
     def reward(completions, answer, **_):
         return scorer.score([c[0]["content"] for c in completions], list(answer))
 
-    timer = _StepTimer()
+    timer = SimpleNamespace(times=[], lens=[], t0=None)
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):

@@ -37,7 +37,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     pad = lm.config.pad_token_id or 0
     device = next(lm.parameters()).device
     mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device, max_tokens=cfg.micro_batch_tokens)
-    n_mb = int(dist.all_max(len(mbs))) if dist.world_size() > 1 else len(mbs)
+    n_mb = int(dist.all_max(len(mbs)))
     autocast = cfg.dtype != "float32" and device.type == "cuda"
     acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
            "logp_diff_sum": 0.0, "tokens": 0.0}
@@ -47,7 +47,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     for i in range(n_mb):
         real = i < len(mbs)
         mb = mbs[i] if real else _idle_micro_batch(pad, device)
-        ref_logp = _ref_logprobs(ref_model, mb, cfg, autocast) if ref_model is not None else None
+        ref_logp = micro_batch_logprobs(ref_model, mb, cfg.temperature, autocast) if ref_model is not None else None
         loss, stats = policy(
             mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
@@ -107,12 +107,14 @@ def _idle_micro_batch(pad: int, device):
 
 
 @torch.no_grad()
-def _ref_logprobs(ref_model, mb, cfg, autocast: bool) -> torch.Tensor:
+def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Tensor:
+    """``lm``'s log-probs of ``mb``'s packed completion tokens, without gradient (the KL reference,
+    Guide's and HINT's no-hint numerators)."""
     from fasthint import ops
 
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        rh = getattr(ref_model, ref_model.base_model_prefix)(
+        hidden = getattr(lm, lm.base_model_prefix)(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-    head = ref_model.get_output_embeddings()
-    return ops.linear_logprobs(rh.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
-                               bias=head.bias, temperature=cfg.temperature)
+    head = lm.get_output_embeddings()
+    return ops.linear_logprobs(hidden.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
+                               bias=head.bias, temperature=temperature)

@@ -89,19 +89,15 @@ def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
     """Current-policy log-probs of each sample's completion in its ``prompt_ids`` context (fp32 CPU
     tensors, one per sample): Guide's and HINT's no-hint numerators before the update."""
     from fasthint.batch import _collate
+    from fasthint.update import micro_batch_logprobs
 
-    base = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.dtype != "float32")
+    autocast = device.type == "cuda" and cfg.dtype != "float32"
     out: list[torch.Tensor] = []
     for s in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[s:s + cfg.micro_batch_size]
         mb = _collate(chunk, model.config.pad_token_id or 0, device)
-        with autocast:
-            hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-        h = hidden.flatten(0, 1).index_select(0, mb.score_index)
-        lp = ops.linear_logprobs(h, head.weight, mb.targets, bias=head.bias, temperature=cfg.temperature)
+        lp = micro_batch_logprobs(model, mb, cfg.temperature, autocast)
         out += list(lp.float().cpu().split([len(x.completion_ids) for x in chunk]))
     return out
 
