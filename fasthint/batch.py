@@ -24,6 +24,7 @@ class Sample:
     weight: float = 1.0
     gamma: float = 0.0  # > 0: Guide's shaped, unclipped objective A r / (r + gamma) for this completion
     truncated: bool = False  # cut by max_new_tokens (DAPO's overlong masking drops it)
+    token_weights: Optional[list[float]] = None  # per-token factors on top of ``weight`` (TIS weights)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
         targets.extend(x.completion_ids)
         old.extend(x.old_logprobs)
         adv.extend([x.advantage] * c)
-        w.extend([x.weight] * c)
+        w.extend([x.weight * f for f in x.token_weights] if x.token_weights is not None else [x.weight] * c)
         sid.extend([b] * c)
         gam.extend([x.gamma] * c)
 

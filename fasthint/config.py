@@ -25,6 +25,7 @@ SAGE_ESCALATIONS = ("parallel", "sequential")
 DTYPES = ("auto", "float32", "bfloat16")
 REPORT_TO = ("none", "tensorboard")
 ENGINES = ("hf", "vllm")
+IS_LEVELS = ("token", "sequence")
 
 
 def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
@@ -96,10 +97,15 @@ class TrainConfig:
     generation_batch_size: int = _f(256, "sequences per generate call of the HF engine.")
     engine: str = _f("hf", f"rollout engine, one of {ENGINES}: hf = the trainer's own module (no weight "
                            "copy); vllm = an in-process vLLM engine fed the weights after every step "
-                           "(pip extra 'vllm'; one process for now).")
+                           "(pip extra 'vllm'; one engine per rank under torchrun).")
     vllm_gpu_memory_utilization: float = _f(0.5, "vllm: share of GPU memory for the engine's weights and "
                                                   "KV cache.")
     vllm_sleep_mode: bool = _f(False, "vllm: free the engine's GPU memory during each policy update.")
+    vllm_importance_sampling_correction: bool = _f(
+        False, "vllm: re-score each rollout with the trainer (one no-grad forward) and weight each token's "
+               "loss by the truncated ratio trainer/sampler (TIS); metrics sampling/is_ratio/*.")
+    vllm_importance_sampling_level: str = _f("token", f"vllm: TIS ratio per token or per sequence, one of {IS_LEVELS}.")
+    vllm_importance_sampling_cap: float = _f(2.0, "vllm: TIS truncation C (weights are min(ratio, C)).")
 
     # --- optimisation ---------------------------------------------------------------------------
     learning_rate: float = _f(5e-5, "AdamW learning rate (constant after warm-up); the default suits "
@@ -173,6 +179,14 @@ class TrainConfig:
         need(self.engine in ENGINES, f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
         need(0 < self.vllm_gpu_memory_utilization <= 1,
              f"--vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
+        need(self.vllm_importance_sampling_level in IS_LEVELS,
+             f"--vllm_importance_sampling_level {self.vllm_importance_sampling_level!r}: use one of "
+             f"{', '.join(IS_LEVELS)}")
+        need(self.vllm_importance_sampling_cap >= 1,
+             f"--vllm_importance_sampling_cap must be >= 1 (got {self.vllm_importance_sampling_cap})")
+        need(self.engine == "vllm" or not self.vllm_importance_sampling_correction,
+             "--vllm_importance_sampling_correction needs --engine vllm (the hf engine samples with the "
+             "trainer's own weights)")
         need(self.report_to in REPORT_TO, f"--report_to {self.report_to!r}: use one of {', '.join(REPORT_TO)}")
         for name in ("prompts_per_step", "num_generations", "max_steps", "max_new_tokens",
                      "max_prompt_length", "micro_batch_size", "generation_batch_size", "dapo_max_rounds",

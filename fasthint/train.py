@@ -23,8 +23,9 @@ from fasthint import dist
 from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, make_algorithm
 from fasthint.config import TrainConfig, parse_args
 from fasthint.data import PromptSampler, load_dataset, render_prompt
-from fasthint.engines.base import SamplingConfig
 from fasthint.engines import make_engine
+from fasthint.engines.base import SamplingConfig
+from fasthint.engines.correction import ISCorrectedEngine, merge_stats
 from fasthint.errors import ConfigError, DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
@@ -43,8 +44,7 @@ RewardFn = Callable[[str, dict], float]
 def _setup(cfg: TrainConfig) -> torch.device:
     """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        for bad, why in ((cfg.engine == "vllm", "--engine vllm"),
-                         (cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
+        for bad, why in ((cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
                          (cfg.adv_scale == "batch", "--adv_scale batch (needs the whole batch's rewards)")):
             if bad:
                 raise ConfigError(f"{why} runs on one process only for now: use --nproc_per_node 1")
@@ -246,8 +246,8 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     policy = PolicyLoss(model)
     if dist.world_size() > 1:
         dist.shard(policy)
-    torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions
     engine = make_engine(cfg.engine, model, tokenizer, resume_dir or model_path, cfg)
+    torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score, close_scorer = _reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
     timings: dict = {}
@@ -268,7 +268,11 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
     """
     cfg.validate()
     try:
-        return _fit(_build(cfg, reward_fn))
+        run = _build(cfg, reward_fn)
+        try:
+            return _fit(run)
+        finally:
+            run.engine.close()  # vLLM tears down its process groups: before the trainer's
     finally:
         dist.close()
 
@@ -306,7 +310,10 @@ def _fit(run: _Run) -> dict:
         log.info("no-hint evaluation before training: %s", _fmt(results["eval_before"]))
     sampling = SamplingConfig(n=cfg.num_generations, temperature=cfg.temperature, top_p=cfg.top_p,
                               max_new_tokens=cfg.max_new_tokens)
-    ctx = RolloutContext(engine=_TimedEngine(run.engine, timings), tokenizer=run.tokenizer, sampling=sampling,
+    engine = _TimedEngine(run.engine, timings)
+    if cfg.vllm_importance_sampling_correction:
+        engine = ISCorrectedEngine(engine, policy.lm, cfg)
+    ctx = RolloutContext(engine=engine, tokenizer=run.tokenizer, sampling=sampling,
                          score=_timed(run.score, timings, "score"),
                          render=_renderer(run.prompts, run.tokenizer, cfg, timings), hints=run.hints,
                          next_rows=lambda: [run.rows[i] for i in next(sampler)][rank::world])
@@ -346,6 +353,8 @@ def _fit(run: _Run) -> dict:
                 _sync_algo_state(algo, [r["uid"] for r in batch])
             last = {"step": step, **_step_metrics(groups, tracker, {**info, **info_train}, timings),
                     **upd, "lr": run.scheduler.get_last_lr()[0], "time/train_s": t_train}
+            if isinstance(engine, ISCorrectedEngine):  # the sampler-trainer mismatch, measured at rollout
+                last.update(merge_stats(dist.all_gather(engine.pop_stats())))
             last["time/step_s"] = time.perf_counter() - t_step
             last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
             if main:

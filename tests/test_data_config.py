@@ -168,7 +168,7 @@ def test_cli_bad_input_one_line_exit_2(tmp_path):
     out = _cli("--learning_rate", "zero")
     assert out.returncode == 2 and "Traceback" not in out.stderr and "--learning_rate" in out.stderr
     data = _jsonl(tmp_path / "ok.jsonl", [{"question": "1+1=?", "answer": "2"}])
-    out = _cli("--model", str(tmp_path), "--data", data, "--eval_data", "")
+    out = _cli("--model", str(tmp_path), "--data", data, "--eval_data", "", "--output_dir", str(tmp_path / "o2"))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "config.json" in out.stderr
 
 

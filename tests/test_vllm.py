@@ -97,3 +97,32 @@ def test_training_run_with_the_vllm_engine(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and any(r["grad_norm"] > 0 for r in rows)
     for r in rows:
         assert r["sampling/logp_diff/mean"] < 5e-3 and r["sampling/logp_diff/max"] < 2e-2, r
+
+
+def test_two_ranks_one_engine_each_with_tis(tmp_path):
+    """torchrun, 2 CPU ranks, one vLLM engine per rank (external launcher), truncated importance
+    sampling on: every step's rollouts on both ranks carry trainer/sampler ratios near 1 after each
+    rank's sync (merged over ranks: a rank that missed its sync shows in the max), and rank 0
+    evaluates alone with its engine while rank 1 waits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(repo, "tests", "fit_toy_reward.py"), "--engine", "vllm",
+           "--vllm_importance_sampling_correction", "true", "--vllm_gpu_memory_utilization", "0.1",
+           "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"), "--toy_warmstart_steps", "0",
+           "--toy_train_size", "12", "--eval_data", "toy", "--eval_max_prompts", "4", "--eval_samples", "0",
+           "--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "8", "--max_steps", "3",
+           "--learning_rate", "1e-2", "--save_steps", "0", "--progress_bar", "false", "--num_threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=repo)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and any(r["grad_norm"] > 0 for r in rows)
+    for r in rows:
+        assert r["sampling/logp_diff/mean"] < 5e-3 and r["sampling/logp_diff/max"] < 2e-2, r
+        assert abs(r["sampling/is_ratio/mean"] - 1) < 1e-2 and r["sampling/is_capped_frac"] == 0.0, r
+    assert json.load(open(out / "eval.json"))["eval_after"]

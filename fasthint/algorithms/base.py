@@ -129,7 +129,8 @@ class Algorithm:
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         out = []
         for g, adv in zip(groups, group_advantages(groups, self.cfg)):
-            out += [Sample(g.prompt_ids, c.token_ids, c.logprobs, a, truncated=c.truncated)
+            out += [Sample(g.prompt_ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
+                                  token_weights=c.is_weights)
                     for c, a in zip(g.completions, adv)]
         return out, {}
 

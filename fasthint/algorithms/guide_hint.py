@@ -54,7 +54,8 @@ class _HintedResample(Algorithm):
             for c, a in zip(g.completions, adv):
                 if g.level > 0:
                     hinted.append(len(samples))
-                samples.append(Sample(ids, c.token_ids, c.logprobs, a, truncated=c.truncated))
+                samples.append(Sample(ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
+                                      token_weights=c.is_weights))
         return samples, hinted
 
 

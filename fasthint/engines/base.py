@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Optional, Protocol
 
 
 @dataclass
@@ -21,13 +21,16 @@ class Completion:
 
     ``token_ids`` end with the EOS token when the model stopped by itself; ``logprobs`` are the
     sampling log-probs of those tokens at the sampling temperature (raw logits for greedy), one per
-    token; ``truncated`` is True when ``max_new_tokens`` cut the completion.
+    token; ``truncated`` is True when ``max_new_tokens`` cut the completion. ``is_weights`` (one per
+    token, or None) are the truncated importance weights trainer/sampler that
+    :mod:`fasthint.engines.correction` attaches (``logprobs`` are then the trainer's).
     """
 
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float] = field(default_factory=list)
     truncated: bool = False
+    is_weights: Optional[list[float]] = None
 
 
 class RolloutEngine(Protocol):
@@ -42,4 +45,8 @@ class RolloutEngine(Protocol):
 
     def sleep(self) -> None:
         """Frees what the engine holds during the policy update (no-op when it holds nothing)."""
+        ...
+
+    def close(self) -> None:
+        """Shuts the engine down (before the process group is destroyed)."""
         ...

@@ -33,6 +33,9 @@ class HFEngine:
     def sleep(self) -> None:
         """Nothing to free: the engine is the trainer's module."""
 
+    def close(self) -> None:
+        """Nothing to shut down."""
+
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """``len(prompts) * sampling.n`` completions, prompt-major (prompt 0's n first)."""

@@ -109,3 +109,10 @@ class VLLMEngine:
         if self.sleep_mode:
             self.llm.sleep(level=1)
 
+    def close(self) -> None:
+        """Shuts the engine core down now. It also destroys the torch.distributed groups vLLM set up,
+        the default group included, so the trainer calls it last, before its own ``dist.close()``."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
