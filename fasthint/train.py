@@ -26,7 +26,7 @@ from fasthint.data import PromptSampler, load_dataset, render_prompt
 from fasthint.engines import make_engine
 from fasthint.engines.base import SamplingConfig
 from fasthint.engines.correction import ISCorrectedEngine, merge_stats
-from fasthint.errors import ConfigError, DataError, FastHintError
+from fasthint.errors import DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
@@ -43,11 +43,6 @@ RewardFn = Callable[[str, dict], float]
 
 def _setup(cfg: TrainConfig) -> torch.device:
     """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        for bad, why in ((cfg.algo == "dapo", "--algo dapo (dynamic sampling draws extra prompts per process)"),
-                         (cfg.adv_scale == "batch", "--adv_scale batch (needs the whole batch's rewards)")):
-            if bad:
-                raise ConfigError(f"{why} runs on one process only for now: use --nproc_per_node 1")
     device = dist.init()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -316,7 +311,7 @@ def _fit(run: _Run) -> dict:
     ctx = RolloutContext(engine=engine, tokenizer=run.tokenizer, sampling=sampling,
                          score=_timed(run.score, timings, "score"),
                          render=_renderer(run.prompts, run.tokenizer, cfg, timings), hints=run.hints,
-                         next_rows=lambda: [run.rows[i] for i in next(sampler)][rank::world])
+                         next_rows=lambda: [run.rows[i] for i in next(sampler)])
 
     def save(step: int) -> None:
         state = {"step": step, "sampler": sampler.state(), "algorithm": algo.state_dict(),
@@ -407,7 +402,7 @@ def _sync_algo_state(algo, local_uids: list[str]) -> None:
     algo.load_state_dict(state)
 
 
-SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated", "dapo/rounds")
+SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated")
 
 
 def _step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict) -> dict:

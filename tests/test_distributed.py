@@ -95,3 +95,22 @@ def test_two_rank_run_killed_and_resumed_logs_the_same_metrics(tmp_path):
         for k in ra:
             same = (rb[k] is None) if ra[k] is None else rb[k] == pytest.approx(ra[k], rel=1e-6, abs=1e-9)
             assert same, (ra["step"], k)
+
+
+@pytest.mark.slow
+def test_dapo_and_batch_std_advantages_on_two_ranks_equal_one(tmp_path):
+    """DAPO on 2 ranks keeps the same groups, runs the same rounds (drawing the same extra global
+    batches) and gives the same batch-std advantages as one process (rewards depend only on the
+    prompt, so the two runs see the same groups)."""
+    script = os.path.join(REPO, "tests", "dist_rollout.py")
+    _run([sys.executable, script, str(tmp_path / "one.json")])
+    _run(TORCHRUN + [script, str(tmp_path / "two.json")])
+    one, two = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
+    assert one["info"]["dapo/rounds"] >= 2  # dynamic sampling did draw more prompts
+    assert len(one["advantages"]) == 6 and one["advantages"].keys() == two["advantages"].keys()
+    assert one["info"] == two["info"] and one["sampler"] == two["sampler"]
+    group_std = []
+    for uid, a in one["advantages"].items():
+        assert two["advantages"][uid] == pytest.approx(a, abs=1e-6)
+        group_std.append(torch.tensor(a).std().item())
+    assert max(group_std) - min(group_std) > 0.1  # batch scaling: group stds differ (not 1 each)

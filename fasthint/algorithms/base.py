@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from fasthint import ops
+from fasthint import dist, ops
 from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
 
@@ -60,7 +60,7 @@ class RolloutContext:
     score: ScoreFn
     render: Callable[[dict, Optional[str]], list[int]]  # (row, hint or None) -> prompt token ids
     hints: Optional[object] = None                      # a HintProvider (algorithms.hint_providers)
-    next_rows: Optional[Callable[[], list[dict]]] = None  # more prompts (DAPO's oversampling)
+    next_rows: Optional[Callable[[], list[dict]]] = None  # the next GLOBAL batch of rows (DAPO's oversampling)
     timings: dict = field(default_factory=dict)
 
 
@@ -103,10 +103,18 @@ def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
 
 
 def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
-    """GRPO advantages within each group (``ops.group_advantages``, keyed by group index)."""
+    """GRPO advantages within each group (``ops.group_advantages``, keyed by group index). With
+    ``adv_scale=batch`` on several processes the std is that of every process's rewards (a collective:
+    every process calls this once per step)."""
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
     ids = torch.tensor([k for k, g in enumerate(groups) for _ in g.rewards], dtype=torch.long)
-    adv = ops.group_advantages(rewards, ids, scale=cfg.adv_scale, eps=cfg.adv_eps).tolist()
+    if cfg.adv_scale == "batch" and dist.world_size() > 1:
+        every = torch.tensor([r for part in dist.all_gather(rewards.tolist()) for r in part], dtype=torch.float64)
+        std = every.std().item() if every.numel() > 1 else 0.0
+        centred = ops.group_advantages(rewards.double(), ids, scale="none", eps=cfg.adv_eps, impl="torch")
+        adv = (centred / (std + cfg.adv_eps)).float().tolist()
+    else:
+        adv = ops.group_advantages(rewards, ids, scale=cfg.adv_scale, eps=cfg.adv_eps).tolist()
     out, i = [], 0
     for g in groups:
         out.append(adv[i:i + len(g.rewards)])

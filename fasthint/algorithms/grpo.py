@@ -6,9 +6,14 @@
   sampled, up to ``dapo_max_rounds`` rounds, until ``prompts_per_step`` informative groups are
   collected), overlong masking (truncated completions get no loss; ``mask_truncated`` auto = on),
   clip-higher (``eps_high``) and token-mean aggregation (the defaults).
+
+Under ``torchrun`` every process samples its own share of prompts, but the stopping rule and the
+final cut use global counts (one all-reduce per round), so all processes run the same rounds and
+draw the same extra global batches, and exactly ``prompts_per_step`` groups train over all of them.
 """
 from __future__ import annotations
 
+from fasthint import dist
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
 
 
@@ -20,7 +25,8 @@ class DAPO(Algorithm):
     name = "dapo"
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
-        want = len(rows)
+        rank, world = dist.rank(), dist.world_size()
+        want = int(dist.all_sum([len(rows)])[0])  # this step's prompts over all processes
         kept: list[Group] = []
         sampled = rounds = 0
         while True:
@@ -28,9 +34,11 @@ class DAPO(Algorithm):
             sampled += len(groups)
             rounds += 1
             kept += [g for g in groups if max(g.rewards) > min(g.rewards)]
-            if len(kept) >= want or rounds >= self.cfg.dapo_max_rounds or ctx.next_rows is None:
+            n_kept = int(dist.all_sum([len(kept)])[0])
+            if n_kept >= want or rounds >= self.cfg.dapo_max_rounds or ctx.next_rows is None:
                 break
-            rows = ctx.next_rows()[:max(1, want - len(kept))]
-        info = {"dapo/rounds": rounds, "dapo/prompts_sampled": sampled,
-                "dapo/kept_ratio": len(kept) / max(1, sampled)}
-        return kept[:want], info
+            rows = ctx.next_rows()[:max(1, want - n_kept)][rank::world]  # a global batch, cut, then split
+        before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
+        total = int(dist.all_sum([sampled])[0])
+        info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total)}
+        return kept[:max(0, want - before)], info
