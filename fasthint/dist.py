@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -110,7 +110,7 @@ class PolicyLoss(torch.nn.Module):
         return ops.fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
 
 
-def shard(policy: PolicyLoss) -> None:
+def shard(policy: PolicyLoss, lazy_init: bool = True) -> None:
     """FSDP2: each decoder layer is one unit, the root holds the rest. FSDP averages gradients over
     ranks; :func:`fasthint.update.train_step` multiplies each rank's loss by the world size, so the
     result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
@@ -122,9 +122,30 @@ def shard(policy: PolicyLoss) -> None:
     for layer in base.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(policy, mesh=mesh)
+    if not lazy_init:
+        return
     # FSDP initialises lazily on the first forward through the root; rollouts call the LM directly,
     # so initialise now. (A no-grad dummy root forward instead left the tied embedding/head update
     # different from one process's in tests/test_distributed.py; not investigated further.)
+    policy._get_fsdp_state()._lazy_init()
+
+
+@torch.no_grad()
+def shard_from_rank0(policy: PolicyLoss, full: Optional[torch.nn.Module], device: torch.device) -> None:
+    """Shards ``policy`` (built on the meta device on every rank) without a full copy on any rank but
+    rank 0: the shards are allocated on ``device`` and filled from rank 0's ``full`` model (loaded
+    on CPU; None on the other ranks) by ``set_model_state_dict(..., broadcast_from_rank0=True)``;
+    buffers outside the state dict (rotary frequencies) are broadcast from rank 0 as well."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    shard(policy, lazy_init=False)
+    policy.to_empty(device=device)
+    sd = {f"lm.{k}": v for k, v in full.state_dict().items()} if rank() == 0 else {}
+    set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in policy.lm.named_buffers():
+        if rank() == 0:
+            buf.copy_(full.get_buffer(name))
+        dist.broadcast(buf, src=0)
     policy._get_fsdp_state()._lazy_init()
 
 

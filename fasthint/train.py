@@ -30,7 +30,7 @@ from fasthint.errors import DataError, FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
-from fasthint.models import load_policy, resolve_attn_implementation, resolve_model_path
+from fasthint.models import load_policy, load_trainable_policy, resolve_attn_implementation, resolve_model_path
 from fasthint.dist import PolicyLoss
 from fasthint.update import train_step
 from fasthint.checkpoint import (find_resume, load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
@@ -95,18 +95,6 @@ def _evaluate(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> d
         out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
                     if key.startswith("eval/accuracy")})
     return out
-
-
-def _check_head(model, tokenizer, device) -> None:
-    """The fused loss needs logits == lm_head(last hidden state); refuse models that differ."""
-    ids = torch.tensor([render_prompt(tokenizer, "1+1=?")[:32]], device=device)
-    with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True)
-        head = model.get_output_embeddings()
-        ref = head(out.hidden_states[-1]).float()
-    if not torch.allclose(out.logits.float(), ref, atol=1e-3, rtol=1e-3):
-        raise FastHintError("this model's logits are not lm_head(last hidden state) (logit scaling or "
-                            "soft-capping?): it is not supported by the fused loss yet")
 
 
 class _TimedEngine:
@@ -227,8 +215,8 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     rows = load_dataset(train_path)
     eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
     attn = resolve_attn_implementation(cfg.attn_implementation, device)
-    model, tokenizer = load_policy(resume_dir or model_path, device, attn_implementation=attn)
-    _check_head(model, tokenizer, device)
+    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn)
+    model = policy.lm
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
     too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
     if too_long:
@@ -238,9 +226,6 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
-    policy = PolicyLoss(model)
-    if dist.world_size() > 1:
-        dist.shard(policy)
     engine = make_engine(cfg.engine, model, tokenizer, resume_dir or model_path, cfg)
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score, close_scorer = _reward_batch(cfg, reward_fn)

@@ -114,3 +114,38 @@ def test_dapo_and_batch_std_advantages_on_two_ranks_equal_one(tmp_path):
         assert two["advantages"][uid] == pytest.approx(a, abs=1e-6)
         group_std.append(torch.tensor(a).std().item())
     assert max(group_std) - min(group_std) > 0.1  # batch scaling: group stds differ (not 1 each)
+
+
+@pytest.mark.slow
+def test_two_ranks_load_from_rank0_without_full_copies(tmp_path):
+    """Under torchrun only rank 0 reads the checkpoint; the others build on the meta device and get
+    their shards (and the rotary buffers, which are not in the state dict) from rank 0. Every rank's
+    gathered model gives the checkpoint's logits, and the full state dict is the checkpoint's, tied
+    embedding included."""
+    from safetensors.torch import load_file
+
+    from fasthint.toy.model import build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(tok, seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-default values everywhere (norms included)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 2]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits[0].double()
+    script = os.path.join(REPO, "tests", "dist_load.py")
+    _run(TORCHRUN + [script, str(ckpt), str(tmp_path / "two")])
+    every = json.load(open(tmp_path / "two.json"))
+    assert len(every) == 2
+    for logits in every:
+        torch.testing.assert_close(torch.tensor(logits, dtype=torch.float64), want, rtol=0, atol=1e-5)
+    sd, ref = load_file(tmp_path / "two.safetensors"), model.state_dict()
+    assert set(ref) <= set(sd) | {k for k in ref if "lm_head" in k}
+    for k, v in sd.items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
