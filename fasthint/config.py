@@ -137,6 +137,8 @@ class TrainConfig:
     eval_max_prompts: int = _f(400, "at most this many evaluation prompts (no hints).")
     eval_samples: int = _f(4, "besides greedy accuracy, report avg@k over this many completions "
                               "sampled at the training temperature (0 = greedy only).")
+    eval_steps: int = _f(0, "also evaluate every N steps (0 = only before and after training); the "
+                            "eval/... metrics go into that step's metrics row.")
     report_to: str = _f("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
     progress_bar: bool = _f(True, "show a progress bar with reward and accuracy.")
     num_threads: int = _f(0, "torch CPU threads (0 = torch's default: one per physical core).")
@@ -195,7 +197,7 @@ class TrainConfig:
             need(getattr(self, name) >= 1, f"--{name} must be >= 1 (got {getattr(self, name)})")
         need(bool(self.resume), "--resume must be auto, none or a checkpoint directory")
         for name in ("warmup_steps", "toy_warmstart_steps", "num_threads", "eval_samples", "save_steps",
-                     "save_total_limit", "micro_batch_tokens"):
+                     "save_total_limit", "micro_batch_tokens", "eval_steps"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0 (got {getattr(self, name)})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")
@@ -217,8 +219,8 @@ class TrainConfig:
         return self
 
 
-def _field_type(f: dataclasses.Field) -> type:
-    hints = typing.get_type_hints(TrainConfig)
+def _field_type(f: dataclasses.Field, cls: type = None) -> type:
+    hints = typing.get_type_hints(cls or TrainConfig)
     t = hints[f.name]
     if typing.get_origin(t) is typing.Union:  # Optional[X]
         t = next(a for a in typing.get_args(t) if a is not type(None))
@@ -270,25 +272,28 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: one ``--key`` per config field (dashes accepted), plus ``--config FILE.yaml``."""
-    p = argparse.ArgumentParser(
-        prog="python -m fasthint.train",
-        description="Train a policy with GRPO-family RL on verifiable math rewards. "
-                    "With no arguments: the embedded toy run (no download).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+TRAIN_CLI = ("python -m fasthint.train", "Train a policy with GRPO-family RL on verifiable math rewards. "
+                                         "With no arguments: the embedded toy run (no download).")
+
+
+def build_parser(cls: type = None, cli: tuple[str, str] = TRAIN_CLI) -> argparse.ArgumentParser:
+    """The CLI of config dataclass ``cls`` (TrainConfig by default): one ``--key`` per field (dashes
+    accepted), plus ``--config FILE.yaml``; ``cli`` is (program, description)."""
+    cls = cls or TrainConfig
+    p = argparse.ArgumentParser(prog=cli[0], description=cli[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML file of option: value (flags override it).")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_field_type(f).__name__.upper(),
+        p.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_field_type(f, cls).__name__.upper(),
                        help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return p
 
 
-def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
-    """Builds a validated TrainConfig from defaults, an optional YAML file and CLI flags."""
-    parser = build_parser()
+def parse_args(argv: Optional[list[str]] = None, cls: type = None, cli: tuple[str, str] = TRAIN_CLI):
+    """A validated config (``cls``, TrainConfig by default) from defaults, an optional YAML file and
+    CLI flags."""
+    cls = cls or TrainConfig
+    parser = build_parser(cls, cli)
 
     def _error(message: str) -> typing.NoReturn:
         raise ConfigError(f"{message}: see --help for the options")
@@ -296,7 +301,7 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     parser.error = _error  # type: ignore[method-assign]
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
-    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    names = {f.name: f for f in dataclasses.fields(cls)}
     if ns.get("config"):
         for k, v in _load_yaml(ns.pop("config")).items():
             key = str(k).replace("-", "_")
@@ -305,5 +310,5 @@ def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
             values[key] = v
     ns.pop("config", None)
     values.update(ns)
-    kwargs = {k: _coerce(k, v, _field_type(names[k])) for k, v in values.items()}
-    return TrainConfig(**kwargs).validate()
+    kwargs = {k: _coerce(k, v, _field_type(names[k], cls)) for k, v in values.items()}
+    return cls(**kwargs).validate()

@@ -337,6 +337,8 @@ def _fit(run: _Run) -> dict:
                 last.update(merge_stats(dist.all_gather(engine.pop_stats())))
             last["time/step_s"] = time.perf_counter() - t_step
             last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
+            if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:  # the last: _finish
+                last.update(evaluate())
             if main:
                 logger.log(last)
             if cfg.save_steps and step % cfg.save_steps == 0:

@@ -145,3 +145,19 @@ def test_hinting_algo_without_hint_column_is_a_data_error_before_any_work(tmp_pa
     with pytest.raises(fasthint.FastHintError, match="needs a 'hint' column.*--hint_provider self or solution"):
         fasthint.fit(_tiny_cfg(tmp_path, algo="guide", data=str(data)))
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_periodic_evaluation_logs_eval_metrics_in_the_step_row(tmp_path):
+    import json
+
+    import fasthint
+
+    cfg = _tiny_cfg(tmp_path, max_steps=3, eval_steps=1, eval_data="toy", eval_max_prompts=4, eval_samples=2,
+                    save_steps=0)
+    res = fasthint.fit(cfg, reward_fn=lambda text, row: float(len(text) % 2))
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [("eval/accuracy" in r) for r in rows] == [True, True, False]  # step 3's is eval_after
+    for r in rows[:2]:
+        assert r["eval/num_prompts"] == 4 and 0 <= r["eval/accuracy"] <= 1 and "eval/avg@2" in r
+    assert res["eval_after"]["eval/num_prompts"] == 4
