@@ -126,3 +126,31 @@ def test_two_ranks_one_engine_each_with_tis(tmp_path):
         assert r["sampling/logp_diff/mean"] < 5e-3 and r["sampling/logp_diff/max"] < 2e-2, r
         assert abs(r["sampling/is_ratio/mean"] - 1) < 1e-2 and r["sampling/is_capped_frac"] == 0.0, r
     assert json.load(open(out / "eval.json"))["eval_after"]
+
+
+def test_eval_cli_with_the_vllm_engine(tmp_path):
+    """python -m fasthint.eval --engine vllm: the same per-problem counts structure as the hf engine,
+    pass@k from them, and the engine shut down cleanly (exit 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fasthint.eval import benchmark_metrics
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    ckpt = tmp_path / "ckpt"
+    build_model(tok, seed=0).save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    data = tmp_path / "b.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{i}+1=?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "fasthint.eval", "--model", str(ckpt), "--data", str(data), "--n", "4",
+                          "--max_new_tokens", "8", "--engine", "vllm", "--vllm_gpu_memory_utilization", "0.1",
+                          "--output_dir", str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.load(open(out / "eval_results.json"))
+    counts = list(r["after"]["correct_counts"]["b"].values())
+    assert len(counts) == 3 and r["after"]["benchmarks"]["b"] == benchmark_metrics(counts, 4)
