@@ -2,12 +2,15 @@
 
     python bench/logprobs.py                 # CPU: N=4096, D=256, V=65536 fp32 (the goal shape)
     python bench/logprobs.py --shape 16384,3584,152064 --dtype bfloat16   # GPU, Qwen2.5-7B head
+    python bench/logprobs.py --shape 1024,256,32768 --providers chunked,native,torch   # native vs torch
 
 Ops (``--ops``): ``logprobs``: ``ops.linear_logprobs`` with entropy at T=0.7 under a random upstream
 gradient (backward must recompute the logits); ``policy_loss``: the clipped GRPO loss of the head
 (``ops.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
 in its forward pass.
-Providers: fasthint (impl auto: Triton on CUDA, chunked torch on CPU), torch eager (materialised
+Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU), chunked (impl
+torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
+torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
 (policy_loss only; ``pip install liger-kernel -c constraints.txt``), and on CUDA the three bare
 matmuls (H W^T, dZ W, dZ^T H) that any implementation must do. Each provider runs in a fresh
@@ -42,6 +45,8 @@ def _rss_mib() -> float:
 
 
 SEQS = 16  # policy_loss: the N tokens form SEQS sequences of N / SEQS tokens
+# fasthint's providers: impl auto, the chunked torch path, and that path with the native C++ row kernels
+FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native"}
 
 
 def _make_step(op: str, provider: str, h, w, y, up):
@@ -57,12 +62,13 @@ def _make_step(op: str, provider: str, h, w, y, up):
                 dz @ w
                 dz.t() @ h
         return step
+    impl = FASTHINT_IMPLS.get(provider)
     if op == "logprobs":
-        if provider == "fasthint":
+        if impl is not None:
             from fasthint import ops
 
             def step():
-                lp, ent = ops.linear_logprobs(h, w, y, temperature=0.7, return_entropy=True)
+                lp, ent = ops.linear_logprobs(h, w, y, temperature=0.7, return_entropy=True, impl=impl)
                 ((lp * up).sum() + ent.sum()).backward()
             return step
         if provider in ("torch", "torch.compile"):
@@ -74,10 +80,11 @@ def _make_step(op: str, provider: str, h, w, y, up):
     adv = torch.randn(SEQS, device=h.device, generator=torch.Generator(h.device).manual_seed(1))
     adv_tok = adv.repeat_interleave(n // SEQS)
     old = torch.full((n,), -math.log(v), device=h.device) + 0.1 * up
-    if provider == "fasthint":
+    if impl is not None:
         from fasthint import ops
 
-        return lambda: ops.fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7)[0].backward()
+        return lambda: ops.fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7,
+                                             impl=impl)[0].backward()
     if provider in ("torch", "torch.compile"):
         f = _COMPILED if provider == "torch.compile" else _eager_policy_loss
         return lambda: f(h, w, y, adv_tok, mask, old).backward()

@@ -1,9 +1,11 @@
 """fasthint's public kernel API with implementation dispatch.
 
-``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"triton"`` the fused Triton
-kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"reference"`` the materialising oracle
-(tests, benchmarks). ``"auto"``: torch on CPU; on CUDA, Triton for the advantages and, for the head
-ops, whichever of Triton and torch a one-time probe finds correct and faster (``fasthint.autoselect``).
+``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"native"`` the same path
+with its per-row work in C++ (``csrc/``, CPU, built on first use; the torch code where it cannot be
+built); ``"triton"`` the fused Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
+``"reference"`` the materialising oracle (tests, benchmarks). ``"auto"``: native on CPU when it
+builds, else torch; on CUDA, Triton for the advantages and, for the head ops, whichever of Triton and
+torch a one-time probe finds correct and faster (``fasthint.autoselect``).
 
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path) or O(N) vectors
@@ -20,7 +22,7 @@ from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chu
 from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_ref,  # noqa: F401
                                         policy_loss_ref)
 
-IMPLS = ("auto", "triton", "torch", "reference")
+IMPLS = ("auto", "triton", "torch", "native", "reference")
 log = logging.getLogger("fasthint")
 _ADV_TRITON_FAILED = False
 
@@ -33,12 +35,14 @@ def _check_impl(impl: str) -> str:
 
 def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                        return_entropy: bool) -> str:
-    """``auto``: the torch path on CPU; on CUDA the faster of Triton and torch, measured once per head
-    shape with a correctness check (``fasthint.autoselect``)."""
+    """``auto``: on CPU the native row kernels when they build (else torch); on CUDA the faster of
+    Triton and torch, measured once per head shape with a correctness check (``fasthint.autoselect``)."""
     if _check_impl(impl) != "auto":
         return impl
     if hidden.device.type != "cuda":
-        return "torch"
+        from fasthint_kernels.native import usable
+
+        return "native" if usable(hidden, weight) else "torch"
     from fasthint.autoselect import choose_cuda_impl
 
     return choose_cuda_impl(op, hidden, weight, temperature, return_entropy)
@@ -91,7 +95,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return linear_logprobs_triton(hidden, weight, targets, bias=bias, temperature=temperature,
                                       return_entropy=return_entropy)
     return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   return_entropy=return_entropy)
+                                   return_entropy=return_entropy, native=impl == "native")
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -136,14 +140,14 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     stats hold ``logp`` (detached) and, with ``return_entropy``, ``entropy`` (per token, detached).
     """
     impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy)
-    if impl == "torch":
+    if impl in ("torch", "native"):
         from fasthint_kernels.fused_loss import fused_policy_loss_chunked
 
         return fused_policy_loss_chunked(
             hidden, weight, targets, advantages, mask, old_logp, bias=bias, temperature=temperature,
             return_entropy=return_entropy, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
             dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
-            seq_weights=seq_weights, shaped_gamma=shaped_gamma)
+            seq_weights=seq_weights, shaped_gamma=shaped_gamma, native=impl == "native")
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           return_entropy=return_entropy, impl=impl)
     logp, entropy = out if return_entropy else (out, None)

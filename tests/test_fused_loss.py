@@ -1,9 +1,12 @@
 """The loss-fused chunked policy loss (fasthint_kernels.fused_loss) against a float64 composition of
 the materialising references, with the |gt - fast| <= |gt - torch32| + tol rule."""
+import os
+
 import pytest
 import torch
 
 from fasthint import ops
+from fasthint_kernels import native as native_kernels
 from fasthint_kernels.fused_loss import fused_policy_loss_chunked, token_weights
 from fasthint_kernels.reference import linear_logprobs_ref, policy_loss_ref
 
@@ -53,9 +56,11 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not os.environ.get("CI") and not native_kernels.available(), reason="native CPU kernels not built here"))])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("chunk_elems", [1031 * 5, 1 << 21])  # 5-row chunks (8 of them, ragged) and one chunk
-def test_fused_chunked_matches_float64(case, chunk_elems):
+def test_fused_chunked_matches_float64(case, chunk_elems, native):
     n, d, v = 37, 48, 1031
     h, w, b, y, adv, mask, old, ref, sw = _problem(n, d, v, seed=11)
     case = dict(case)
@@ -70,7 +75,7 @@ def test_fused_chunked_matches_float64(case, chunk_elems):
 
     def fast(hh, ww, bb):
         return fused_policy_loss_chunked(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP,
-                                         chunk_elems=chunk_elems, **kw)
+                                         chunk_elems=chunk_elems, native=native, **kw)
 
     def comp(hh, ww, bb):
         kk = {k: (x.to(hh.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x)

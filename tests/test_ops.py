@@ -9,15 +9,21 @@ same-dtype baseline of the tolerance rule ``|gt - fast| <= |gt - torch_same_dtyp
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
 import torch
 
 from fasthint import ops
+from fasthint_kernels import native
 from fasthint_kernels.chunked import linear_logprobs_chunked
 
 IMPLS = ("torch", "reference")
+# the native kernels need g++ and ninja; CI (CI=true) must build them, so there they never skip
+CPU_HEAD_IMPLS = ("torch", pytest.param("native", marks=pytest.mark.skipif(
+    not os.environ.get("CI") and not native.available(),
+    reason=f"native CPU kernels not built here: {native.why_unavailable()}")))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -675,12 +681,13 @@ def _assert_within_rule(gt, fast, same_dtype, tol, what):
                                  f"max excess {(err - bound).max().item():.3e}")
 
 
+@pytest.mark.parametrize("impl", CPU_HEAD_IMPLS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("return_entropy", [True, False])
-def test_linear_logprobs_float32_matches_float64_ground_truth(bias, return_entropy):
+def test_linear_logprobs_float32_matches_float64_ground_truth(bias, return_entropy, impl):
     h, w, b, y, g_lp, g_ent = _problem(torch.float32, bias=bias)
     gt_out, gt_grads = _ground_truth(h, w, b, y, TEMP, g_lp, g_ent, return_entropy)
-    fast_out, fast_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, return_entropy, impl="torch")
+    fast_out, fast_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, return_entropy, impl=impl)
     ref_out, ref_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, return_entropy, impl="reference")
     for o in fast_out:
         assert o.dtype == torch.float32 and o.shape == (N,)
@@ -797,8 +804,8 @@ def test_linear_logprobs_entropy_only_upstream():
 def test_linear_logprobs_auto_and_errors():
     h, w, b, y, *_ = _problem(torch.float32, bias=True, seed=7)
     a = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP)
-    t = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl="torch")
-    assert torch.equal(a, t)
+    t = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl="native" if native.available() else "torch")
+    assert torch.equal(a, t)  # auto on CPU: the native row kernels when they build
     with pytest.raises(ValueError):
         ops.linear_logprobs(h, w[:, :-1], y)
     with pytest.raises(ValueError):
@@ -817,9 +824,10 @@ def _real_vocab_problem():
     return h, w, y, lp[torch.arange(4), y], -(lp.exp() * lp).sum(-1)
 
 
-def test_linear_logprobs_real_vocabulary_size():
+@pytest.mark.parametrize("impl", CPU_HEAD_IMPLS)
+def test_linear_logprobs_real_vocabulary_size(impl):
     h, w, y, gt_logp, gt_ent = _real_vocab_problem()
-    logp, ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl="torch")
+    logp, ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl=impl)
     assert logp.dtype == ent.dtype == torch.float32 and logp.shape == (4,)
     torch.testing.assert_close(logp.double(), gt_logp, rtol=0, atol=1e-5)
     assert bool((logp <= 0).all())
@@ -827,22 +835,24 @@ def test_linear_logprobs_real_vocabulary_size():
     ref_logp = ops.linear_logprobs(h, w, y, temperature=TEMP, impl="reference")
     _assert_within_rule(gt_logp, logp, ref_logp, 1e-5, "logp")
     # logp alone (return_entropy=False) is the same number
-    assert torch.equal(ops.linear_logprobs(h, w, y, temperature=TEMP, impl="torch"), logp)
+    assert torch.equal(ops.linear_logprobs(h, w, y, temperature=TEMP, impl=impl), logp)
 
 
-def test_linear_logprobs_real_vocabulary_size_entropy_fp32_accuracy():
+@pytest.mark.parametrize("impl", CPU_HEAD_IMPLS)
+def test_linear_logprobs_real_vocabulary_size_entropy_fp32_accuracy(impl):
     h, w, y, _, gt_ent = _real_vocab_problem()
-    _, ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl="torch")
+    _, ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl=impl)
     _, ref_ent = ops.linear_logprobs(h, w, y, temperature=TEMP, return_entropy=True, impl="reference")
     _assert_within_rule(gt_ent, ent, ref_ent, 1e-5, "entropy")
 
 
-def test_linear_logprobs_entropy_fp32_with_logit_offset():
+@pytest.mark.parametrize("impl", CPU_HEAD_IMPLS)
+def test_linear_logprobs_entropy_fp32_with_logit_offset(impl):
     """A common offset on all logits (bias + 30 -> z + 43) changes nothing mathematically."""
     h, w, b, y, g_lp, g_ent = _problem(torch.float32, bias=True, seed=0)
     b = b + 30.0
     gt_out, gt_grads = _ground_truth(h, w, b, y, TEMP, g_lp, g_ent, True)
-    fast_out, fast_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, True, impl="torch")
+    fast_out, fast_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, True, impl=impl)
     ref_out, ref_grads = _run(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, True, impl="reference")
     _assert_within_rule(gt_out[0], fast_out[0], ref_out[0], 1e-5, "logp")  # passes
     failures = []

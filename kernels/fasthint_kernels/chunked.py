@@ -81,7 +81,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool, chunk_elems: int):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool, chunk_elems: int,
+                native: bool = False):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -90,14 +91,24 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         rows = _chunk_rows(n, v, chunk_elems)
         buf, tmp = _workspace(rows, v, acc, hidden.device)
         for s in range(0, n, rows):
-            z = _logits(hidden[s:s + rows], weight, bias, temperature, buf)
-            zy = z.gather(-1, targets[s:s + rows].long().unsqueeze(-1)).squeeze(-1)
-            lse[s:s + rows] = l = softmax_(z)
+            y = targets[s:s + rows].long()
+            if native:  # csrc/fused_logprobs.cpp: scale, bias, lse, z_y, entropy in two passes per row
+                z = _logits(hidden[s:s + rows], weight, None, 1.0, buf)
+                l, zy, e = torch.ops.fasthint_native.softmax_stats_(z, _f32(bias), 1.0 / temperature, y.contiguous(),
+                                                                     ent is not None)
+                lse[s:s + rows] = l
+                if ent is not None:
+                    ent[s:s + rows] = e
+            else:
+                z = _logits(hidden[s:s + rows], weight, bias, temperature, buf)
+                zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                lse[s:s + rows] = l = softmax_(z)
+                if ent is not None:
+                    ent[s:s + rows] = neg_plogp(z, tmp)
             logp[s:s + rows] = zy - l
-            if ent is not None:
-                ent[s:s + rows] = neg_plogp(z, tmp)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
+        ctx.native = native
         ctx.mark_non_differentiable(targets)
         return (logp, ent) if return_entropy else logp
 
@@ -117,6 +128,14 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         buf, tmp = _workspace(rows, v, acc, hidden.device)
         for s in range(0, n, rows):
             h, y = hidden[s:s + rows], targets[s:s + rows].long().unsqueeze(-1)
+            if ctx.native:  # z -> dz in one pass per row (p and log p recomputed from z and lse)
+                dz = _logits(h, weight, None, 1.0, buf)
+                e = grad_ent[s:s + rows].to(acc).contiguous() if with_ent else None
+                torch.ops.fasthint_native.logit_grad_(dz, _f32(bias), 1.0 / T, True, y.squeeze(-1).contiguous(),
+                                                      lse[s:s + rows], g_all[s:s + rows].contiguous(), e,
+                                                      ent[s:s + rows] if with_ent else None)
+                _accumulate_grads(dz, h, weight, dh, dw, db, s)
+                continue
             p = _logits(h, weight, bias, T, buf).sub_(lse[s:s + rows].unsqueeze(-1)).exp_()
             g = g_all[s:s + rows].unsqueeze(-1)
             if with_ent:  # dz = g 1[v=y] - (g + e H) p - e p log p
@@ -128,7 +147,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 dz.div_(T)
             _accumulate_grads(dz, h, weight, dh, dw, db, s)
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh: Optional[torch.Tensor],
@@ -146,10 +165,24 @@ def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, d
 
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                            return_entropy: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS):
-    """Bounded-memory log-probs (and entropy) of ``targets`` under a linear head; see module doc."""
+                            return_entropy: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                            native: bool = False):
+    """Bounded-memory log-probs (and entropy) of ``targets`` under a linear head; see module doc.
+    ``native``: the per-row work in C++ (``fasthint_kernels.native``; CPU, float32 workspace; the
+    torch code where it cannot be used)."""
+    native = native and _native_usable(hidden, weight)
     return ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), bool(return_entropy),
-                                       int(chunk_elems))
+                                       int(chunk_elems), bool(native))
+
+
+def _native_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    from fasthint_kernels.native import usable
+
+    return usable(hidden, weight)
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().float().contiguous()
 
 
 def group_advantages_torch(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",

@@ -25,8 +25,8 @@ from typing import Callable, Optional
 
 import torch
 
-from fasthint_kernels.chunked import (DEFAULT_CHUNK_ELEMS, _acc_dtype, _accumulate_grads, _chunk_rows, _logits,
-                                      _workspace, neg_plogp, softmax_)
+from fasthint_kernels.chunked import (DEFAULT_CHUNK_ELEMS, _acc_dtype, _accumulate_grads, _chunk_rows, _f32,
+                                      _logits, _native_usable, _workspace, neg_plogp, softmax_)
 from fasthint_kernels.reference import LOSS_AGGS, policy_loss_ref
 
 
@@ -82,7 +82,7 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
-                token_loss: Callable, need_grad: bool, chunk_elems: int):
+                token_loss: Callable, need_grad: bool, chunk_elems: int, native: bool = False):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         dev = hidden.device
@@ -100,18 +100,31 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h, y = hidden[s:e], targets[s:e].long().unsqueeze(-1)
-            p = _logits(h, weight, bias, temperature, buf)  # the [rows, V] workspace, transformed in place
-            zy = p.gather(-1, y).squeeze(-1)
-            lp = zy - softmax_(p)
+            if native:  # csrc/fused_logprobs.cpp: the workspace keeps the scaled logits
+                p = _logits(h, weight, None, 1.0, buf)
+                lse, zy, en = torch.ops.fasthint_native.softmax_stats_(p, _f32(bias), 1.0 / temperature,
+                                                                       y.squeeze(-1).contiguous(), ent is not None)
+                lp = zy - lse
+                if ent is not None:
+                    ent[s:e] = en
+            else:
+                p = _logits(h, weight, bias, temperature, buf)  # the [rows, V] workspace, transformed in place
+                zy = p.gather(-1, y).squeeze(-1)
+                lp = zy - softmax_(p)
+                if ent is not None:
+                    ent[s:e] = neg_plogp(p, tmp)
             logp[s:e] = lp
-            if ent is not None:
-                ent[s:e] = neg_plogp(p, tmp)
             with torch.enable_grad():
                 lp_leaf = lp.detach().requires_grad_(need_grad)
                 total = token_loss(lp_leaf, s, e).sum()
                 g = torch.autograd.grad(total, lp_leaf)[0] if need_grad else None
             loss += total.detach().to(acc)
             if g is None:
+                continue
+            if native:  # z -> g (1[v=y] - p) / T in one pass per row
+                torch.ops.fasthint_native.logit_grad_(p, None, 1.0 / temperature, False, y.squeeze(-1).contiguous(),
+                                                      lse, g.to(acc).contiguous(), None, None)
+                _accumulate_grads(p, h, weight, dh, dw, db, s)
                 continue
             g = g.to(acc).unsqueeze(-1)
             dz = p.mul_(-g).scatter_add_(-1, y, g)  # g (1[v=y] - p), in place
@@ -134,7 +147,7 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
             return (t if unit else t * grad_loss.to(t.dtype)).to(dtype)
 
         return (scaled(dh, dh.dtype if dh is not None else None), scaled(dw, ctx.dtypes[0]),
-                scaled(db, ctx.dtypes[1]), None, None, None, None, None, None)
+                scaled(db, ctx.dtypes[1]), None, None, None, None, None, None, None)
 
 
 def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -145,12 +158,15 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
                               dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                               num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                               num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                              shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS):
+                              shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                              native: bool = False):
     """``policy_loss`` of ``linear_logprobs`` in one chunked pass (see module doc); ``(loss, stats)``.
 
     ``old_logp``, ``advantages``, ``ref_logp`` and the weights are constants (no gradient).
+    ``native``: the per-row work in C++ (``fasthint_kernels.native``; CPU, float32 workspace).
     """
     acc = _acc_dtype(hidden.dtype)
+    native = native and _native_usable(hidden, weight)
     w = token_weights(mask, loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
                       seq_weights=seq_weights, dtype=acc)
     on = mask.bool()
@@ -172,7 +188,8 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, ent = ChunkedFusedPolicyLoss.apply(hidden, weight, bias, targets, float(temperature),
-                                                   bool(return_entropy), token_loss, need_grad, int(chunk_elems))
+                                                   bool(return_entropy), token_loss, need_grad, int(chunk_elems),
+                                                   bool(native))
     _, stats = policy_loss_ref(logp, old, adv, mask, ref_logp=ref, beta=beta, eps_low=eps_low, eps_high=eps_high,
                                dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids,
                                num_seqs=num_seqs, seq_weights=seq_weights, shaped_gamma=gam)

@@ -1,0 +1,73 @@
+"""fasthint's native CPU row kernels (``csrc/fused_logprobs.cpp``), built on first use.
+
+The chunked torch path (``chunked.py``, ``fused_loss.py``) keeps its algorithm and its one
+``[rows, V]`` workspace; with ``native=True`` the per-row work after each chunk's BLAS call runs in
+C++ instead of a dozen torch passes over the workspace (formulas and memory claim: the .cpp header):
+
+    torch.ops.fasthint_native.softmax_stats_(z, bias, 1/T, targets, entropy) -> (lse, z_y, entropy)
+    torch.ops.fasthint_native.logit_grad_(z, bias, 1/T, raw, targets, lse, g, e, entropy)   # z -> dz
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja; never a second
+torch) into ``$FASTHINT_CACHE/native`` (default ``~/.cache/fasthint/native``), once per torch version,
+and loaded from there afterwards. Without a compiler (or with ``FASTHINT_NATIVE=0``) :func:`available`
+is False, one line is logged, and callers keep the torch path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("fasthint")
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc",
+                      "fused_logprobs.cpp")
+_loaded: Optional[bool] = None
+_why = ""
+
+
+def _build_dir() -> str:
+    root = os.environ.get("FASTHINT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "fasthint"))
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    path = os.path.join(root, "native", tag)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def available() -> bool:
+    """Builds (first call per torch version) and loads the extension; False, with one log line, when
+    it cannot be built here."""
+    global _loaded, _why
+    if _loaded is not None:
+        return _loaded
+    if os.environ.get("FASTHINT_NATIVE", "1") == "0":
+        _loaded, _why = False, "FASTHINT_NATIVE=0"
+    elif not os.path.isfile(SOURCE):
+        _loaded, _why = False, f"source {SOURCE} not found (install fasthint from its repository with -e)"
+    else:
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(name="fasthint_native", sources=[SOURCE], build_directory=_build_dir(),
+                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+            _loaded = hasattr(torch.ops.fasthint_native, "softmax_stats_")
+            _why = "" if _loaded else "the built library registers no ops"
+        except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: keep the torch path
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            _loaded, _why = False, f"{type(e).__name__}: {first[:200]}"
+    if not _loaded:
+        log.warning("fasthint native CPU kernels unavailable (%s): using the chunked torch path", _why)
+    return _loaded
+
+
+def why_unavailable() -> str:
+    return _why
+
+
+def usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The native kernels serve CPU tensors whose workspace is float32 (fp32/bf16/fp16 inputs)."""
+    return (hidden.device.type == "cpu" and weight.device.type == "cpu" and hidden.dtype != torch.float64
+            and weight.dtype != torch.float64 and available())
