@@ -12,8 +12,9 @@ Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU),
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
 torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
-(policy_loss only; ``pip install liger-kernel -c constraints.txt``), and on CUDA the three bare
-matmuls (H W^T, dZ W, dZ^T H) that any implementation must do. Each provider runs in a fresh
+(policy_loss only; ``pip install liger-kernel -c constraints.txt``), and the three bare
+matmuls (H W^T, dZ W, dZ^T H: 6NDV, the floor of the loss; the log-prob op's floor is 8NDV, 4/3 of
+it) that any implementation must do. Each provider runs in a fresh
 subprocess; time is the median of ``--repeat`` runs after a warm-up; "extra MiB" is peak memory
 above the inputs and their gradients (CUDA: max_memory_allocated; CPU: peak RSS). Prints a table
 and appends rows to bench/results/logprobs.csv with device, versions and commit.
@@ -205,7 +206,7 @@ def main() -> None:
     logits_mib = n * v * 4 / 2**20
     for op in args.ops.split(","):
         for prov in args.providers.split(","):
-            if (prov == "matmuls" and (not cuda or op != "logprobs")) or (prov == "liger" and op != "policy_loss"):
+            if (prov == "matmuls" and op != "logprobs") or (prov == "liger" and op != "policy_loss"):
                 continue  # the matmul floor is op-independent: measured once
             out = _run_provider(op, prov, args)
             if out is None:

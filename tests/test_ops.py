@@ -876,3 +876,20 @@ def test_linear_logprobs_logp_only_is_shift_invariant_with_logit_offset():
     _assert_within_rule(gt_out[0], fast_out[0], ref_out[0], 1e-5, "logp")
     for name, gt, fast, ref in zip(["d_hidden", "d_weight", "d_bias"], gt_grads, fast_grads, ref_grads):
         _assert_within_rule(gt, fast, ref, 1e-5 * gt.abs().max().item() + 1e-6, name)
+
+
+def test_native_unavailable_falls_back_to_torch_with_one_log_line():
+    import subprocess
+    import sys
+
+    code = ("import logging, torch; logging.basicConfig(); from fasthint import ops; "
+            "g = torch.Generator().manual_seed(0); h = torch.randn(9, 8, generator=g); "
+            "w = torch.randn(300, 8, generator=g); y = torch.randint(0, 300, (9,), generator=g); "
+            "a = ops.linear_logprobs(h, w, y, impl='native'); b = ops.linear_logprobs(h, w, y, impl='native'); "
+            "print(torch.equal(a, ops.linear_logprobs(h, w, y, impl='torch')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FASTHINT_NATIVE": "0"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "True"
+    lines = [ln for ln in res.stderr.splitlines() if "native CPU kernels unavailable" in ln]
+    assert len(lines) == 1 and "FASTHINT_NATIVE=0" in lines[0]

@@ -8,7 +8,8 @@ Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md sect
 
 Forward and backward walk token chunks of ``chunk_elems / V`` rows; backward recomputes each chunk's
 logits from the saved ``lse``. Every chunk reuses ONE ``[rows, V]`` workspace transformed in place
-(logits -> exp -> probabilities -> logit gradient; 32 MiB fp32 by default) plus a ``[rows, 8192]``
+(logits -> exp -> probabilities -> logit gradient; by default max(8M logits, 256 rows): 32 MiB fp32
+up to V = 32768, 256 V floats beyond) plus a ``[rows, 8192]``
 block for the entropy terms, so the chunks can be large enough for BLAS to run at full speed
 (small row counts pay for packing the whole head on every call). Memory beyond inputs and
 gradients: that buffer plus O(N). Accumulation is in fp32 (float64 inputs stay float64).
@@ -19,7 +20,10 @@ from typing import Optional
 
 import torch
 
-DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M logits (32 MiB fp32) per chunk buffer
+DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M logits (32 MiB fp32) per chunk buffer ...
+MIN_CHUNK_ROWS = 256  # ... but at least 256 rows (chunk_elems=None): each chunk streams the whole head
+# through three matmuls, so fewer rows per chunk make BLAS memory-bound (measured at D=1024,
+# V=152064, N=1024: 55-row chunks 9.7 s, 256-row chunks 6.7 s; workspace 156 MiB there)
 VOCAB_BLOCK = 8192  # columns per entropy block: a [rows, 8192] temporary
 
 
@@ -27,7 +31,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, v: int, chunk_elems: int) -> int:
+def _chunk_rows(n: int, v: int, chunk_elems: Optional[int]) -> int:
+    """Rows per chunk: ``chunk_elems // V``; None: the default policy (8M logits, at least 256 rows)."""
+    if chunk_elems is None:
+        return max(1, min(n, max(DEFAULT_CHUNK_ELEMS // max(1, v), MIN_CHUNK_ROWS)))
     return max(1, min(n, chunk_elems // max(1, v)))
 
 
@@ -81,8 +88,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool, chunk_elems: int,
-                native: bool = False):
+    def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
+                chunk_elems: Optional[int], native: bool = False):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -165,14 +172,14 @@ def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, d
 
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                            return_entropy: bool = False, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                            return_entropy: bool = False, chunk_elems: Optional[int] = None,
                             native: bool = False):
     """Bounded-memory log-probs (and entropy) of ``targets`` under a linear head; see module doc.
     ``native``: the per-row work in C++ (``fasthint_kernels.native``; CPU, float32 workspace; the
     torch code where it cannot be used)."""
     native = native and _native_usable(hidden, weight)
     return ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), bool(return_entropy),
-                                       int(chunk_elems), bool(native))
+                                       chunk_elems, bool(native))
 
 
 def _native_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:

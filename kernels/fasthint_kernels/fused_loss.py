@@ -15,8 +15,8 @@ The forward therefore forms dH, dW and db while the chunk's logits are still in 
 in all (logits, dH, dW), the same as materialised eager autograd, against 8NDV for log-probs with
 an arbitrary upstream gradient (whose backward must recompute the logits). Backward only scales the
 stored gradients by the upstream scalar. Memory beyond inputs and gradients: one ``[chunk, V]``
-workspace transformed in place (32 MiB fp32 by default), a ``[chunk, 8192]`` entropy block and O(N)
-vectors; never ``[N, V]``. When no input needs a gradient
+workspace transformed in place (max(8M logits, 256 rows) fp32 by default), a ``[chunk, 8192]``
+entropy block and O(N) vectors; never ``[N, V]``. When no input needs a gradient
 (evaluation, ``torch.no_grad``) the gradient work is skipped.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fasthint_kernels.chunked import (DEFAULT_CHUNK_ELEMS, _acc_dtype, _accumulate_grads, _chunk_rows, _f32,
+from fasthint_kernels.chunked import (_acc_dtype, _accumulate_grads, _chunk_rows, _f32,
                                       _logits, _native_usable, _workspace, neg_plogp, softmax_)
 from fasthint_kernels.reference import LOSS_AGGS, policy_loss_ref
 
@@ -82,7 +82,7 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
-                token_loss: Callable, need_grad: bool, chunk_elems: int, native: bool = False):
+                token_loss: Callable, need_grad: bool, chunk_elems: Optional[int], native: bool = False):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         dev = hidden.device
@@ -158,7 +158,7 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
                               dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                               num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                               num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                              shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+                              shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: Optional[int] = None,
                               native: bool = False):
     """``policy_loss`` of ``linear_logprobs`` in one chunked pass (see module doc); ``(loss, stats)``.
 
@@ -188,7 +188,7 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, ent = ChunkedFusedPolicyLoss.apply(hidden, weight, bias, targets, float(temperature),
-                                                   bool(return_entropy), token_loss, need_grad, int(chunk_elems),
+                                                   bool(return_entropy), token_loss, need_grad, chunk_elems,
                                                    bool(native))
     _, stats = policy_loss_ref(logp, old, adv, mask, ref_logp=ref, beta=beta, eps_low=eps_low, eps_high=eps_high,
                                dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids,

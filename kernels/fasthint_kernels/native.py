@@ -36,6 +36,18 @@ def _build_dir() -> str:
     return path
 
 
+def _ninja_on_path() -> None:
+    """cpp_extension runs ``ninja`` from PATH: add the pip package's binary (the venv may not be active)."""
+    try:
+        import ninja
+
+        dirs = [getattr(ninja, "BIN_DIR", ""), os.path.dirname(sys.executable)]
+    except ImportError:
+        dirs = [os.path.dirname(sys.executable)]
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d and d not in path.split(os.pathsep)] + [path])
+
+
 def available() -> bool:
     """Builds (first call per torch version) and loads the extension; False, with one log line, when
     it cannot be built here."""
@@ -49,6 +61,8 @@ def available() -> bool:
     else:
         try:
             from torch.utils import cpp_extension
+
+            _ninja_on_path()
 
             cpp_extension.load(name="fasthint_native", sources=[SOURCE], build_directory=_build_dir(),
                                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
