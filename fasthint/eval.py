@@ -27,7 +27,8 @@ def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[
                       *, max_new_tokens: int, prompt_template: str = "{question}", temperature: float = 0.0,
                       n: int = 1) -> dict:
     """Mean reward of ``n`` samples per prompt (greedy by default): ``eval/accuracy`` and, when
-    rows carry a ``level``, ``eval/accuracy_level_{L}``."""
+    rows carry a ``level``, ``eval/accuracy_level_{L}``; with ``n > 1`` also the unbiased
+    ``eval/pass@k`` (k in :func:`ks_for`, a sample counts as correct at reward >= 1)."""
     prompts = [render_prompt(tokenizer, r["question"], prompt_template) for r in rows]
     comps = engine.generate(prompts, SamplingConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens))
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
@@ -38,6 +39,11 @@ def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[
     out = {"eval/accuracy": sum(rewards) / max(1, len(rewards)), "eval/num_prompts": len(rows)}
     for level in sorted(k for k in by_level if k is not None):
         out[f"eval/accuracy_level_{level}"] = sum(by_level[level]) / len(by_level[level])
+    if n > 1:
+        counts = [0] * len(rows)
+        for c, r in zip(comps, rewards):
+            counts[c.prompt_index] += int(r >= 1.0)
+        out.update({f"eval/{k}": v for k, v in benchmark_metrics(counts, n).items() if k.startswith("pass@")})
     return out
 
 

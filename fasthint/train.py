@@ -84,7 +84,7 @@ def _reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
 
 
 def _evaluate(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> dict:
-    """No-hint greedy accuracy (and avg@k of sampled completions) overall and per level."""
+    """No-hint greedy accuracy (and avg@k and pass@k of sampled completions) overall and per level."""
     if not rows:
         return {}
     kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
@@ -94,6 +94,7 @@ def _evaluate(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> d
         sampled = evaluate_accuracy(engine, tokenizer, rows, score, temperature=cfg.temperature, n=k, **kw)
         out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
                     if key.startswith("eval/accuracy")})
+        out.update({key: v for key, v in sampled.items() if key.startswith("eval/pass@")})
     return out
 
 

@@ -160,4 +160,5 @@ def test_periodic_evaluation_logs_eval_metrics_in_the_step_row(tmp_path):
     assert [("eval/accuracy" in r) for r in rows] == [True, True, False]  # step 3's is eval_after
     for r in rows[:2]:
         assert r["eval/num_prompts"] == 4 and 0 <= r["eval/accuracy"] <= 1 and "eval/avg@2" in r
+        assert r["eval/pass@1"] == pytest.approx(r["eval/avg@2"]) and r["eval/pass@2"] >= r["eval/pass@1"]
     assert res["eval_after"]["eval/num_prompts"] == 4
