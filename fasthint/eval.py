@@ -223,6 +223,8 @@ def _plot(res: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fasthint.metrics import save_figure
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, m) in enumerate(res["after"]["benchmarks"].items()):
         ks = ks_for(res["n"])
@@ -235,12 +237,7 @@ def _plot(res: dict, path: str) -> str:
     ax.set_ylabel("pass@k")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def format_tables(res: dict) -> str:

@@ -86,6 +86,13 @@ def plot_metrics(rows: list[dict], path: str, keys: tuple[str, ...] = PLOT_KEYS,
         ax.axis("off")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Writes ``fig`` as PNG to ``path`` atomically (temporary file, then rename), closes it; the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=90)
