@@ -16,6 +16,7 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 from fasthint.data import render_prompt
@@ -162,11 +163,11 @@ def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dic
     device = dist.init()
     model, tok = load_policy(model_path, device)
     model.eval()
-    ecfg = type("EngineCfg", (), dict(seed=cfg.seed, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                      max_prompt_length=max(len(render_prompt(tok, r["question"], cfg.prompt_template))
-                                                            for rows in benches.values() for r in rows),
-                                      max_new_tokens=cfg.max_new_tokens, hint_max_new_tokens=0, vllm_sleep_mode=False,
-                                      generation_batch_size=cfg.generation_batch_size))
+    longest = max(len(render_prompt(tok, r["question"], cfg.prompt_template))
+                  for rows in benches.values() for r in rows)
+    ecfg = SimpleNamespace(seed=cfg.seed, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                           max_prompt_length=longest, max_new_tokens=cfg.max_new_tokens, hint_max_new_tokens=0,
+                           vllm_sleep_mode=False, generation_batch_size=cfg.generation_batch_size)
     engine = make_engine(cfg.engine, model, tok, model_path, ecfg)
     torch.manual_seed(cfg.seed)
     sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
