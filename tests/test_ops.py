@@ -893,3 +893,25 @@ def test_native_unavailable_falls_back_to_torch_with_one_log_line():
     assert res.stdout.strip() == "True"
     lines = [ln for ln in res.stderr.splitlines() if "native CPU kernels unavailable" in ln]
     assert len(lines) == 1 and "FASTHINT_NATIVE=0" in lines[0]
+
+
+@pytest.mark.parametrize("impl", CPU_HEAD_IMPLS[1:])
+def test_native_linear_logprobs_bfloat16_inputs_add_no_error(impl):
+    """bf16 hidden states and head: the native row kernels see the same bf16-rounded logit chunk as
+    the torch chunked path and add no error of their own (float64 ground truth of the rounded inputs;
+    the chunked torch path in bf16 is the same-dtype baseline)."""
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(21, 32, generator=g), torch.randn(997, 32, generator=g) * 0.3
+    y, up = torch.randint(0, 997, (21,), generator=g), torch.randn(21, generator=g)
+    hb, wb = h.bfloat16(), w.bfloat16()
+
+    def run(hh, ww, impl_):
+        hh, ww = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+        lp, ent = ops.linear_logprobs(hh, ww, y, temperature=TEMP, return_entropy=True, impl=impl_)
+        ((lp * up).sum() + ent.sum()).backward()
+        return [lp.double(), ent.double(), hh.grad.double(), ww.grad.double()]
+
+    gt = run(hb.double(), wb.double(), "reference")
+    fast, same = run(hb, wb, impl), run(hb, wb, "torch")
+    for name, a, f, s in zip(("logp", "entropy", "d_hidden", "d_weight"), gt, fast, same):
+        _assert_within_rule(a, f, s, 1e-5 * a.abs().max().item() + 1e-5, name)
