@@ -56,7 +56,7 @@ def load_benchmark(path: str) -> list[dict]:
                    answer=answer, answer_source=where)
         rows.append(row)
     if len({r["uid"] for r in rows}) != len(rows):
-        for r, i in zip(rows, range(len(rows))):
+        for i, r in enumerate(rows):  # ids that repeat: the row index instead
             r["uid"] = str(i)
     return rows
 

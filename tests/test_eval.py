@@ -7,9 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from conftest import REPO
+from conftest import REPO, save_toy_checkpoint
 from fasthint.benchmarks import load_benchmark, load_benchmarks
 from fasthint.errors import DataError
 from fasthint.eval import benchmark_metrics, classify, compare_counts, ks_for, pass_at_k
@@ -104,13 +103,7 @@ def test_unknown_layout_is_one_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_eval_cli_end_to_end_on_a_toy_checkpoint(tmp_path):
-    from fasthint.toy.model import build_model, build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    ckpt = tmp_path / "ckpt"
-    build_model(tok, seed=0).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    ckpt = save_toy_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "bench"
     data.mkdir()
     (data / "plain.jsonl").write_text("".join(json.dumps({"problem": f"{i}+1=?", "answer": str(i + 1)}) + "\n"

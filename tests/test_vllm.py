@@ -136,13 +136,10 @@ def test_eval_cli_with_the_vllm_engine(tmp_path):
     import subprocess
     import sys
 
+    from conftest import save_toy_checkpoint
     from fasthint.eval import benchmark_metrics
 
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    ckpt = tmp_path / "ckpt"
-    build_model(tok, seed=0).save_pretrained(ckpt)
-    tok.save_pretrained(ckpt)
+    ckpt = save_toy_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "b.jsonl"
     data.write_text("".join(json.dumps({"problem": f"{i}+1=?", "answer": str(i + 1)}) + "\n" for i in range(3)))
     out = tmp_path / "out"
