@@ -63,8 +63,9 @@ class HFEngine:
             attn[i, L - len(p):] = 1
         ids, attn = ids.repeat_interleave(sp.n, 0).to(device), attn.repeat_interleave(sp.n, 0).to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache_kw = _cache_argument(self.model)
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1] + 1
+        cache, logits, next_pos = _output_cache(out), out.logits[:, -1], pos[:, -1] + 1
         alive = torch.arange(ids.shape[0])  # original row of each running sequence
         toks: list[list[int]] = [[] for _ in range(ids.shape[0])]
         lps: list[list[float]] = [[] for _ in range(ids.shape[0])]
@@ -83,11 +84,24 @@ class HFEngine:
                 alive, attn, tok, next_pos = alive[keep.cpu()], attn[keep], tok[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+                             use_cache=True, **{cache_kw: cache})
+            cache, logits, next_pos = _output_cache(out), out.logits[:, -1], next_pos + 1
         eos_set = set(self.eos_ids)
         return [Completion(prompt_index=offset + row // sp.n, token_ids=toks[row], logprobs=lps[row],
                            truncated=toks[row][-1] not in eos_set) for row in range(len(toks))]
+
+
+def _cache_argument(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` since transformers 5.24 (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    """The KV cache an output carries, under its current or its older name."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
 
 
 def _sample(logits: torch.Tensor, sp: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
