@@ -145,9 +145,17 @@ class TrainConfig:
     reward_timeout_s: float = _f(5.0, "per-completion time limit of the math verifier.")
 
     # --- toy --------------------------------------------------------------------------------------
-    toy_train_size: int = _f(4000, "toy training problems (uniform over the 4 levels).")
+    toy_train_size: int = _f(4000, "toy training problems (uniform over --toy_levels).")
+    toy_levels: str = _f("1,2", "toy training levels, comma-separated from 1-4 (the held-out evaluation always "
+                                "covers all four); the default keeps the levels GRPO can learn in a short run: "
+                                "use 1,2,3,4 for the hard prompts hints are for.")
     toy_warmstart_steps: int = _f(1000, "supervised warm-start steps (1024 tokens each) of the toy model; "
                                         "cached by value.")
+
+    @property
+    def toy_level_tuple(self) -> tuple[int, ...]:
+        """``toy_levels`` as sorted ints."""
+        return tuple(sorted(int(x) for x in str(self.toy_levels).split(",")))
 
     def validate(self) -> "TrainConfig":
         """Checks every value once; raises ConfigError naming the option and the fix."""
@@ -214,6 +222,9 @@ class TrainConfig:
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1)")
         need(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0 (got {self.reward_timeout_s})")
         need(bool(self.output_dir), "--output_dir must not be empty")
+        levels = [x.strip() for x in str(self.toy_levels).split(",")]
+        need(all(x in ("1", "2", "3", "4") for x in levels) and len(set(levels)) == len(levels),
+             f"--toy_levels {self.toy_levels!r}: give distinct levels from 1-4, comma-separated (e.g. 1,2,3,4)")
         need("{question}" in self.prompt_template,
              f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
         return self

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from fasthint.head import head_transform
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -96,6 +98,7 @@ class PolicyLoss(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
+        self.head_transform = head_transform(lm.config)  # soft-cap / logit scale the loss must apply
 
     def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
         from fasthint import ops
@@ -107,6 +110,7 @@ class PolicyLoss(torch.nn.Module):
         if targets is None:  # hidden states only
             return hidden
         h = hidden.flatten(0, 1).index_select(0, score_index)
+        loss_kwargs.update(self.head_transform.loss_kwargs(loss_kwargs.pop("temperature", 1.0)))
         return ops.fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
 
 

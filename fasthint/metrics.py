@@ -6,8 +6,8 @@ import math
 import os
 from typing import Optional
 
-PLOT_KEYS = ("reward/mean", "accuracy", "frac_reward_zero_std", "entropy", "completion_len/mean",
-             "grad_norm", "clip_ratio/high", "time/step_s")
+PLOT_KEYS = ("reward/mean", "frac_reward_zero_std", "prompts/never_solved", "entropy", "completion_len/mean",
+             "grad_norm", "time/step_s")
 
 
 class MetricsLogger:
@@ -57,19 +57,22 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
-def plot_metrics(rows: list[dict], path: str, keys: tuple[str, ...] = PLOT_KEYS,
-                 title: Optional[str] = None) -> Optional[str]:
-    """Saves a grid of training curves (raw and smoothed) as PNG; returns the path or None."""
+def plot_metrics(rows: list[dict], path: str, keys: tuple[str, ...] = PLOT_KEYS, title: Optional[str] = None,
+                 evals: Optional[tuple[dict, dict]] = None) -> Optional[str]:
+    """Saves a grid of training curves (raw and smoothed) as PNG, plus, with ``evals`` = (before,
+    after) evaluation metrics, a bar chart of the no-hint accuracy per level before and after
+    training; returns the path or None."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    if not keys:
+    bars = _accuracy_by_level(*evals) if evals else []
+    if not keys and not bars:
         return None
     cols = 4
-    nrows = math.ceil(len(keys) / cols)
+    nrows = math.ceil((len(keys) + bool(bars)) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
@@ -78,15 +81,42 @@ def plot_metrics(rows: list[dict], path: str, keys: tuple[str, ...] = PLOT_KEYS,
         if len(ys) >= 5:
             w = max(2, len(ys) // 10)
             sm = [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
-            ax.plot(xs, sm, color="C0")
+            ax.plot(xs, sm, color="C0", label=f"mean of last {w}")
+            ax.legend(loc="best", fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    if bars:
+        _plot_bars(list(axes.flat)[len(keys)], bars, evals[0].get("eval/num_prompts"))
+    for ax in list(axes.flat)[len(keys) + bool(bars):]:
         ax.axis("off")
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _accuracy_by_level(before: dict, after: dict) -> list[tuple[str, float, float]]:
+    """(label, before, after) greedy no-hint accuracy: all prompts, then each level."""
+    out = []
+    for k, v in before.items():
+        if (k == "eval/accuracy" or k.startswith("eval/accuracy_level_")) and isinstance(after.get(k), (int, float)):
+            out.append(("all" if k == "eval/accuracy" else "L" + k.rsplit("_", 1)[1], float(v), float(after[k])))
+    return out
+
+
+def _plot_bars(ax, bars: list[tuple[str, float, float]], n: Optional[float]) -> None:
+    xs = range(len(bars))
+    for off, idx, label, color in ((-0.2, 1, "before", "C7"), (0.2, 2, "after", "C2")):
+        vals = [b[idx] * 100 for b in bars]
+        ax.bar([x + off for x in xs], vals, width=0.4, label=label, color=color)
+        for x, v in zip(xs, vals):
+            ax.text(x + off, v + 1, f"{v:.0f}", ha="center", fontsize=7)
+    ax.set_xticks(list(xs), [b[0] for b in bars])
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("%")
+    ax.set_title(f"held-out accuracy, no hint{f' ({int(n)} prompts)' if n else ''}")
+    ax.legend(loc="upper right", fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
 
 
 def save_figure(fig, path: str) -> str:

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from fasthint.errors import ModelError
+from fasthint.head import head_transform
 
 log = logging.getLogger("fasthint")
 
@@ -27,13 +28,57 @@ def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: i
     return model
 
 
-def resolve_attn_implementation(value: str, device: torch.device) -> str:
-    """``auto``: flash-attn's kernels when the package imports and the model runs on CUDA, else sdpa."""
-    if value != "auto":
-        return value
+def load_model_config(path: str):
+    """The model's ``AutoConfig`` (no weights read), or ModelError naming the fix."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot read the config of model {path!r} ({first[:200]}): pass a local checkpoint "
+                         "directory with config.json, weights and tokenizer files") from None
+
+
+def _causal_lm_class(config):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ModelError(f"model type {config.model_type!r} is not a causal LM known to transformers: "
+                         "pass a decoder-only checkpoint (Qwen2/3, Llama, Mistral, Gemma-2, Phi-3, ...)") from None
+
+
+def resolve_attn_implementation(value: str, device: torch.device, config=None) -> str:
+    """``auto``: flash-attn's kernels when the package imports, the model runs on CUDA and its class
+    supports them; else sdpa where the class supports it; else eager (e.g. Gemma-2, whose attention
+    soft-capping sdpa cannot apply). Any other value is checked against ``config``'s class."""
     import importlib.util
 
-    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+    cls = _causal_lm_class(config) if config is not None else None
+    if value == "auto":
+        if device.type == "cuda" and importlib.util.find_spec("flash_attn") and \
+                (cls is None or getattr(cls, "_supports_flash_attn", False)):
+            return "flash_attention_2"
+        return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+    if cls is not None:
+        check_attn_implementation(config, value)
+    return value
+
+
+def check_attn_implementation(config, attn: str) -> None:
+    """Builds the architecture on the meta device (no memory, no weights) with ``attn``; a model that
+    cannot run it gets a ModelError naming ``--attn_implementation``."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    except (ValueError, ImportError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{config.model_type} cannot use --attn_implementation {attn} ({first}): pass "
+                         "--attn_implementation auto (picks one the model supports), sdpa or eager") from None
 
 
 def load_policy(path: str, device: torch.device, attn_implementation: str = "sdpa", meta: bool = False):
@@ -61,16 +106,19 @@ def load_policy(path: str, device: torch.device, attn_implementation: str = "sdp
 
 
 def check_head(model, tokenizer) -> Optional[str]:
-    """The fused loss needs logits == lm_head(last hidden state): None, or why this model differs."""
+    """The fused loss computes the logits as ``head_transform(config)`` applied to lm_head(last hidden
+    state): None when that is what the model computes, else why not. (A soft-cap is invisible while
+    the logits are small, as at initialisation: the config is read first, by ``head_transform``.)"""
     from fasthint.data import render_prompt
 
+    transform = head_transform(model.config)
     ids = torch.tensor([render_prompt(tokenizer, "1+1=?")[:32]], device=next(model.parameters()).device)
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True)
-        ref = model.get_output_embeddings()(out.hidden_states[-1]).float()
+        ref = transform.apply(model.get_output_embeddings()(out.hidden_states[-1]).float())
     if not torch.allclose(out.logits.float(), ref, atol=1e-3, rtol=1e-3):
-        return ("this model's logits are not lm_head(last hidden state) (logit scaling or soft-capping?): "
-                "it is not supported by the fused loss yet")
+        return (f"{model.config.model_type}: this model's logits are not what its config says "
+                "(lm_head(last hidden state), scaled or soft-capped): it is not supported by the fused loss yet")
     return None
 
 

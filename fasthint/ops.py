@@ -7,9 +7,15 @@ built); ``"triton"`` the fused Triton kernels (CUDA, or CPU tensors under ``TRIT
 builds, else torch; on CUDA, Triton for the advantages and, for the head ops, whichever of Triton and
 torch a one-time probe finds correct and faster (``fasthint.autoselect``).
 
+The head ops take an optional final-logit soft-cap (Gemma-2): ``softcap=c`` computes
+``log_softmax(c * tanh((hidden @ weight.T + bias) / c) / temperature)[targets]`` (gradient factor
+``1 - tanh^2``); ``None`` (the default) leaves the logits as they are. The torch, native and reference
+paths implement it; the Triton kernels do not (``impl="triton"`` raises, ``"auto"`` avoids them).
+
 Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
-inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path) or O(N) vectors
-and fp32 gradient accumulators (Triton).
+inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path; one more such buffer
+for ``1 - tanh^2`` when soft-capped gradients are formed) or O(N) vectors and fp32 gradient
+accumulators (Triton).
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ from typing import Optional
 import torch
 
 from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
-from fasthint_kernels.reference import (group_advantages_ref, linear_logprobs_ref,  # noqa: F401
-                                        policy_loss_ref)
+from fasthint_kernels.reference import (check_softcap, group_advantages_ref,  # noqa: F401
+                                        linear_logprobs_ref, policy_loss_ref)
 
 IMPLS = ("auto", "triton", "torch", "native", "reference")
 log = logging.getLogger("fasthint")
@@ -34,15 +40,21 @@ def _check_impl(impl: str) -> str:
 
 
 def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                       return_entropy: bool) -> str:
+                       return_entropy: bool, softcap: Optional[float] = None) -> str:
     """``auto``: on CPU the native row kernels when they build (else torch); on CUDA the faster of
-    Triton and torch, measured once per head shape with a correctness check (``fasthint.autoselect``)."""
-    if _check_impl(impl) != "auto":
+    Triton and torch, measured once per head shape with a correctness check (``fasthint.autoselect``),
+    or torch outright with a soft-cap (the Triton kernels have none, so there is nothing to probe)."""
+    if _check_impl(impl) == "triton" and softcap is not None:
+        raise ValueError(f"softcap={softcap!r}: final-logit soft-capping is not implemented in the Triton "
+                         f"kernels: use impl='torch' (or 'native', or 'auto', which picks them).")
+    if impl != "auto":
         return impl
     if hidden.device.type != "cuda":
         from fasthint_kernels.native import usable
 
         return "native" if usable(hidden, weight) else "torch"
+    if softcap is not None:
+        return "torch"
     from fasthint.autoselect import choose_cuda_impl
 
     return choose_cuda_impl(op, hidden, weight, temperature, return_entropy)
@@ -74,19 +86,21 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                    return_entropy: bool = False, impl: str = "auto"):
-    """log softmax((hidden @ weight.T + bias) / temperature)[targets] without ``[N, V]`` logits.
+                    return_entropy: bool = False, impl: str = "auto", softcap: Optional[float] = None):
+    """log softmax(softcap(hidden @ weight.T + bias) / temperature)[targets] without ``[N, V]`` logits.
 
     ``hidden [N, D]``, ``weight [V, D]``, ``targets [N]``; fp32 outputs (float64 for float64 inputs),
     differentiable w.r.t. ``hidden``, ``weight`` and ``bias``. Returns ``logp`` or ``(logp, entropy)``.
+    ``softcap=c`` (> 0): logits ``c * tanh(logits / c)`` before the temperature (Gemma-2); ``None``: none.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    impl = _resolve_head_impl(impl, "logprobs", hidden, weight, temperature, return_entropy)
+    softcap = check_softcap(softcap)
+    impl = _resolve_head_impl(impl, "logprobs", hidden, weight, temperature, return_entropy, softcap)
     if impl == "reference":
         return linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   return_entropy=return_entropy)
+                                   return_entropy=return_entropy, softcap=softcap)
     if impl == "triton":
         from fasthint_kernels.logprobs import linear_logprobs_triton
 
@@ -95,7 +109,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return linear_logprobs_triton(hidden, weight, targets, bias=bias, temperature=temperature,
                                       return_entropy=return_entropy)
     return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   return_entropy=return_entropy, native=impl == "native")
+                                   return_entropy=return_entropy, native=impl == "native", softcap=softcap)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -129,7 +143,8 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
                       num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                       num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                      shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto"):
+                      shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto",
+                      softcap: Optional[float] = None):
     """``policy_loss`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
     The loss is a sum of per-token functions of ``logp``, so its gradient reaches the head as one
@@ -138,8 +153,10 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     ``fasthint_kernels.fused_loss``). The Triton path composes ``linear_logprobs`` (whose backward
     recomputes logit tiles from the saved log-sum-exp) with ``policy_loss``. Returns ``(loss, stats)``;
     stats hold ``logp`` (detached) and, with ``return_entropy``, ``entropy`` (per token, detached).
+    ``softcap``: final-logit soft-cap, as in ``linear_logprobs`` (torch, native and reference only).
     """
-    impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy)
+    softcap = check_softcap(softcap)
+    impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
     if impl in ("torch", "native"):
         from fasthint_kernels.fused_loss import fused_policy_loss_chunked
 
@@ -147,9 +164,9 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
             hidden, weight, targets, advantages, mask, old_logp, bias=bias, temperature=temperature,
             return_entropy=return_entropy, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
             dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
-            seq_weights=seq_weights, shaped_gamma=shaped_gamma, native=impl == "native")
+            seq_weights=seq_weights, shaped_gamma=shaped_gamma, native=impl == "native", softcap=softcap)
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy, impl=impl)
+                          return_entropy=return_entropy, impl=impl, softcap=softcap)
     logp, entropy = out if return_entropy else (out, None)
     loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
                               eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,

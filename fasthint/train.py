@@ -22,18 +22,20 @@ from tqdm import tqdm
 from fasthint import dist
 from fasthint.algorithms import RolloutContext, SolveTracker, group_metrics, make_algorithm
 from fasthint.config import TrainConfig, parse_args
-from fasthint.data import PromptSampler, load_dataset, render_prompt
+from fasthint.data import PromptSampler, render_prompt
 from fasthint.engines import make_engine
 from fasthint.engines.base import SamplingConfig
 from fasthint.engines.correction import ISCorrectedEngine, merge_stats
-from fasthint.errors import DataError, FastHintError
+from fasthint.errors import FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
-from fasthint.models import load_policy, load_trainable_policy, resolve_attn_implementation, resolve_model_path
+from fasthint.preflight import preflight
+from fasthint.models import (load_model_config, load_policy, load_trainable_policy, resolve_attn_implementation,
+                             resolve_model_path)
 from fasthint.dist import PolicyLoss
 from fasthint.update import train_step
-from fasthint.checkpoint import (find_resume, load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
+from fasthint.checkpoint import (load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
                                  save_hf_checkpoint, save_training_checkpoint, truncate_metrics, write_json_atomic)
 
 log = logging.getLogger("fasthint")
@@ -50,21 +52,6 @@ def _setup(cfg: TrainConfig) -> torch.device:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     return device
-
-
-def _data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
-    if cfg.data == "toy" or cfg.eval_data == "toy":
-        from fasthint.toy.task import ensure_toy_data
-
-        toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.seed, cfg.toy_train_size)
-    train = toy_train if cfg.data == "toy" else cfg.data
-    evals = toy_eval if cfg.eval_data == "toy" else (cfg.eval_data or None)
-    return train, evals
-
-
-def _spread(rows: list[dict], k: int) -> list[dict]:
-    """At most ``k`` rows spread evenly over the file (keeps every level of a sorted file)."""
-    return rows if len(rows) <= k else [rows[i * len(rows) // k] for i in range(k)]
 
 
 def _reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
@@ -151,20 +138,14 @@ def _renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Call
     return render
 
 
-def _hint_provider(cfg: TrainConfig, algo, rows: list[dict], engine, tokenizer, timings: dict):
-    """The hint provider of a hinting algorithm (None for the others), after checking the data has
-    what it needs; its time goes to ``timings['hint']`` (self-hint generation included)."""
+def _hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
+    """The hint provider of a hinting algorithm (None for the others); its time goes to
+    ``timings['hint']`` (self-hint generation included)."""
     if algo.hint_provider_default is None:
         return None
     from fasthint.algorithms.hint_providers import make_hint_provider
 
-    name = cfg.hint_provider
-    column = {"self": "solution", "solution": "solution", "dataset": "hint"}[name]
-    if not any(str(r.get(column) or "").strip() for r in rows):
-        fix = "use --hint_provider self or solution" if name == "dataset" else \
-            "add a 'solution' column (reference solutions) or use --hint_provider dataset"
-        raise DataError(f"--algo {cfg.algo} with --hint_provider {name} needs a '{column}' column in the "
-                        f"training data, and none of its rows has one: {fix}")
+    name = cfg.hint_provider  # its data column was checked by fasthint.preflight
     if name == "self":
         provider = make_hint_provider("self", engine=_TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
                                       template=cfg.prompt_template,
@@ -203,26 +184,22 @@ class _Run:
 
 
 def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
-    """Device, data, model (sharded over ranks), engine, reward, algorithm, optimizer; every input is
-    checked here, before anything is written."""
+    """Device, data, model (sharded over ranks), engine, reward, algorithm, optimizer. Everything that
+    can be checked without weights is checked first (``fasthint.preflight``), before anything is
+    built or written."""
     device = _setup(cfg)
-    if dist.rank() != 0:  # rank 0 builds the toy caches first
+    pre = preflight(cfg, device)  # every rank, in seconds: data, resume point, packages, model config
+    if dist.rank() != 0:  # rank 0 builds the toy model first
         dist.barrier()
-    train_path, eval_path = _data_paths(cfg)
-    resume_dir = find_resume(cfg)  # checks a requested checkpoint (and its settings) before any work
     model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
     if dist.rank() == 0:
         dist.barrier()
-    rows = load_dataset(train_path)
-    eval_rows = _spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
-    attn = resolve_attn_implementation(cfg.attn_implementation, device)
+    resume_dir, rows = pre.resume_dir, pre.rows
+    attn = pre.attn_implementation or resolve_attn_implementation(cfg.attn_implementation, device,
+                                                                  load_model_config(model_path))
     policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn)
     model = policy.lm
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
-    too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
-    if too_long:
-        raise DataError(f"{train_path}: {len(too_long)} prompts (first uid {too_long[0]}) are longer than "
-                        f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
     ref_model = None
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
@@ -232,12 +209,12 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     score, close_scorer = _reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
     timings: dict = {}
-    hints = _hint_provider(cfg, algo, rows, engine, tokenizer, timings)  # checks the data before any work
+    hints = _hint_provider(cfg, algo, engine, tokenizer, timings)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    return _Run(cfg, rows, eval_rows, train_path, model_path, resume_dir, policy, tokenizer, ref_model, engine, score,
-                close_scorer, algo, hints, optimizer, scheduler,
+    return _Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
+                engine, score, close_scorer, algo, hints, optimizer, scheduler,
                 PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
                 prompts, timings)
 
@@ -366,7 +343,8 @@ def _finish(run: _Run, results: dict, last: dict, evaluate: Callable, logger) ->
                            extra_json={"algorithm_state.json": {"algo": cfg.algo, **run.algo.state_dict(),
                                                                 "solve_tracker": run.tracker.state_dict()}})
         results["plot"] = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
-                                       title=f"{cfg.algo} on {os.path.basename(run.train_path)}")
+                                       title=f"{cfg.algo} on {os.path.basename(run.train_path)}",
+                                       evals=(results["eval_before"], results["eval_after"]))
         write_json_atomic(os.path.join(cfg.output_dir, "eval.json"),
                           {k: results[k] for k in ("eval_before", "eval_after")})
         _print_table(results["eval_before"], results["eval_after"])

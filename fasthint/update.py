@@ -111,10 +111,11 @@ def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Te
     """``lm``'s log-probs of ``mb``'s packed completion tokens, without gradient (the KL reference,
     Guide's and HINT's no-hint numerators)."""
     from fasthint import ops
+    from fasthint.head import head_transform
 
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         hidden = getattr(lm, lm.base_model_prefix)(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
     head = lm.get_output_embeddings()
     return ops.linear_logprobs(hidden.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
-                               bias=head.bias, temperature=temperature)
+                               bias=head.bias, **head_transform(lm.config).loss_kwargs(temperature))

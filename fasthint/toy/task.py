@@ -56,8 +56,10 @@ def iter_problems(seed: int, levels: tuple[int, ...] = LEVELS) -> Iterator[dict]
         yield make_problem(rng, rng.choice(levels))
 
 
-def make_splits(seed: int, train_size: int, eval_per_level: int = 100) -> tuple[list[dict], list[dict]]:
-    """Disjoint train/eval sets (level 1 has only 100 distinct questions, so those may repeat)."""
+def make_splits(seed: int, train_size: int, eval_per_level: int = 100,
+                levels: tuple[int, ...] = LEVELS) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/eval sets (level 1 has only 100 distinct questions, so those may repeat); the
+    training set draws from ``levels``, the evaluation set always covers all four."""
     rng = random.Random(seed * 1000 + 17)
     evals, seen = [], set()
     for level in LEVELS:
@@ -71,7 +73,7 @@ def make_splits(seed: int, train_size: int, eval_per_level: int = 100) -> tuple[
             evals.append(p)
             count += 1
     train = []
-    stream = iter_problems(seed)
+    stream = iter_problems(seed, levels)
     while len(train) < train_size:
         p = next(stream)
         if p["level"] == 1 or p["question"] not in seen:
@@ -89,12 +91,14 @@ def write_jsonl(rows: list[dict], path: str) -> None:
     os.replace(tmp, path)
 
 
-def ensure_toy_data(cache_dir: str, seed: int, train_size: int) -> tuple[str, str]:
-    """Writes (once) and returns the paths of the toy train and eval JSONL files."""
-    d = os.path.join(os.path.expanduser(cache_dir), "toy", f"data-v1-seed{seed}-n{train_size}")
+def ensure_toy_data(cache_dir: str, seed: int, train_size: int,
+                    levels: tuple[int, ...] = LEVELS) -> tuple[str, str]:
+    """Writes (once) and returns the paths of the toy train (from ``levels``) and eval JSONL files."""
+    tag = "" if tuple(levels) == LEVELS else "-L" + "".join(map(str, levels))
+    d = os.path.join(os.path.expanduser(cache_dir), "toy", f"data-v1-seed{seed}-n{train_size}{tag}")
     train_p, eval_p = os.path.join(d, "train.jsonl"), os.path.join(d, "eval.jsonl")
     if not (os.path.isfile(train_p) and os.path.isfile(eval_p)):
-        train, evals = make_splits(seed, train_size)
+        train, evals = make_splits(seed, train_size, levels=tuple(levels))
         write_jsonl(evals, eval_p)
         write_jsonl(train, train_p)
     return train_p, eval_p

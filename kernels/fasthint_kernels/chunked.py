@@ -1,24 +1,31 @@
 """Bounded-memory pure-torch path: the CPU implementation of fasthint's ops.
 
-Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md section 5):
+Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md section 5), with
+optional final-logit soft-capping (Gemma-2; ``softcap=c``, the identity for ``None``):
 
-    z = (H W^T + b) / T,  lse = logsumexp(z),  logp = z_y - lse,  entropy = -sum_v p_v log p_v
+    a = H W^T + b,  t = tanh(a / c),  z = c t / T   (no cap: z = a / T, and the factor 1 - t^2 below is 1)
+    lse = logsumexp(z),  logp = z_y - lse,  entropy = -sum_v p_v log p_v
     dL/dz_v = g (1[v=y] - p_v) - e p_v (log p_v + entropy),   g = dL/dlogp, e = dL/dentropy
-    dH = dZ W / T,   dW = dZ^T H / T,   db = sum_t dZ / T
+    dA = dZ (1 - t^2) / T,   dH = dA W,   dW = dA^T H,   db = sum_t dA
 
 Forward and backward walk token chunks of ``chunk_elems / V`` rows; backward recomputes each chunk's
 logits from the saved ``lse``. Every chunk reuses ONE ``[rows, V]`` workspace transformed in place
 (logits -> exp -> probabilities -> logit gradient; by default max(8M logits, 256 rows): 32 MiB fp32
 up to V = 32768, 256 V floats beyond) plus a ``[rows, 8192]``
 block for the entropy terms, so the chunks can be large enough for BLAS to run at full speed
-(small row counts pay for packing the whole head on every call). Memory beyond inputs and
-gradients: that buffer plus O(N). Accumulation is in fp32 (float64 inputs stay float64).
+(small row counts pay for packing the whole head on every call). With a soft-cap, the backward
+(and the loss-fused forward, ``fused_loss.py``) keeps ONE more ``[rows, V]`` buffer holding
+``1 - t^2`` of the chunk (the workspace itself becomes the gradient, so t is gone by then); the
+log-prob forward needs none. Memory beyond inputs and gradients: those buffers plus O(N), never
+``[N, V]``. Accumulation is in fp32 (float64 inputs stay float64).
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+
+from fasthint_kernels.reference import check_softcap
 
 DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M logits (32 MiB fp32) per chunk buffer ...
 MIN_CHUNK_ROWS = 256  # ... but at least 256 rows (chunk_elems=None): each chunk streams the whole head
@@ -39,8 +46,9 @@ def _chunk_rows(n: int, v: int, chunk_elems: Optional[int]) -> int:
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], temperature: float,
-            out: torch.Tensor) -> torch.Tensor:
-    """``(h W^T + b) / T`` written into the workspace ``out`` (first ``len(h)`` rows; returned)."""
+            out: torch.Tensor, softcap: Optional[float] = None, dcap: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``softcap_c(h W^T + b) / T`` written into the workspace ``out`` (first ``len(h)`` rows; returned).
+    With ``softcap`` and ``dcap`` (a second ``[rows, V]`` buffer), ``1 - tanh^2`` goes into ``dcap``'s rows."""
     z = out[:h.shape[0]]
     if h.dtype == z.dtype and w.dtype == z.dtype:
         torch.mm(h, w.t(), out=z)
@@ -48,7 +56,17 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tempera
         z.copy_(h @ w.t())
     if b is not None:
         z.add_(b.to(z.dtype))
+    if softcap is not None:
+        z.div_(softcap).tanh_()
+        if dcap is not None:
+            torch.mul(z, z, out=dcap[:z.shape[0]]).neg_().add_(1.0)
+        return z.mul_(softcap / temperature)
     return z.div_(temperature) if temperature != 1.0 else z
+
+
+def _cap_buffer(buf: torch.Tensor, softcap: Optional[float]) -> Optional[torch.Tensor]:
+    """The ``[rows, V]`` buffer for ``1 - t^2`` that a soft-capped gradient needs (None without a cap)."""
+    return torch.empty_like(buf) if softcap is not None else None
 
 
 def _workspace(rows: int, v: int, dtype: torch.dtype, device: torch.device):
@@ -85,11 +103,11 @@ def _entropy_dz_(p: torch.Tensor, g: torch.Tensor, e: torch.Tensor, ent: torch.T
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
-    """logp (and entropy) of targets under softmax((H W^T + b)/T), chunked over tokens."""
+    """logp (and entropy) of targets under softmax(softcap_c(H W^T + b) / T), chunked over tokens."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
-                chunk_elems: Optional[int], native: bool = False):
+                chunk_elems: Optional[int], native: bool = False, softcap: Optional[float] = None):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         logp = torch.empty(n, dtype=acc, device=hidden.device)
@@ -100,14 +118,14 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         for s in range(0, n, rows):
             y = targets[s:s + rows].long()
             if native:  # csrc/fused_logprobs.cpp: scale, bias, lse, z_y, entropy in two passes per row
-                z = _logits(hidden[s:s + rows], weight, None, 1.0, buf)
-                l, zy, e = torch.ops.fasthint_native.softmax_stats_(z, _f32(bias), 1.0 / temperature, y.contiguous(),
-                                                                     ent is not None)
+                z = _logits(hidden[s:s + rows], weight, _cap_bias(bias, softcap), 1.0, buf, softcap)
+                l, zy, e = torch.ops.fasthint_native.softmax_stats_(z, _native_bias(bias, softcap), 1.0 / temperature,
+                                                                     y.contiguous(), ent is not None)
                 lse[s:s + rows] = l
                 if ent is not None:
                     ent[s:s + rows] = e
             else:
-                z = _logits(hidden[s:s + rows], weight, bias, temperature, buf)
+                z = _logits(hidden[s:s + rows], weight, bias, temperature, buf, softcap)
                 zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
                 lse[s:s + rows] = l = softmax_(z)
                 if ent is not None:
@@ -115,14 +133,14 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             logp[s:s + rows] = zy - l
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
-        ctx.native = native
+        ctx.native, ctx.softcap = native, softcap
         ctx.mark_non_differentiable(targets)
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent=None):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-        T = ctx.temperature
+        T, cap = ctx.temperature, ctx.softcap
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
@@ -133,17 +151,19 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         with_ent = ctx.return_entropy and grad_ent is not None
         rows = _chunk_rows(n, v, ctx.chunk_elems)
         buf, tmp = _workspace(rows, v, acc, hidden.device)
+        dcap = _cap_buffer(buf, cap)
         for s in range(0, n, rows):
             h, y = hidden[s:s + rows], targets[s:s + rows].long().unsqueeze(-1)
             if ctx.native:  # z -> dz in one pass per row (p and log p recomputed from z and lse)
-                dz = _logits(h, weight, None, 1.0, buf)
+                dz = _logits(h, weight, _cap_bias(bias, cap), 1.0, buf, cap, dcap)
                 e = grad_ent[s:s + rows].to(acc).contiguous() if with_ent else None
-                torch.ops.fasthint_native.logit_grad_(dz, _f32(bias), 1.0 / T, True, y.squeeze(-1).contiguous(),
-                                                      lse[s:s + rows], g_all[s:s + rows].contiguous(), e,
+                torch.ops.fasthint_native.logit_grad_(dz, _native_bias(bias, cap), 1.0 / T, True,
+                                                      y.squeeze(-1).contiguous(), lse[s:s + rows],
+                                                      g_all[s:s + rows].contiguous(), e,
                                                       ent[s:s + rows] if with_ent else None)
-                _accumulate_grads(dz, h, weight, dh, dw, db, s)
+                _accumulate_grads(_uncap_(dz, dcap), h, weight, dh, dw, db, s)
                 continue
-            p = _logits(h, weight, bias, T, buf).sub_(lse[s:s + rows].unsqueeze(-1)).exp_()
+            p = _logits(h, weight, bias, T, buf, cap, dcap).sub_(lse[s:s + rows].unsqueeze(-1)).exp_()
             g = g_all[s:s + rows].unsqueeze(-1)
             if with_ent:  # dz = g 1[v=y] - (g + e H) p - e p log p
                 _entropy_dz_(p, g, grad_ent[s:s + rows].to(acc).unsqueeze(-1), ent[s:s + rows].unsqueeze(-1), tmp)
@@ -152,14 +172,31 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             dz = p.scatter_add_(-1, y, g)
             if T != 1.0:
                 dz.div_(T)
-            _accumulate_grads(dz, h, weight, dh, dw, db, s)
+            _accumulate_grads(_uncap_(dz, dcap), h, weight, dh, dw, db, s)
         return (dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
+
+
+def _cap_bias(bias: Optional[torch.Tensor], softcap: Optional[float]) -> Optional[torch.Tensor]:
+    """The bias torch adds before the native row kernels: all of it under a soft-cap (the cap follows
+    the bias, so the kernels cannot add it), none without (the kernels add it)."""
+    return bias if softcap is not None else None
+
+
+def _native_bias(bias: Optional[torch.Tensor], softcap: Optional[float]) -> Optional[torch.Tensor]:
+    """The bias handed to the native row kernels (float32): None once torch has added it (soft-cap)."""
+    return None if softcap is not None else _f32(bias)
+
+
+def _uncap_(dz: torch.Tensor, dcap: Optional[torch.Tensor]) -> torch.Tensor:
+    """In place: the gradient w.r.t. the capped logits times ``1 - t^2`` (no-op without a cap)."""
+    return dz.mul_(dcap[:dz.shape[0]]) if dcap is not None else dz
 
 
 def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh: Optional[torch.Tensor],
                       dw: Optional[torch.Tensor], db: Optional[torch.Tensor], start: int) -> None:
-    """dH rows ``start:`` = dz W; dW += dz^T h; db += sum dz (dz already divided by T)."""
+    """dH rows ``start:`` = dz W; dW += dz^T h; db += sum dz (dz: the gradient w.r.t. ``H W^T + b``,
+    i.e. already divided by T and, with a soft-cap, multiplied by ``1 - t^2``)."""
     if dh is not None:
         rows = dz.shape[0]
         dh[start:start + rows] = dz @ weight if dz.dtype == weight.dtype else \
@@ -173,13 +210,14 @@ def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, d
 def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                             bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
                             return_entropy: bool = False, chunk_elems: Optional[int] = None,
-                            native: bool = False):
+                            native: bool = False, softcap: Optional[float] = None):
     """Bounded-memory log-probs (and entropy) of ``targets`` under a linear head; see module doc.
     ``native``: the per-row work in C++ (``fasthint_kernels.native``; CPU, float32 workspace; the
-    torch code where it cannot be used)."""
+    torch code where it cannot be used). ``softcap=c``: logits ``c tanh((H W^T + b) / c)`` before ``/ T``."""
+    softcap = check_softcap(softcap)
     native = native and _native_usable(hidden, weight)
     return ChunkedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), bool(return_entropy),
-                                       chunk_elems, bool(native))
+                                       chunk_elems, bool(native), softcap)
 
 
 def _native_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:

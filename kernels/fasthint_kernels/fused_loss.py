@@ -7,16 +7,18 @@ normaliser comes from the mask, never from the log-probs):
     r = exp(logp_t - old_t),  w_t = seq_weight_t / normaliser_t    (ALGORITHMS.md sections 1.4-1.5)
 
 so dL/dlogp_t = g_t is known as soon as a chunk's ``logp`` is, and the chunk's logit gradient
-follows at once (z = (H W^T + b)/T, p = softmax z):
+follows at once (a = H W^T + b; with a soft-cap ``c``: t = tanh(a / c), z = c t / T, without one
+z = a / T and 1 - t^2 := 1; p = softmax z):
 
-    dz_v = g (1[v=y] - p_v),   dH = dz W / T,   dW = dz^T H / T,   db = sum_t dz / T
+    dz_v = g (1[v=y] - p_v),   dA = dz (1 - t^2) / T,   dH = dA W,   dW = dA^T H,   db = sum_t dA
 
 The forward therefore forms dH, dW and db while the chunk's logits are still in cache: 6NDV FLOPs
 in all (logits, dH, dW), the same as materialised eager autograd, against 8NDV for log-probs with
 an arbitrary upstream gradient (whose backward must recompute the logits). Backward only scales the
 stored gradients by the upstream scalar. Memory beyond inputs and gradients: one ``[chunk, V]``
 workspace transformed in place (max(8M logits, 256 rows) fp32 by default), a ``[chunk, 8192]``
-entropy block and O(N) vectors; never ``[N, V]``. When no input needs a gradient
+entropy block and O(N) vectors; with a soft-cap and a gradient to form, ONE more ``[chunk, V]``
+buffer for ``1 - t^2``; never ``[N, V]``. When no input needs a gradient
 (evaluation, ``torch.no_grad``) the gradient work is skipped.
 """
 from __future__ import annotations
@@ -25,9 +27,10 @@ from typing import Callable, Optional
 
 import torch
 
-from fasthint_kernels.chunked import (_acc_dtype, _accumulate_grads, _chunk_rows, _f32,
-                                      _logits, _native_usable, _workspace, neg_plogp, softmax_)
-from fasthint_kernels.reference import LOSS_AGGS, policy_loss_ref
+from fasthint_kernels.chunked import (_acc_dtype, _accumulate_grads, _cap_bias, _cap_buffer, _chunk_rows,
+                                      _logits, _native_bias, _native_usable, _uncap_, _workspace, neg_plogp,
+                                      softmax_)
+from fasthint_kernels.reference import LOSS_AGGS, check_softcap, policy_loss_ref
 
 
 def token_weights(mask: torch.Tensor, loss_agg: str, *, num_tokens: Optional[float] = None,
@@ -74,7 +77,8 @@ def clipped_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: t
 
 
 class ChunkedFusedPolicyLoss(torch.autograd.Function):
-    """Scalar loss ``sum_t w_t l_t(logp_t)`` of a linear head; gradients formed in the forward pass.
+    """Scalar loss ``sum_t w_t l_t(logp_t)`` of a linear head (logits ``softcap_c(H W^T + b) / T``);
+    gradients formed in the forward pass.
 
     ``token_loss(logp_chunk, start, stop)`` returns the chunk's per-token ``w_t l_t`` (already masked);
     outputs are ``(loss, logp, entropy)`` with ``logp``/``entropy`` detached.
@@ -82,7 +86,8 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
-                token_loss: Callable, need_grad: bool, chunk_elems: Optional[int], native: bool = False):
+                token_loss: Callable, need_grad: bool, chunk_elems: Optional[int], native: bool = False,
+                softcap: Optional[float] = None):
         n, v = hidden.shape[0], weight.shape[0]
         acc = _acc_dtype(hidden.dtype)
         dev = hidden.device
@@ -97,18 +102,20 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
         db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
         rows = _chunk_rows(n, v, chunk_elems)
         buf, tmp = _workspace(rows, v, acc, dev)
+        dcap = _cap_buffer(buf, softcap) if need_grad else None
         for s in range(0, n, rows):
             e = min(n, s + rows)
             h, y = hidden[s:e], targets[s:e].long().unsqueeze(-1)
             if native:  # csrc/fused_logprobs.cpp: the workspace keeps the scaled logits
-                p = _logits(h, weight, None, 1.0, buf)
-                lse, zy, en = torch.ops.fasthint_native.softmax_stats_(p, _f32(bias), 1.0 / temperature,
-                                                                       y.squeeze(-1).contiguous(), ent is not None)
+                p = _logits(h, weight, _cap_bias(bias, softcap), 1.0, buf, softcap, dcap)
+                lse, zy, en = torch.ops.fasthint_native.softmax_stats_(p, _native_bias(bias, softcap),
+                                                                       1.0 / temperature, y.squeeze(-1).contiguous(),
+                                                                       ent is not None)
                 lp = zy - lse
                 if ent is not None:
                     ent[s:e] = en
             else:
-                p = _logits(h, weight, bias, temperature, buf)  # the [rows, V] workspace, transformed in place
+                p = _logits(h, weight, bias, temperature, buf, softcap, dcap)  # the workspace, transformed in place
                 zy = p.gather(-1, y).squeeze(-1)
                 lp = zy - softmax_(p)
                 if ent is not None:
@@ -124,13 +131,13 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
             if native:  # z -> g (1[v=y] - p) / T in one pass per row
                 torch.ops.fasthint_native.logit_grad_(p, None, 1.0 / temperature, False, y.squeeze(-1).contiguous(),
                                                       lse, g.to(acc).contiguous(), None, None)
-                _accumulate_grads(p, h, weight, dh, dw, db, s)
+                _accumulate_grads(_uncap_(p, dcap), h, weight, dh, dw, db, s)
                 continue
             g = g.to(acc).unsqueeze(-1)
             dz = p.mul_(-g).scatter_add_(-1, y, g)  # g (1[v=y] - p), in place
             if temperature != 1.0:
                 dz.div_(temperature)
-            _accumulate_grads(dz, h, weight, dh, dw, db, s)
+            _accumulate_grads(_uncap_(dz, dcap), h, weight, dh, dw, db, s)
         ctx.save_for_backward(dh, dw, db)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(logp, *([ent] if ent is not None else []))
@@ -147,7 +154,7 @@ class ChunkedFusedPolicyLoss(torch.autograd.Function):
             return (t if unit else t * grad_loss.to(t.dtype)).to(dtype)
 
         return (scaled(dh, dh.dtype if dh is not None else None), scaled(dw, ctx.dtypes[0]),
-                scaled(db, ctx.dtypes[1]), None, None, None, None, None, None, None)
+                scaled(db, ctx.dtypes[1]), None, None, None, None, None, None, None, None)
 
 
 def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -159,12 +166,14 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
                               num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                               num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
                               shaped_gamma: Optional[torch.Tensor] = None, chunk_elems: Optional[int] = None,
-                              native: bool = False):
+                              native: bool = False, softcap: Optional[float] = None):
     """``policy_loss`` of ``linear_logprobs`` in one chunked pass (see module doc); ``(loss, stats)``.
 
     ``old_logp``, ``advantages``, ``ref_logp`` and the weights are constants (no gradient).
     ``native``: the per-row work in C++ (``fasthint_kernels.native``; CPU, float32 workspace).
+    ``softcap=c``: logits ``c tanh((H W^T + b) / c)`` before ``/ T`` (None: no cap).
     """
+    softcap = check_softcap(softcap)
     acc = _acc_dtype(hidden.dtype)
     native = native and _native_usable(hidden, weight)
     w = token_weights(mask, loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
@@ -189,7 +198,7 @@ def fused_policy_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, target
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     loss, logp, ent = ChunkedFusedPolicyLoss.apply(hidden, weight, bias, targets, float(temperature),
                                                    bool(return_entropy), token_loss, need_grad, chunk_elems,
-                                                   bool(native))
+                                                   bool(native), softcap)
     _, stats = policy_loss_ref(logp, old, adv, mask, ref_logp=ref, beta=beta, eps_low=eps_low, eps_high=eps_high,
                                dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids,
                                num_seqs=num_seqs, seq_weights=seq_weights, shaped_gamma=gam)

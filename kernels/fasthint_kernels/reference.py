@@ -1,10 +1,13 @@
 """Materialising pure-torch references of every fasthint op: the oracle for tests and benchmarks.
 
 These compute in the dtype they are given (float64 for ground truth) and build the full
-``[N, V]`` logits; they are not meant for training large vocabularies.
+``[N, V]`` logits; they are not meant for training large vocabularies. The head's log-probs use
+optional final-logit soft-capping (Gemma-2): ``softcap_c(z) = c * tanh(z / c)``, applied before
+the temperature.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -38,13 +41,30 @@ def group_advantages_ref(rewards: torch.Tensor, group_ids: torch.Tensor, *, scal
     return out.to(torch.float32) if rewards.dtype != torch.float64 else out
 
 
+def check_softcap(softcap: Optional[float]) -> Optional[float]:
+    """``None`` (no soft-capping) or the cap ``c`` as a float; anything but a finite ``c > 0`` raises."""
+    if softcap is None:
+        return None
+    try:
+        c = float(softcap)
+    except (TypeError, ValueError):
+        c = float("nan")
+    if isinstance(softcap, (bool, str, bytes)) or not math.isfinite(c) or c <= 0:
+        raise ValueError(f"softcap must be None or a finite positive float, got {softcap!r}")
+    return c
+
+
 def linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                         bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                        return_entropy: bool = False):
-    """log softmax((H W^T + b) / T)[y] (and the entropy of that distribution), via full logits."""
+                        return_entropy: bool = False, softcap: Optional[float] = None):
+    """log softmax(softcap_c(H W^T + b) / T)[y] (and the entropy of that distribution), via full logits;
+    ``softcap_c(z) = c tanh(z / c)`` for ``softcap=c``, the identity for ``None``."""
+    softcap = check_softcap(softcap)
     z = hidden @ weight.t()
     if bias is not None:
         z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)

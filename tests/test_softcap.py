@@ -1,0 +1,327 @@
+"""Final-logit soft-capping (Gemma-2: ``logits = c * tanh(logits / c)``) in the head ops.
+
+Ground truth is computed here, independently of ``fasthint_kernels``: float64 materialised logits,
+``c * tanh(z / c)``, ``/ T``, ``log_softmax``, gather, ``-sum p log p``, and autograd for the
+gradients. The same formula in float32 is the baseline of the tolerance rule
+``|gt - fast| <= |gt - torch_same_dtype| + tol`` (elementwise). The logits have magnitudes of several
+units, so ``c = 2`` saturates the tanh; ``c = 30`` barely bends it.
+"""
+from __future__ import annotations
+
+import os
+import types
+
+import pytest
+import torch
+
+from fasthint import ops
+from fasthint_kernels import native
+from fasthint_kernels.chunked import linear_logprobs_chunked
+from fasthint_kernels.fused_loss import fused_policy_loss_chunked
+from fasthint_kernels.reference import policy_loss_ref
+
+N, D, V = 37, 24, 263
+TEMP = 0.7
+CAPS = (2.0, 30.0)
+# the native kernels need g++ and ninja; CI (CI=true) must build them, so there they never skip
+HEAD_IMPLS = ("torch", pytest.param("native", marks=pytest.mark.skipif(
+    not os.environ.get("CI") and not native.available(),
+    reason=f"native CPU kernels not built here: {native.why_unavailable()}")))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These problems are tiny: intra-op threading only adds contention on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _problem(n=N, d=D, v=V, seed=0, bias=True):
+    """float32 head whose logits have a standard deviation of about 4 (so tanh(z / 2) saturates)."""
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    w = torch.randn(v, d, generator=gen, dtype=torch.float64) * (4.0 / d ** 0.5)
+    b = torch.randn(v, generator=gen, dtype=torch.float64) if bias else None
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[0], y[1] = 0, v - 1  # edges of the vocabulary
+    g_lp = torch.randn(n, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
+    f32 = (lambda t: None if t is None else t.float())
+    return f32(h), f32(w), f32(b), y, g_lp, g_ent
+
+
+def _leaves(h, w, b, dtype):
+    return [t.detach().to(dtype).requires_grad_(True) for t in (h, w) + ((b,) if b is not None else ())]
+
+
+def _head(h, w, b, y, temperature, cap):
+    """Materialised, differentiable: (logp, entropy) of softmax(cap * tanh((h w^T + b) / cap) / T)."""
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    logprobs = torch.log_softmax(z / temperature, dim=-1)
+    logp = logprobs.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+    return logp, -(logprobs.exp() * logprobs).sum(-1)
+
+
+def _materialised(h, w, b, y, cap, g_lp, g_ent, dtype):
+    """Outputs and gradients (hidden, weight[, bias]) of (logp * g_lp + entropy * g_ent).sum(), in ``dtype``."""
+    leaves = _leaves(h, w, b, dtype)
+    logp, ent = _head(*leaves[:2], leaves[2] if b is not None else None, y, TEMP, cap)
+    grads = torch.autograd.grad((logp * g_lp.to(dtype) + ent * g_ent.to(dtype)).sum(), leaves)
+    return [logp.detach(), ent.detach()], list(grads)
+
+
+def _fast(fn, h, w, b, y, g_lp, g_ent, **kw):
+    leaves = _leaves(h, w, b, h.dtype)
+    logp, ent = fn(leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, temperature=TEMP,
+                   return_entropy=True, **kw)
+    grads = torch.autograd.grad((logp * g_lp.to(logp.dtype) + ent * g_ent.to(ent.dtype)).sum(), leaves)
+    return [logp.detach(), ent.detach()], list(grads)
+
+
+def _within(gt, fast, same, tol, what):
+    """|gt - fast| <= |gt - torch_same_dtype| + tol, elementwise."""
+    gt, fast, same = gt.double(), fast.double(), same.double()
+    err, bound = (gt - fast).abs(), (gt - same).abs() + tol
+    bad = err > bound
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} elements out of tolerance, "
+                                 f"max excess {(err - bound).max().item():.3e}")
+
+
+def _check(gt, fast, same, names=("logp", "entropy", "d_hidden", "d_weight", "d_bias")):
+    (gt_out, gt_grads), (out, grads), (same_out, same_grads) = gt, fast, same
+    for name, a, f, s in zip(names[:2], gt_out, out, same_out):
+        assert f.dtype == torch.float32 and f.shape == a.shape
+        _within(a, f, s, 1e-5, name)
+    assert len(grads) == len(gt_grads)
+    for name, a, f, s in zip(names[2:], gt_grads, grads, same_grads):
+        assert f.dtype == torch.float32 and f.shape == a.shape
+        _within(a, f, s, 1e-5 * a.abs().max().item() + 1e-6, name)
+
+
+# ==============================================================================================
+# linear_logprobs
+# ==============================================================================================
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS)
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("chunk_elems", [None, 5 * V], ids=["one-chunk", "5-row-chunks"])
+def test_linear_logprobs_softcap_matches_float64(impl, cap, bias, chunk_elems):
+    h, w, b, y, g_lp, g_ent = _problem(bias=bias, seed=1)
+    gt = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float64)
+    same = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float32)
+    if chunk_elems is None:  # the public op
+        fast = _fast(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, impl=impl, softcap=cap)
+    else:  # 37 rows in chunks of 5: the last chunk is ragged
+        fast = _fast(linear_logprobs_chunked, h, w, b, y, g_lp, g_ent, chunk_elems=chunk_elems,
+                     native=impl == "native", softcap=cap)
+    _check(gt, fast, same)
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS)
+def test_linear_logprobs_softcap_logp_only_upstream(impl):
+    """Only logp is used downstream (the entropy is not returned): the backward without entropy terms."""
+    h, w, b, y, g_lp, _ = _problem(seed=2)
+    zero = torch.zeros_like(g_lp)
+    gt_out, gt_grads = _materialised(h, w, b, y, 2.0, g_lp, zero, torch.float64)
+    same_out, same_grads = _materialised(h, w, b, y, 2.0, g_lp, zero, torch.float32)
+    leaves = _leaves(h, w, b, torch.float32)
+    logp = ops.linear_logprobs(leaves[0], leaves[1], y, bias=leaves[2], temperature=TEMP, impl=impl, softcap=2.0)
+    grads = torch.autograd.grad((logp * g_lp.float()).sum(), leaves)
+    _check((gt_out[:1], gt_grads), ([logp.detach()], list(grads)), (same_out[:1], same_grads))
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS + ("reference",))
+def test_softcap_changes_the_logprobs(impl):
+    """c = 2 must move the log-probs (a path that ignored the cap would fail here); a huge c must not."""
+    h, w, b, y, _, _ = _problem(seed=3)
+    plain = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl=impl)
+    capped = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl=impl, softcap=2.0)
+    assert (capped - plain).abs().max().item() > 0.5
+    # |z / T| <= c / T = 2.86 for every logit: no log-prob can fall below -2 c / T - log V
+    assert capped.min().item() >= -2 * 2.0 / TEMP - torch.log(torch.tensor(float(V))).item() - 1e-4
+    loose = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl=impl, softcap=1e6)
+    torch.testing.assert_close(loose, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS + ("reference",))
+def test_softcap_none_is_exactly_the_uncapped_op(impl):
+    h, w, b, y, g_lp, g_ent = _problem(seed=4)
+    default = _fast(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, impl=impl)
+    none = _fast(ops.linear_logprobs, h, w, b, y, g_lp, g_ent, impl=impl, softcap=None)
+    for a, c in zip(default[0] + default[1], none[0] + none[1]):
+        assert torch.equal(a, c)
+    # and the uncapped op is still right against float64 ground truth
+    _check(_materialised(h, w, b, y, None, g_lp, g_ent, torch.float64), default,
+           _materialised(h, w, b, y, None, g_lp, g_ent, torch.float32))
+
+
+def test_softcap_float64_inputs_are_exact():
+    h, w, b, y, g_lp, g_ent = _problem(seed=5)
+    h, w, b = h.double(), w.double(), b.double()
+    gt_out, gt_grads = _materialised(h, w, b, y, 2.0, g_lp, g_ent, torch.float64)
+    out, grads = _fast(linear_logprobs_chunked, h, w, b, y, g_lp, g_ent, chunk_elems=6 * V, softcap=2.0)
+    for a, c in zip(gt_out + gt_grads, out + grads):
+        assert c.dtype == torch.float64
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-11)
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS)
+@pytest.mark.parametrize("cap", CAPS)
+def test_softcap_real_vocabulary(impl, cap):
+    """A Qwen-sized vocabulary (151936) with a few tokens: 2-row chunks, the last one ragged."""
+    v = 151936
+    h, w, b, y, g_lp, g_ent = _problem(n=3, d=8, v=v, seed=6)
+    gt = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float64)
+    same = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float32)
+    fast = _fast(linear_logprobs_chunked, h, w, b, y, g_lp, g_ent, chunk_elems=2 * v,
+                 native=impl == "native", softcap=cap)
+    _check(gt, fast, same)
+
+
+# ==============================================================================================
+# fused_policy_loss
+# ==============================================================================================
+
+def _loss_problem(seed):
+    h, w, b, y, _, _ = _problem(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    adv = torch.randn(N, generator=gen)
+    mask = (torch.rand(N, generator=gen) > 0.3).float()
+    mask[:2] = torch.tensor([0.0, 1.0])
+    with torch.no_grad():
+        lp, _ = _head(h.double(), w.double(), b.double(), y, TEMP, 2.0)
+        old = (lp + 0.3 * torch.randn(N, generator=gen, dtype=torch.float64)).float()
+        ref = (old.double() + 0.2 * torch.randn(N, generator=gen, dtype=torch.float64)).float()
+    return h, w, b, y, adv, mask, old, ref
+
+
+def _loss_and_grads(fn, h, w, b, dtype, upstream):
+    leaves = _leaves(h, w, b, dtype)
+    loss, stats = fn(*leaves)
+    grads = torch.autograd.grad(loss * upstream, leaves)
+    return loss.detach().double(), [g.double() for g in grads], stats
+
+
+LOSS_CASES = [
+    dict(loss_agg="token-mean"),
+    dict(loss_agg="seq-mean-token-mean", dual_clip=3.0, beta=0.1, use_ref=True),
+]
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS)
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: c["loss_agg"])
+@pytest.mark.parametrize("chunk_elems", [None, 5 * V], ids=["one-chunk", "5-row-chunks"])
+def test_fused_policy_loss_softcap_matches_float64(impl, cap, case, chunk_elems):
+    h, w, b, y, adv, mask, old, ref = _loss_problem(seed=7)
+    kw = {k: x for k, x in case.items() if k != "use_ref"}
+    kw["seq_ids"] = torch.arange(N) // 6
+    if case.get("use_ref"):
+        kw["ref_logp"] = ref
+    up = 1.7  # backward must scale the stored gradients by the upstream scalar
+
+    def fast(hh, ww, bb):
+        if chunk_elems is None:
+            return ops.fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP, return_entropy=True,
+                                         impl=impl, softcap=cap, **kw)
+        return fused_policy_loss_chunked(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP, return_entropy=True,
+                                         chunk_elems=chunk_elems, native=impl == "native", softcap=cap, **kw)
+
+    def materialised(hh, ww, bb):
+        lp, ent = _head(hh, ww, bb, y, TEMP, cap)
+        kk = {k: (x.to(hh.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x)
+              for k, x in kw.items()}
+        loss, stats = policy_loss_ref(lp, old.to(hh.dtype), adv.to(hh.dtype), mask, **kk)
+        return loss, dict(stats, logp=lp.detach(), entropy=ent.detach())
+
+    gt_loss, gt_grads, gt_stats = _loss_and_grads(materialised, h, w, b, torch.float64, up)
+    loss, grads, stats = _loss_and_grads(fast, h, w, b, torch.float32, up)
+    same_loss, same_grads, same_stats = _loss_and_grads(materialised, h, w, b, torch.float32, up)
+    assert abs(loss - gt_loss) <= abs(same_loss - gt_loss) + 1e-6
+    for name, a, f, s in zip(("d_hidden", "d_weight", "d_bias"), gt_grads, grads, same_grads):
+        _within(a, f, s, 1e-5 * a.abs().max().item() + 1e-7, name)
+    for name in ("logp", "entropy"):
+        _within(gt_stats[name], stats[name], same_stats[name], 1e-5, name)
+    assert torch.equal(grads[0][mask == 0], torch.zeros_like(grads[0][mask == 0]))  # masked tokens
+    for k in ("clip_ratio/low", "clip_ratio/high", "kl"):
+        assert abs(stats[k].item() - same_stats[k].item()) < 1e-6
+
+
+@pytest.mark.parametrize("impl", HEAD_IMPLS)
+def test_fused_policy_loss_softcap_none_is_exactly_the_uncapped_op(impl):
+    h, w, b, y, adv, mask, old, _ = _loss_problem(seed=8)
+    runs = []
+    for extra in ({}, {"softcap": None}):
+        leaves = _leaves(h, w, b, torch.float32)
+        loss, stats = ops.fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
+                                            impl=impl, **extra)
+        runs.append([loss.detach(), stats["logp"], *torch.autograd.grad(loss, leaves)])
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    leaves = _leaves(h, w, b, torch.float32)
+    capped, _ = ops.fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
+                                      impl=impl, softcap=2.0)
+    assert abs(capped.item() - runs[0][0].item()) > 1e-3
+
+
+def test_fused_policy_loss_softcap_no_grad_matches_grad_run():
+    h, w, b, y, adv, mask, old, _ = _loss_problem(seed=9)
+    with torch.no_grad():  # evaluation: no 1 - t^2 buffer, same value
+        l0, s0 = fused_policy_loss_chunked(h, w, y, adv, mask, old, bias=b, temperature=TEMP, softcap=2.0,
+                                           chunk_elems=5 * V)
+    hh = h.clone().requires_grad_()
+    l1, s1 = fused_policy_loss_chunked(hh, w, y, adv, mask, old, bias=b, temperature=TEMP, softcap=2.0,
+                                       chunk_elems=5 * V)
+    assert torch.equal(l0, l1.detach()) and torch.equal(s0["logp"], s1["logp"])
+
+
+# ==============================================================================================
+# dispatch and argument checks
+# ==============================================================================================
+
+def test_triton_with_softcap_raises():
+    h, w, b, y, adv, mask, old, _ = _loss_problem(seed=10)
+    with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
+        ops.linear_logprobs(h, w, y, bias=b, impl="triton", softcap=2.0)
+    with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
+        ops.fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="triton", softcap=30.0)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -2.0, float("nan"), float("inf"), True, "2"])
+def test_invalid_softcap_raises(bad):
+    h, w, b, y, adv, mask, old, _ = _loss_problem(seed=11)
+    for impl in ("torch", "reference", "auto"):
+        with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
+            ops.linear_logprobs(h, w, y, bias=b, impl=impl, softcap=bad)
+    with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
+        ops.fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="torch", softcap=bad)
+    with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
+        linear_logprobs_chunked(h, w, y, softcap=bad)
+
+
+def test_auto_with_softcap_on_cpu_uses_the_chunked_path():
+    h, w, b, y, _, _ = _problem(seed=12)
+    auto = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, softcap=2.0)
+    chosen = "native" if native.usable(h, w) else "torch"
+    assert torch.equal(auto, ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, softcap=2.0, impl=chosen))
+
+
+def test_auto_with_softcap_on_cuda_skips_the_probe(monkeypatch):
+    """On CUDA, ``auto`` with a soft-cap goes straight to torch: the Triton probe is never run."""
+    import fasthint.autoselect as autoselect
+
+    probes = []
+    monkeypatch.setattr(autoselect, "choose_cuda_impl", lambda *a, **k: probes.append(a) or "triton")
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"))  # only .device is consulted
+    for op in ("logprobs", "policy_loss"):
+        assert ops._resolve_head_impl("auto", op, cuda_like, cuda_like, TEMP, True, 2.0) == "torch"
+    assert probes == []
+    assert ops._resolve_head_impl("auto", "logprobs", cuda_like, cuda_like, TEMP, True, None) == "triton"
+    assert len(probes) == 1  # without a cap the probe still decides
