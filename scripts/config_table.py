@@ -1,11 +1,12 @@
-"""Rewrites the README's config reference from the TrainConfig dataclass (run after adding options)."""
+"""Rewrites the config reference in docs/CONFIG.md (between its `<!-- config-table: ... -->` and
+`<!-- /config-table -->` markers) from the TrainConfig dataclass (run after adding options)."""
 import dataclasses
 import os
 import re
 
 from fasthint.config import TrainConfig
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+CONFIG_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")
 
 
 def table() -> str:
@@ -16,7 +17,9 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    text = open(README).read()
-    text = re.sub(r"(<!-- config-table:[^\n]*-->\n).*?(\n<!-- /config-table -->)",
-                  lambda m: m.group(1) + table() + m.group(2), text, flags=re.S)
-    open(README, "w").write(text)
+    text = open(CONFIG_DOC).read()
+    text, found = re.subn(r"(<!-- config-table:[^\n]*-->\n).*?(\n<!-- /config-table -->)",
+                          lambda m: m.group(1) + table() + m.group(2), text, flags=re.S)
+    if not found:
+        raise SystemExit(f"{CONFIG_DOC} has no <!-- config-table: ... --> ... <!-- /config-table --> markers")
+    open(CONFIG_DOC, "w").write(text)

@@ -46,9 +46,38 @@ def test_public_api_importable():
     assert importlib.util.find_spec("fasthint.train") is not None
 
 
-def test_readme_config_reference_is_current():
+def test_config_reference_is_current():
     import runpy
 
     table = runpy.run_path(os.path.join(REPO, "scripts", "config_table.py"))["table"]()
-    readme = open(os.path.join(REPO, "README.md")).read()
-    assert table in readme, "README config reference is stale: run python scripts/config_table.py"
+    doc = open(os.path.join(REPO, "docs", "CONFIG.md")).read()
+    assert table in doc, "docs/CONFIG.md config reference is stale: run python scripts/config_table.py"
+
+
+def _lock(name: str) -> dict:
+    out = {}
+    with open(os.path.join(REPO, "locks", name)) as fh:
+        for line in fh:
+            line = line.split("#")[0].strip()
+            if line:
+                pkg, version = line.split("==")
+                out[pkg.lower().replace("_", "-")] = version
+    return out
+
+
+def test_environment_matches_the_lock():
+    """The figures in docs/RESULTS.md and tests/recorded/ hold for locks/cpu.txt's exact versions:
+    every locked package is installed at its version, and nothing else is installed (a new
+    dependency must enter the lock: bash scripts/lock.sh)."""
+    from importlib import metadata
+
+    lock = _lock("cpu.txt")
+    installed: dict = {}
+    for d in metadata.distributions():  # not the copies setuptools vendors (it may put them on sys.path)
+        if "_vendor" not in str(getattr(d, "_path", "")):
+            installed.setdefault(d.metadata["Name"].lower().replace("_", "-"), d.version)
+    wrong = {k: (v, installed.get(k)) for k, v in lock.items() if installed.get(k, "").split("+")[0] != v}
+    assert not wrong, f"installed versions differ from locks/cpu.txt (locked, installed): {wrong}; run bash scripts/setup.sh"
+    extra = sorted(set(installed) - set(lock) - {"fasthint", "pip", "setuptools", "wheel"})
+    assert not extra, f"installed but not in locks/cpu.txt: {extra}; add them with bash scripts/lock.sh"
+    assert "transformers" in lock and "math-verify" in lock and "numpy" in lock
