@@ -28,10 +28,15 @@ FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all
           "hint_rate", "step_s", "sampled_tokens", "extra_args"]
 
 
+# All four toy levels (level 4 is where hints matter) at the learning rate of the runs in
+# bench/results/toy_algorithms.csv, so that new rows compare with them; flags after -- override these.
+BASE = ["--toy_levels", "1,2,3,4", "--learning_rate", "5e-5"]
+
+
 def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
     cmd = [sys.executable, "-m", "fasthint.train", "--algo", algo, "--seed", str(seed), "--output_dir", out,
            "--resume", "none",  # a fresh run each time, never a continuation of an earlier one
-           "--progress_bar", "false", *extra]
+           "--progress_bar", "false", *BASE, *extra]
     res = subprocess.run(cmd, cwd=os.path.dirname(HERE), capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{algo} seed {seed} failed:\n{res.stderr[-2000:]}")

@@ -53,7 +53,7 @@ class TrainConfig:
     algo: str = _f("grpo", f"training algorithm, one of {ALGOS}.")
     prompts_per_step: int = _f(64, "prompts per optimizer step (each gets num_generations completions).")
     num_generations: int = _f(8, "completions per prompt: the group size G.")
-    max_steps: int = _f(50, "optimizer steps.")
+    max_steps: int = _f(100, "optimizer steps.")
     adv_scale: str = _f("auto", f"advantage scaling, one of {ADV_SCALES}; auto = 'none' for dr_grpo, "
                                 "else 'group'.")
     adv_eps: float = _f(1e-6, "epsilon added to the std in the advantage.")
@@ -108,7 +108,7 @@ class TrainConfig:
     vllm_importance_sampling_cap: float = _f(2.0, "vllm: TIS truncation C (weights are min(ratio, C)).")
 
     # --- optimisation ---------------------------------------------------------------------------
-    learning_rate: float = _f(5e-5, "AdamW learning rate (constant after warm-up); the default suits "
+    learning_rate: float = _f(2e-4, "AdamW learning rate (constant after warm-up); the default suits "
                                     "the toy: for real models use about 1e-6.")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")

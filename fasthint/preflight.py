@@ -4,6 +4,7 @@ mismatch stops the run within seconds, with one line naming the problem and the 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +14,7 @@ from fasthint.algorithms import REGISTRY
 from fasthint.checkpoint import find_resume
 from fasthint.config import TrainConfig
 from fasthint.data import load_dataset, render_prompt
-from fasthint.errors import ConfigError, DataError
+from fasthint.errors import ConfigError, DataError, ModelError
 from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
 from fasthint.head import head_transform
 
@@ -80,8 +81,6 @@ def _tokenizer(cfg: TrainConfig, path: Optional[str]):
         return build_tokenizer()
     from transformers import AutoTokenizer
 
-    from fasthint.errors import ModelError
-
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -101,6 +100,27 @@ def check_prompts(cfg: TrainConfig, tokenizer, rows: list[dict], path: str) -> N
                         f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
 
 
+def check_output_dir(path: str) -> None:
+    """``--output_dir`` is a directory or can become one."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--output_dir {path} is a file: pass a directory")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"--output_dir {path}: {parent} is not writable: pass a directory you can write to")
+
+
+def check_tokenizer_fits(tokenizer, config, path: str) -> None:
+    """Every token id the tokenizer can produce has a row in the model's embedding."""
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ModelError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} "
+                         "rows: the tokenizer files do not belong to this model (save the model's own tokenizer "
+                         "next to it)")
+
+
 def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
     """Reads and checks the data, the resume point, optional packages and (for a real model) the
     config and tokenizer of the checkpoint; raises a FastHintError before any expensive work."""
@@ -108,13 +128,17 @@ def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
     rows = load_dataset(train_path)
     eval_rows = spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
     resume_dir = find_resume(cfg)
+    check_output_dir(cfg.output_dir)
     check_hint_data(cfg, rows)
     check_packages(cfg)
     attn, path = None, None
+    tokenizer = _tokenizer(cfg, None) if cfg.model == "toy" else None
     if cfg.model != "toy":
         path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
         config = load_model_config(path)
         head_transform(config)  # a logit transform the fused loss cannot apply is refused here
         attn = resolve_attn_implementation(cfg.attn_implementation, device, config)
-    check_prompts(cfg, _tokenizer(cfg, path), rows, train_path)
+        tokenizer = _tokenizer(cfg, path)
+        check_tokenizer_fits(tokenizer, config, path)
+    check_prompts(cfg, tokenizer, rows, train_path)
     return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn)

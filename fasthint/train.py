@@ -342,8 +342,9 @@ def _finish(run: _Run, results: dict, last: dict, evaluate: Callable, logger) ->
         save_hf_checkpoint(run.policy.lm, run.tokenizer, final, state_dict=sd,
                            extra_json={"algorithm_state.json": {"algo": cfg.algo, **run.algo.state_dict(),
                                                                 "solve_tracker": run.tracker.state_dict()}})
+        data = f"the toy, levels {cfg.toy_levels}" if cfg.data == "toy" else os.path.basename(run.train_path)
         results["plot"] = plot_metrics(read_metrics(logger.path), os.path.join(cfg.output_dir, "training_curves.png"),
-                                       title=f"{cfg.algo} on {os.path.basename(run.train_path)}",
+                                       title=f"{cfg.algo} on {data}",
                                        evals=(results["eval_before"], results["eval_after"]))
         write_json_atomic(os.path.join(cfg.output_dir, "eval.json"),
                           {k: results[k] for k in ("eval_before", "eval_after")})

@@ -1,4 +1,6 @@
 """The first hour of a new user: errors before work, and a short run that prints no warning."""
+import importlib.util
+import re
 import subprocess
 import sys
 import time
@@ -39,3 +41,57 @@ def test_a_short_run_raises_no_warning(tmp_path, caplog):
     assert not shown, "\n".join(shown)
     logged = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= 30]
     assert not logged, "\n".join(logged)
+
+
+def _cfg(tmp_path, **kw):
+    import fasthint
+
+    base = dict(max_steps=1, output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"), toy_train_size=40,
+                eval_data="", prompts_per_step=2, num_generations=4, max_new_tokens=8, progress_bar=False)
+    return fasthint.TrainConfig(**{**base, **kw})
+
+
+def test_settings_and_model_mismatches_are_refused_before_any_work(tmp_path):
+    """Each case stops before the toy is built or any weights are read, and writes nothing."""
+    import transformers as tf
+
+    import fasthint
+    from test_model_families import TINY, _save
+
+    (tmp_path / "a_file").write_text("x")
+    small = tf.LlamaConfig(**TINY, vocab_size=50)  # the toy tokenizer has 259 tokens
+    tf.LlamaForCausalLM(small).save_pretrained(tmp_path / "small")
+    from fasthint.toy.model import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path / "small")
+    cases = [
+        (dict(output_dir=str(tmp_path / "a_file")), "--output_dir .* is a file"),
+        (dict(model=str(tmp_path / "small")), "tokenizer has 259 tokens but the model's embedding has 50 rows"),
+        (dict(model=_save(tmp_path, "gemma2"), attn_implementation="sdpa"), "--attn_implementation sdpa"),
+        (dict(engine="vllm"), "--engine vllm needs vLLM|vllm"),
+    ]
+    for kw, message in cases:
+        if kw.get("engine") == "vllm" and importlib.util.find_spec("vllm") is not None:
+            continue  # the vLLM environment has it
+        t0 = time.perf_counter()
+        try:
+            fasthint.fit(_cfg(tmp_path, **kw))
+        except fasthint.FastHintError as e:
+            assert re.search(message, str(e)), (kw, str(e))
+        else:
+            raise AssertionError(f"{kw} was accepted")
+        assert time.perf_counter() - t0 < 10, kw
+        assert not (tmp_path / "out").exists(), kw
+        assert not (tmp_path / "cache" / "toy").exists() or \
+            not any(p.name.startswith("model") for p in (tmp_path / "cache" / "toy").iterdir()), kw
+
+
+def test_gemma2_with_sdpa_exits_2_with_one_line_naming_the_flag(tmp_path):
+    from test_model_families import _save
+
+    cmd = [sys.executable, "-m", "fasthint.train", "--model", _save(tmp_path, "gemma2"), "--attn_implementation", "sdpa",
+           "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = [x for x in res.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("error: gemma2 cannot use --attn_implementation sdpa") and "--attn_implementation auto" in last

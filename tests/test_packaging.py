@@ -77,7 +77,8 @@ def test_environment_matches_the_lock():
         if "_vendor" not in str(getattr(d, "_path", "")):
             installed.setdefault(d.metadata["Name"].lower().replace("_", "-"), d.version)
     wrong = {k: (v, installed.get(k)) for k, v in lock.items() if installed.get(k, "").split("+")[0] != v}
-    assert not wrong, f"installed versions differ from locks/cpu.txt (locked, installed): {wrong}; run bash scripts/setup.sh"
+    assert not wrong, f"installed versions differ from locks/cpu.txt (locked, installed): {wrong}: " \
+        "run bash scripts/setup.sh"
     extra = sorted(set(installed) - set(lock) - {"fasthint", "pip", "setuptools", "wheel"})
     assert not extra, f"installed but not in locks/cpu.txt: {extra}; add them with bash scripts/lock.sh"
     assert "transformers" in lock and "math-verify" in lock and "numpy" in lock
