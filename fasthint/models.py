@@ -81,12 +81,15 @@ def check_attn_implementation(config, attn: str) -> None:
                          "--attn_implementation auto (picks one the model supports), sdpa or eager") from None
 
 
-def load_policy(path: str, device: torch.device, attn_implementation: str = "sdpa", meta: bool = False):
+def load_policy(path: str, device: torch.device, attn_implementation: str = "auto", meta: bool = False):
     """(model in float32 on ``device``, tokenizer) from a checkpoint directory or hub id. ``meta``:
     the architecture only, on the meta device, no weights read (filled later by
-    :func:`fasthint.dist.shard_from_rank0`)."""
+    :func:`fasthint.dist.shard_from_rank0`). ``auto`` attention: what :func:`resolve_attn_implementation`
+    picks for this model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if attn_implementation == "auto":
+        attn_implementation = resolve_attn_implementation("auto", device, load_model_config(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         if meta:
@@ -122,7 +125,7 @@ def check_head(model, tokenizer) -> Optional[str]:
     return None
 
 
-def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "sdpa"):
+def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "auto"):
     """(``dist.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`.
 
     One process: the model is loaded on ``device``. Under torchrun no rank but 0 ever holds the

@@ -15,8 +15,8 @@ from fasthint.checkpoint import find_resume
 from fasthint.config import TrainConfig
 from fasthint.data import load_dataset, render_prompt
 from fasthint.errors import ConfigError, DataError, ModelError
-from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
 from fasthint.head import head_transform
+from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
 
 HINT_COLUMNS = {"self": "solution", "solution": "solution", "dataset": "hint"}
 
@@ -132,8 +132,9 @@ def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
     check_hint_data(cfg, rows)
     check_packages(cfg)
     attn, path = None, None
-    tokenizer = _tokenizer(cfg, None) if cfg.model == "toy" else None
-    if cfg.model != "toy":
+    if cfg.model == "toy":
+        tokenizer = _tokenizer(cfg, None)
+    else:
         path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
         config = load_model_config(path)
         head_transform(config)  # a logit transform the fused loss cannot apply is refused here

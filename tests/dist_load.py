@@ -26,6 +26,7 @@ def main(ckpt: str, out: str) -> None:
         save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, out + ".safetensors")
         with open(out + ".json", "w") as fh:
             json.dump(every, fh)
+    dist.barrier()  # as the trainer does before closing: no rank tears gloo down while another writes
     dist.close()
 
 

@@ -49,6 +49,7 @@ def main(out: str) -> None:
         merged = {k: v for p in parts for k, v in p.items()}
         with open(out, "w") as fh:
             json.dump({"advantages": merged, "info": info, "sampler": sampler.state()}, fh)
+    dist.barrier()  # as the trainer does before closing: no rank tears gloo down while another writes
     dist.close()
 
 

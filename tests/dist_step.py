@@ -57,6 +57,7 @@ def main(out: str, loss_agg: str) -> None:
         save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, out + ".safetensors")
         with open(out + ".json", "w") as fh:
             json.dump(stats, fh)
+    dist.barrier()  # as the trainer does before closing: no rank tears gloo down while another writes
     dist.close()
 
 

@@ -112,6 +112,8 @@ def test_attention_the_model_lacks_is_refused_naming_the_flag(tmp_path):
         resolve_attn_implementation("sdpa", torch.device("cpu"), config)
     qwen = load_model_config(_save(tmp_path, "qwen2"))
     assert resolve_attn_implementation("auto", torch.device("cpu"), qwen) == "sdpa"
+    model, _ = load_policy(str(tmp_path / "gemma2"), torch.device("cpu"))  # the eval CLI's path: auto
+    assert model.config._attn_implementation == "eager"
 
 
 def test_unsupported_logit_transform_is_refused_from_the_config():
