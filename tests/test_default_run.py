@@ -23,10 +23,11 @@ STEPS = 3
 STEP_KEYS = ("reward/mean", "loss", "grad_norm", "entropy", "completion_len/mean")
 VERSIONED = ("torch", "transformers", "tokenizers", "safetensors", "numpy", "math-verify")
 # Why these tolerances: on the machine kind the figures were recorded on, the run is deterministic
-# (a fresh cache and a cached toy gave bit-identical figures; the loss is about 1e-3 per step). The margins allow a different CPU's float rounding to flip a few greedy
-# decodes (5 of 400 prompts) and to move the first sampled batches a little; a change of package
-# version that alters the model, tokenizer or verifier moves them further (transformers 5.23 -> 5.24
-# moved the pre-training accuracy from 23.0% to 16.2%).
+# (a fresh cache and a cached toy gave bit-identical figures; the loss is about 1e-3 per step).
+# The margins allow a different CPU's float rounding to flip a few greedy decodes (5 of 400
+# prompts) and to move the first sampled batches a little; a change of package version that alters
+# the model, tokenizer or verifier moves them further (transformers 5.23 -> 5.24 moved the
+# pre-training accuracy from 23.0% to 16.2%).
 TOLERANCE = {"eval": 0.0125, "reward/mean": 0.02, "loss": 5e-4, "grad_norm": 0.01, "entropy": 0.005,
              "completion_len/mean": 0.5}
 
