@@ -90,7 +90,8 @@ def test_gemma2_with_sdpa_exits_2_with_one_line_naming_the_flag(tmp_path):
     from test_model_families import _save
 
     cmd = [sys.executable, "-m", "fasthint.train", "--model", _save(tmp_path, "gemma2"),
-           "--attn_implementation", "sdpa", "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")]
+           "--attn_implementation", "sdpa", "--output_dir", str(tmp_path / "out"),
+           "--cache_dir", str(tmp_path / "cache")]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     last = [x for x in res.stderr.splitlines() if x.strip()][-1]
