@@ -199,9 +199,6 @@ def main() -> None:
     if args.worker:
         print(json.dumps(_worker(args.ops, args.worker, n, d, v, args.dtype, args.repeat)))
         return
-    import torch
-
-    cuda = torch.cuda.is_available()
     rows, vers = [], versions()
     logits_mib = n * v * 4 / 2**20
     for op in args.ops.split(","):

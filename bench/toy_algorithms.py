@@ -59,15 +59,17 @@ def _summary(rows: list[dict], algos: list[str]) -> None:
         return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
 
     base = [r for r in rows if r["algo"] == "grpo"]
-    print(f"\n{'algo':<11} {'seeds':>5} {'acc L4':>13} {'avg@k L4':>13} {'acc all':>13} {'never solved':>13} {'hint rate':>9} "
-          f"{'s/step':>7} {'x grpo':>6} {'tokens/step':>11} {'x grpo':>6}")
+    print(f"\n{'algo':<11} {'seeds':>5} {'acc L4':>13} {'avg@k L4':>13} {'acc all':>13} {'never solved':>13} "
+          f"{'hint rate':>9} {'s/step':>7} {'x grpo':>6} {'tokens/step':>11} {'x grpo':>6}")
     for algo in algos:
         rs = [r for r in rows if r["algo"] == algo]
         if not rs:
             continue
         cell = lambda k: "{:.3f} ± {:.3f}".format(*stat(rs, k))  # noqa: E731
         ratio = lambda k: f"{stat(rs, k)[0] / stat(base, k)[0]:.2f}" if base else "-"  # noqa: E731
-        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_4'):>13} {cell('avg_level_4') if rs[0]['avg_level_4'] != '' else '-':>13} {cell('acc_all'):>13} {cell('never_solved'):>13} "
+        avg4 = cell("avg_level_4") if rs[0]["avg_level_4"] != "" else "-"
+        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_4'):>13} {avg4:>13} {cell('acc_all'):>13} "
+              f"{cell('never_solved'):>13} "
               f"{stat(rs, 'hint_rate')[0]:>9.3f} {stat(rs, 'step_s')[0]:>7.2f} {ratio('step_s'):>6} "
               f"{stat(rs, 'sampled_tokens')[0]:>11.0f} {ratio('sampled_tokens'):>6}")
 

@@ -159,7 +159,8 @@ def main() -> None:
     print(f"{'framework':<10} {'s/step':>8} {'x fasthint':>10} {'peak MiB':>9} {'completion len':>15}")
     for r in rows:
         ratio = r["step_s"] / base["step_s"] if base else float("nan")
-        print(f"{r['framework']:<10} {r['step_s']:>8.2f} {ratio:>10.2f} {r['peak_mib']:>9.0f} {r['completion_len']:>15.1f}")
+        print(f"{r['framework']:<10} {r['step_s']:>8.2f} {ratio:>10.2f} {r['peak_mib']:>9.0f} "
+              f"{r['completion_len']:>15.1f}")
     append_rows(RESULTS, FIELDS, rows)
 
 

@@ -291,7 +291,8 @@ def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
         assert s.prompt_ids == plain
         assert torch.allclose(torch.tensor(s.old_logprobs, dtype=torch.float64), now, atol=1e-5)
         pad = T - len(now)
-        lr.append(torch.cat([now - torch.tensor(c.logprobs, dtype=torch.float64), torch.zeros(pad, dtype=torch.float64)]))
+        lr.append(torch.cat([now - torch.tensor(c.logprobs, dtype=torch.float64),
+                             torch.zeros(pad, dtype=torch.float64)]))
         masks.append(torch.cat([torch.ones(len(now)), torch.zeros(pad)]).double())
         advs.append(s.advantage)
     aff, eur, uc = affinity(torch.stack(lr), torch.tensor(advs, dtype=torch.float64), torch.stack(masks), eps=0.2)

@@ -36,7 +36,8 @@ def test_parse_prose_with_braces_inside_strings():
 
 
 def test_parse_smart_quotes():
-    text = "{\u201clevel_1\u201d: \u201cfirst\u201d, \u201clevel_2\u201d: \u201csecond\u201d, \u201clevel_3\u201d: \u201cthird\u201d}"
+    text = ("{\u201clevel_1\u201d: \u201cfirst\u201d, \u201clevel_2\u201d: \u201csecond\u201d, "
+            "\u201clevel_3\u201d: \u201cthird\u201d}")
     assert parse_hint_json(text) == {1: "first", 2: "second", 3: "third"}
 
 

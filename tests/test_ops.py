@@ -634,7 +634,8 @@ def _problem(dtype=torch.float32, bias=True, seed=0, n=N, d=D, v=V):
     y[0], y[1] = 0, v - 1  # edges of the vocabulary
     g_lp = torch.randn(n, generator=gen, dtype=torch.float64)
     g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t):
+        return (None if t is None else t.to(dtype))
     return cast(h), cast(w), cast(b), y, g_lp, g_ent
 
 

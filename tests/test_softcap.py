@@ -48,7 +48,8 @@ def _problem(n=N, d=D, v=V, seed=0, bias=True):
     y[0], y[1] = 0, v - 1  # edges of the vocabulary
     g_lp = torch.randn(n, generator=gen, dtype=torch.float64)
     g_ent = torch.randn(n, generator=gen, dtype=torch.float64)
-    f32 = (lambda t: None if t is None else t.float())
+    def f32(t):
+        return (None if t is None else t.float())
     return f32(h), f32(w), f32(b), y, g_lp, g_ent
 
 

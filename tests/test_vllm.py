@@ -88,7 +88,8 @@ def test_training_run_with_the_vllm_engine(tmp_path):
 
     import fasthint
 
-    cfg = fasthint.TrainConfig(engine="vllm", max_steps=3, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+    cfg = fasthint.TrainConfig(engine="vllm", max_steps=3, output_dir=str(tmp_path / "o"),
+                               cache_dir=str(tmp_path / "c"),
                                toy_warmstart_steps=0, toy_train_size=12, eval_data="", prompts_per_step=4,
                                num_generations=4, max_new_tokens=8, learning_rate=1e-2, progress_bar=False,
                                save_steps=0)

@@ -119,18 +119,18 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             y = targets[s:s + rows].long()
             if native:  # csrc/fused_logprobs.cpp: scale, bias, lse, z_y, entropy in two passes per row
                 z = _logits(hidden[s:s + rows], weight, _cap_bias(bias, softcap), 1.0, buf, softcap)
-                l, zy, e = torch.ops.fasthint_native.softmax_stats_(z, _native_bias(bias, softcap), 1.0 / temperature,
-                                                                     y.contiguous(), ent is not None)
-                lse[s:s + rows] = l
+                lse_c, zy, e = torch.ops.fasthint_native.softmax_stats_(
+                    z, _native_bias(bias, softcap), 1.0 / temperature, y.contiguous(), ent is not None)
+                lse[s:s + rows] = lse_c
                 if ent is not None:
                     ent[s:s + rows] = e
             else:
                 z = _logits(hidden[s:s + rows], weight, bias, temperature, buf, softcap)
                 zy = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-                lse[s:s + rows] = l = softmax_(z)
+                lse[s:s + rows] = lse_c = softmax_(z)
                 if ent is not None:
                     ent[s:s + rows] = neg_plogp(z, tmp)
-            logp[s:s + rows] = zy - l
+            logp[s:s + rows] = zy - lse_c
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.chunk_elems = temperature, return_entropy, chunk_elems
         ctx.native, ctx.softcap = native, softcap

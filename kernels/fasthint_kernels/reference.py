@@ -131,6 +131,7 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         stats = {
             "clip_ratio/low": (((ratio < 1 - eps_low) & (adv < 0)).to(m.dtype) * m).sum() / n,
             "clip_ratio/high": (((ratio > 1 + eps_high) & (adv > 0)).to(m.dtype) * m).sum() / n,
-            "kl": (torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum() / n) if kl is not None else torch.zeros((), dtype=m.dtype, device=m.device),
+            "kl": ((torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum() / n) if kl is not None
+                   else torch.zeros((), dtype=m.dtype, device=m.device)),
         }
     return loss, stats
