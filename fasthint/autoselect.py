@@ -53,17 +53,15 @@ def _median_ms(fn: Callable, device: torch.device, repeat: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _triton_correct(h, w, y, temperature: float) -> bool:
+def _triton_correct(h, w, y, temperature: float, linear_logprobs: Callable) -> bool:
     """Triton vs float64 on a 64-token slice; the chunked torch path's error (same dtype) plus a small
     tolerance is the allowance, for log-probs and for the hidden-state gradient."""
-    from fasthint import ops
-
     hs, ys = h[:64], y[:64]
     up = torch.linspace(-1, 1, 64, device=h.device, dtype=torch.float64)
 
     def logp_and_grad(impl: str, hh, ww):
         hh = hh.detach().requires_grad_()
-        lp = ops.linear_logprobs(hh, ww, ys, temperature=temperature, impl=impl)
+        lp = linear_logprobs(hh, ww, ys, temperature=temperature, impl=impl)
         (dh,) = torch.autograd.grad((lp * up.to(lp.dtype)).sum(), hh)
         return lp.detach().double(), dh.double()
 
@@ -75,11 +73,11 @@ def _triton_correct(h, w, y, temperature: float) -> bool:
 
 
 def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                     return_entropy: bool) -> str:
+                     return_entropy: bool, *, linear_logprobs: Callable, fused_policy_loss: Callable) -> str:
     """``"triton"`` or ``"torch"`` for this CUDA call (measured once per key, then cached). Works on
-    CPU tensors too (under ``TRITON_INTERPRET=1``), which is how the tests exercise it."""
-    from fasthint import ops
-
+    CPU tensors too (under ``TRITON_INTERPRET=1``), which is how the tests exercise it.
+    ``linear_logprobs`` and ``fused_policy_loss`` are ``fasthint.ops``' functions (passed in, so that
+    this module sits below ``ops`` with no import cycle)."""
     key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy)
     if key in _DECISIONS:
         return _DECISIONS[key]
@@ -89,17 +87,17 @@ def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temper
 
     def run(impl: str) -> Callable:
         if op == "policy_loss":
-            return lambda hh, ww: ops.fused_policy_loss(hh, ww, y, adv, mask, old, temperature=temperature,
-                                                        return_entropy=return_entropy, impl=impl)[0]
+            return lambda hh, ww: fused_policy_loss(hh, ww, y, adv, mask, old, temperature=temperature,
+                                                    return_entropy=return_entropy, impl=impl)[0]
 
         def loss(hh, ww):
-            out = ops.linear_logprobs(hh, ww, y, temperature=temperature, return_entropy=return_entropy, impl=impl)
+            out = linear_logprobs(hh, ww, y, temperature=temperature, return_entropy=return_entropy, impl=impl)
             lp, ent = out if return_entropy else (out, None)
             return (lp * up).sum() + (ent.sum() if ent is not None else 0.0)
         return loss
 
     try:
-        ok = _triton_correct(h, w, y, temperature)
+        ok = _triton_correct(h, w, y, temperature, linear_logprobs)
         if ok:
             times = {}
             for impl in ("triton", "torch"):

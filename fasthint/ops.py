@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from fasthint import autoselect
 from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
 from fasthint_kernels.reference import (check_softcap, group_advantages_ref,  # noqa: F401
                                         linear_logprobs_ref, policy_loss_ref)
@@ -55,9 +56,8 @@ def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.T
         return "native" if usable(hidden, weight) else "torch"
     if softcap is not None:
         return "torch"
-    from fasthint.autoselect import choose_cuda_impl
-
-    return choose_cuda_impl(op, hidden, weight, temperature, return_entropy)
+    return autoselect.choose_cuda_impl(op, hidden, weight, temperature, return_entropy,
+                                       linear_logprobs=linear_logprobs, fused_policy_loss=fused_policy_loss)
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",

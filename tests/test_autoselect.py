@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import fasthint_kernels.logprobs as tl_logprobs
-from fasthint import autoselect
+from fasthint import autoselect, ops
+
+OPS = dict(linear_logprobs=ops.linear_logprobs, fused_policy_loss=ops.fused_policy_loss)
 
 
 @pytest.fixture
@@ -25,12 +27,12 @@ def _head(v=700, d=32):
 def test_probe_measures_both_and_caches(small_probe, op, caplog):
     h, w = _head()
     with caplog.at_level(logging.INFO, logger="fasthint"):
-        first = autoselect.choose_cuda_impl(op, h, w, 0.7, True)
+        first = autoselect.choose_cuda_impl(op, h, w, 0.7, True, **OPS)
     assert first in ("triton", "torch")
     assert "triton" in caplog.text and "torch" in caplog.text and "ms" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fasthint"):
-        assert autoselect.choose_cuda_impl(op, h, w, 0.7, True) == first  # cached: no second probe
+        assert autoselect.choose_cuda_impl(op, h, w, 0.7, True, **OPS) == first  # cached: no second probe
     assert caplog.text == ""
 
 
@@ -41,7 +43,7 @@ def test_triton_error_falls_back_to_torch_with_one_warning(small_probe, monkeypa
     monkeypatch.setattr(tl_logprobs, "linear_logprobs_triton", broken)
     h, w = _head()
     with caplog.at_level(logging.WARNING, logger="fasthint"):
-        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False) == "torch"
+        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False, **OPS) == "torch"
     assert "PTX compilation failed" in caplog.text and caplog.text.count("WARNING") == 1
 
 
@@ -55,5 +57,5 @@ def test_wrong_triton_numbers_fall_back_to_torch(small_probe, monkeypatch, caplo
     monkeypatch.setattr(tl_logprobs, "linear_logprobs_triton", off_by_a_bit)
     h, w = _head()
     with caplog.at_level(logging.WARNING, logger="fasthint"):
-        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False) == "torch"
+        assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False, **OPS) == "torch"
     assert "disagree" in caplog.text
