@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m fasthint.train`` starts N processes (gloo on CPU, NCCL on GPU).
 Every process draws the same global batch of prompts and keeps whole prompts (so whole groups):
 rank ``r`` takes prompts ``r, r+N, ...``. The policy is sharded with FSDP2 ``fully_shard`` (each
-decoder layer, then the :class:`PolicyLoss` root that owns embeddings and head); gradients are
+decoder layer, then the :class:`fasthint.loss.PolicyLoss` root that owns embeddings and head); gradients are
 *summed* over ranks (FSDP averages them, so each rank's loss is scaled by the world size) because
 every rank's loss is already divided by the global normaliser.
 
@@ -19,8 +19,6 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-
-from fasthint.head import head_transform
 
 
 def world_size() -> int:
@@ -88,33 +86,7 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-class PolicyLoss(torch.nn.Module):
-    """The causal LM plus the fused loss in one ``forward``: the FSDP root, so that its own
-    parameters (embeddings, final norm, head) are gathered and their gradients reduced like any
-    layer's. ``forward(input_ids, attention_mask, score_index, targets, autocast, **loss_kwargs)``
-    returns ``ops.fused_policy_loss``'s (loss, stats) on the hidden states at ``score_index`` (the
-    LM body under bfloat16 autocast when ``autocast``)."""
-
-    def __init__(self, lm: torch.nn.Module):
-        super().__init__()
-        self.lm = lm
-        self.head_transform = head_transform(lm.config)  # soft-cap / logit scale the loss must apply
-
-    def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
-        from fasthint import ops
-
-        base = getattr(self.lm, self.lm.base_model_prefix)
-        head = self.lm.get_output_embeddings()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if targets is None:  # hidden states only
-            return hidden
-        h = hidden.flatten(0, 1).index_select(0, score_index)
-        loss_kwargs.update(self.head_transform.loss_kwargs(loss_kwargs.pop("temperature", 1.0)))
-        return ops.fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
-
-
-def shard(policy: PolicyLoss, lazy_init: bool = True) -> None:
+def shard(policy: torch.nn.Module, lazy_init: bool = True) -> None:
     """FSDP2: each decoder layer is one unit, the root holds the rest. FSDP averages gradients over
     ranks; :func:`fasthint.update.train_step` multiplies each rank's loss by the world size, so the
     result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
@@ -135,7 +107,7 @@ def shard(policy: PolicyLoss, lazy_init: bool = True) -> None:
 
 
 @torch.no_grad()
-def shard_from_rank0(policy: PolicyLoss, full: Optional[torch.nn.Module], device: torch.device) -> None:
+def shard_from_rank0(policy: torch.nn.Module, full: Optional[torch.nn.Module], device: torch.device) -> None:
     """Shards ``policy`` (built on the meta device on every rank) without a full copy on any rank but
     rank 0: the shards are allocated on ``device`` and filled from rank 0's ``full`` model (loaded
     on CPU; None on the other ranks) by ``set_model_state_dict(..., broadcast_from_rank0=True)``;
@@ -178,7 +150,7 @@ def gathered(policy: torch.nn.Module) -> Iterator[None]:
             m.set_reshard_after_forward(True)
 
 
-def full_state_dict(policy: PolicyLoss) -> dict:
+def full_state_dict(policy: torch.nn.Module) -> dict:
     """The LM's full state dict on CPU (rank 0; empty elsewhere) for saving; collective under FSDP."""
     if not _fsdp_modules(policy):
         return policy.lm.state_dict()

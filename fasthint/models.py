@@ -126,20 +126,21 @@ def check_head(model, tokenizer) -> Optional[str]:
 
 
 def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "auto"):
-    """(``dist.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`.
+    """(``fasthint.loss.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`.
 
     One process: the model is loaded on ``device``. Under torchrun no rank but 0 ever holds the
     full weights: rank 0 reads the checkpoint on CPU, every rank builds the model on the meta device
     and shards it (FSDP2), and the shards are filled from rank 0 (:func:`dist.shard_from_rank0`).
     """
     from fasthint import dist
+    from fasthint.loss import PolicyLoss
 
     if dist.world_size() == 1:
         model, tokenizer = load_policy(path, device, attn_implementation)
         err = check_head(model, tokenizer)
         if err:
             raise ModelError(err)
-        return dist.PolicyLoss(model), tokenizer
+        return PolicyLoss(model), tokenizer
     full = None
     if dist.rank() == 0:
         full, tok = load_policy(path, torch.device("cpu"), attn_implementation)
@@ -147,6 +148,6 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
     if err:
         raise ModelError(err)
     model, tokenizer = load_policy(path, device, attn_implementation, meta=True)
-    policy = dist.PolicyLoss(model)
+    policy = PolicyLoss(model)
     dist.shard_from_rank0(policy, full, device)
     return policy, tokenizer

@@ -33,7 +33,7 @@ from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.preflight import preflight
 from fasthint.models import (load_model_config, load_policy, load_trainable_policy, resolve_attn_implementation,
                              resolve_model_path)
-from fasthint.dist import PolicyLoss
+from fasthint.loss import PolicyLoss
 from fasthint.update import train_step
 from fasthint.checkpoint import (load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
                                  save_hf_checkpoint, save_training_checkpoint, truncate_metrics, write_json_atomic)

@@ -12,16 +12,17 @@ import torch
 from fasthint import dist
 from fasthint.batch import Sample, make_micro_batches
 from fasthint.errors import FastHintError
+from fasthint.loss import PolicyLoss, micro_batch_logprobs
 
 
-def _as_policy(model) -> dist.PolicyLoss:
-    return model if isinstance(model, dist.PolicyLoss) else dist.PolicyLoss(model)
+def _as_policy(model) -> PolicyLoss:
+    return model if isinstance(model, PolicyLoss) else PolicyLoss(model)
 
 
 def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None) -> dict:
     """One optimizer step over ``samples`` with gradient accumulation and a global normaliser.
 
-    ``model`` is the causal LM or its :class:`dist.PolicyLoss` (FSDP root). Without KL, a sample whose
+    ``model`` is the causal LM or its :class:`fasthint.loss.PolicyLoss` (FSDP root). Without KL, a sample whose
     advantage (or weight) is 0 adds exactly nothing to the loss or its gradient, so it is skipped (it
     still counts in the normaliser); token metrics (entropy, clip ratios, log-prob mismatch) are then
     over the trained tokens of all ranks.
@@ -104,18 +105,3 @@ def _idle_micro_batch(pad: int, device):
     from fasthint.batch import _collate
 
     return _collate([Sample([pad], [pad], [0.0], 0.0, weight=0.0)], pad, device)
-
-
-@torch.no_grad()
-def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Tensor:
-    """``lm``'s log-probs of ``mb``'s packed completion tokens, without gradient (the KL reference,
-    Guide's and HINT's no-hint numerators)."""
-    from fasthint import ops
-    from fasthint.head import head_transform
-
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        hidden = getattr(lm, lm.base_model_prefix)(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
-    head = lm.get_output_embeddings()
-    return ops.linear_logprobs(hidden.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
-                               bias=head.bias, **head_transform(lm.config).loss_kwargs(temperature))

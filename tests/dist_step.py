@@ -12,6 +12,7 @@ from fasthint import dist
 from fasthint.batch import Sample
 from fasthint.config import TrainConfig
 from fasthint.data import render_prompt
+from fasthint.loss import PolicyLoss
 from fasthint.toy.model import build_model, build_tokenizer
 from fasthint.update import train_step
 
@@ -37,7 +38,7 @@ def main(out: str, loss_agg: str) -> None:
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok, seed=0)
-    policy = dist.PolicyLoss(model)
+    policy = PolicyLoss(model)
     if dist.world_size() > 1:
         dist.shard(policy)
     cfg = TrainConfig(micro_batch_size=G, loss_agg=loss_agg, learning_rate=0.5, max_grad_norm=0.5).validate()

@@ -9,7 +9,7 @@ from fasthint.batch import Sample, make_micro_batches
 from fasthint.errors import ModelError
 from fasthint.head import HeadTransform, head_transform
 from fasthint.models import check_head, load_policy, resolve_attn_implementation
-from fasthint.update import micro_batch_logprobs
+from fasthint.loss import micro_batch_logprobs
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256)

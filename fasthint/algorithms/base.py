@@ -84,24 +84,6 @@ def sample_groups(ctx: RolloutContext, rows: list[dict], hints: Optional[list[Op
                   hint=hints[p]) for p, idx in enumerate(by_prompt)]
 
 
-@torch.no_grad()
-def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
-    """Current-policy log-probs of each sample's completion in its ``prompt_ids`` context (fp32 CPU
-    tensors, one per sample): Guide's and HINT's no-hint numerators before the update."""
-    from fasthint.batch import _collate
-    from fasthint.update import micro_batch_logprobs
-
-    device = next(model.parameters()).device
-    autocast = device.type == "cuda" and cfg.dtype != "float32"
-    out: list[torch.Tensor] = []
-    for s in range(0, len(samples), cfg.micro_batch_size):
-        chunk = samples[s:s + cfg.micro_batch_size]
-        mb = _collate(chunk, model.config.pad_token_id or 0, device)
-        lp = micro_batch_logprobs(model, mb, cfg.temperature, autocast)
-        out += list(lp.float().cpu().split([len(x.completion_ids) for x in chunk]))
-    return out
-
-
 def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
     """GRPO advantages within each group (``ops.group_advantages``, keyed by group index). With
     ``adv_scale=batch`` on several processes the std is that of every process's rewards (a collective:

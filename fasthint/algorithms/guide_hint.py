@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 from fasthint.algorithms.affinity import group_affinity
-from fasthint.algorithms.base import (Algorithm, Group, RolloutContext, group_advantages, hint_stats,
-                                      recompute_logprobs, sample_groups)
+from fasthint.algorithms.base import Algorithm, Group, RolloutContext, group_advantages, hint_stats, sample_groups
 from fasthint.batch import Sample
+from fasthint.loss import recompute_logprobs
 
 
 class _HintedResample(Algorithm):

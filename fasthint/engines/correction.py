@@ -55,7 +55,7 @@ class ISCorrectedEngine:
         self.ratio_sum, self.ratio_min, self.ratio_max, self.capped = 0.0, math.inf, 0.0, 0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
-        from fasthint.algorithms.base import recompute_logprobs
+        from fasthint.loss import recompute_logprobs
         from fasthint.batch import Sample
 
         comps = self.engine.generate(prompts, sampling)

@@ -1,0 +1,117 @@
+"""The layer rule of docs/ARCHITECTURE.md: every import (module level or inside a function) points
+down or sideways within a layer, engines and algorithms never import each other, and no two modules
+import each other, directly or through others."""
+import ast
+import os
+
+from conftest import REPO
+
+# Layer of each module (the longest matching prefix decides); docs/ARCHITECTURE.md explains them.
+LAYERS = {
+    "fasthint_kernels": 0,                       # kernels: math on tensors, nothing from fasthint
+    "fasthint.errors": 1, "fasthint.hints": 1, "fasthint.batch": 1, "fasthint.rewards": 1,
+    "fasthint.head": 1, "fasthint.data": 1, "fasthint.dist": 1, "fasthint.engines.base": 1,
+    "fasthint.toy.task": 1,                      # foundation: types, data, verifier, collectives
+    "fasthint.autoselect": 2, "fasthint.ops": 2,  # ops: dispatch over the kernels
+    "fasthint.loss": 3, "fasthint.update": 3,     # the policy objective and its update step
+    "fasthint.engines": 4, "fasthint.algorithms": 4,  # rollout engines; algorithms (siblings)
+    "fasthint": 5,                               # building, the loop and the CLIs
+}
+SIBLINGS = ("fasthint.engines", "fasthint.algorithms")
+
+
+def _modules() -> dict:
+    out = {}
+    for folder, pkg in (("fasthint", "fasthint"), (os.path.join("kernels", "fasthint_kernels"), "fasthint_kernels")):
+        base = os.path.join(REPO, folder)
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if f.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(dirpath, f), base)[:-3].replace(os.sep, ".")
+                    name = pkg if rel == "__init__" else f"{pkg}.{rel.removesuffix('.__init__')}"
+                    out[name] = os.path.join(dirpath, f)
+    return out
+
+
+def _imports(path: str, name: str, modules: dict) -> set:
+    """Every project module ``path`` imports, anywhere in the file."""
+    found = set()
+    is_pkg = path.endswith("__init__.py")
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = name.split(".")
+                base = parts[:len(parts) - node.level + (1 if is_pkg else 0)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules]
+            found.update(subs)
+            if len(subs) < len(node.names):  # names that are not submodules come from ``mod`` itself
+                found.add(mod)
+    return {m for m in found if m in modules and m != name}
+
+
+def _layer(name: str) -> int:
+    key = max((k for k in LAYERS if name == k or name.startswith(k + ".")), key=len)
+    return LAYERS[key]
+
+
+def _graph() -> dict:
+    modules = _modules()
+    return {m: _imports(p, m, modules) for m, p in modules.items()}
+
+
+def test_every_import_points_down_or_sideways():
+    bad = []
+    for mod, deps in _graph().items():
+        for dep in deps:
+            if _layer(dep) > _layer(mod) and mod != "fasthint":  # the package root re-exports the API
+                bad.append(f"{mod} (layer {_layer(mod)}) imports {dep} (layer {_layer(dep)})")
+            for a, b in (SIBLINGS, SIBLINGS[::-1]):
+                if mod.startswith(a) and dep.startswith(b) and dep != "fasthint.engines.base":
+                    bad.append(f"{mod} imports its sibling {dep}")
+    assert not bad, "\n".join(sorted(bad))
+
+
+def test_no_import_cycles():
+    graph = {m: {d for d in deps if d != "fasthint"} for m, deps in _graph().items() if m != "fasthint"}
+    index, low, stack, on, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_the_rule_catches_an_upward_import():
+    """The checker itself: a kernel importing fasthint, or ops importing the loss, is flagged."""
+    assert _layer("fasthint_kernels.chunked") < _layer("fasthint.ops") < _layer("fasthint.loss")
+    assert _layer("fasthint.loss") < _layer("fasthint.algorithms.sage") == _layer("fasthint.engines.vllm")
+    assert _layer("fasthint.engines.vllm") < _layer("fasthint.train")
+    graph = _graph()
+    assert "fasthint.ops" in graph["fasthint.loss"] and "fasthint.autoselect" in graph["fasthint.ops"]
