@@ -21,3 +21,25 @@ def save_toy_checkpoint(path, seed: int = 0) -> str:
     build_model(tok, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def cpu_head_impls():
+    """The CPU implementations of the head ops to test: torch, and native where its C++ kernels build
+    (they need g++ and ninja; CI (CI=true) must build them, so there they never skip)."""
+    import pytest
+
+    from fasthint_kernels import native
+
+    return ("torch", pytest.param("native", marks=pytest.mark.skipif(
+        not os.environ.get("CI") and not native.available(),
+        reason=f"native CPU kernels not built here: {native.why_unavailable()}")))
+
+
+def single_thread():
+    """A module fixture for tiny problems: intra-op threading only adds contention on a loaded machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

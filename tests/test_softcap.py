@@ -8,7 +8,6 @@ units, so ``c = 2`` saturates the tanh; ``c = 30`` barely bends it.
 """
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
@@ -20,22 +19,13 @@ from fasthint_kernels.chunked import linear_logprobs_chunked
 from fasthint_kernels.fused_loss import fused_policy_loss_chunked
 from fasthint_kernels.reference import policy_loss_ref
 
+from conftest import cpu_head_impls, single_thread
+
 N, D, V = 37, 24, 263
 TEMP = 0.7
 CAPS = (2.0, 30.0)
-# the native kernels need g++ and ninja; CI (CI=true) must build them, so there they never skip
-HEAD_IMPLS = ("torch", pytest.param("native", marks=pytest.mark.skipif(
-    not os.environ.get("CI") and not native.available(),
-    reason=f"native CPU kernels not built here: {native.why_unavailable()}")))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These problems are tiny: intra-op threading only adds contention on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+HEAD_IMPLS = cpu_head_impls()
+_single_thread = pytest.fixture(autouse=True, scope="module")(single_thread)
 
 
 def _problem(n=N, d=D, v=V, seed=0, bias=True):
