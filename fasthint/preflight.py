@@ -31,6 +31,7 @@ class Checked:
     eval_rows: list
     resume_dir: Optional[str]
     attn_implementation: Optional[str]  # None for the toy until it is built (a Qwen2: sdpa)
+    prompts: dict  # uid -> prompt ids, rendered with the run's tokenizer (the toy's is built in-process)
 
 
 def data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
@@ -89,15 +90,16 @@ def _tokenizer(cfg: TrainConfig, path: Optional[str]):
                          "its tokenizer files (save the tokenizer with save_pretrained next to the model)") from None
 
 
-def check_prompts(cfg: TrainConfig, tokenizer, rows: list[dict], path: str) -> None:
-    """Every training prompt renders within ``--max_prompt_length`` tokens."""
+def render_prompts(cfg: TrainConfig, tokenizer, rows: list[dict], path: str) -> dict:
+    """Every training prompt's ids by uid (rendered once, here), each within ``--max_prompt_length``."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: set eos_token in its tokenizer_config.json")
-    too_long = [r["uid"] for r in rows
-                if len(render_prompt(tokenizer, r["question"], cfg.prompt_template)) > cfg.max_prompt_length]
+    prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
+    too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
     if too_long:
         raise DataError(f"{path}: {len(too_long)} prompts (first uid {too_long[0]}) are longer than "
                         f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
+    return prompts
 
 
 def check_output_dir(path: str) -> None:
@@ -141,5 +143,5 @@ def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
         attn = resolve_attn_implementation(cfg.attn_implementation, device, config)
         tokenizer = _tokenizer(cfg, path)
         check_tokenizer_fits(tokenizer, config, path)
-    check_prompts(cfg, tokenizer, rows, train_path)
-    return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn)
+    prompts = render_prompts(cfg, tokenizer, rows, train_path)
+    return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn, prompts)

@@ -199,7 +199,6 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
                                                                   load_model_config(model_path))
     policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn)
     model = policy.lm
-    prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
     ref_model = None
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
@@ -216,7 +215,7 @@ def _build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> _Run:
     return _Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
                 engine, score, close_scorer, algo, hints, optimizer, scheduler,
                 PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
-                prompts, timings)
+                pre.prompts, timings)
 
 
 def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
