@@ -9,6 +9,11 @@ import warnings
 from conftest import REPO
 
 
+def _toy_model_built(cache) -> bool:
+    toy = cache / "toy"
+    return toy.exists() and any(p.name.startswith("model") for p in toy.iterdir())
+
+
 def test_missing_data_file_fails_in_seconds_on_an_empty_cache(tmp_path):
     """Nothing is built (no toy warm start, no model load) before the data is checked."""
     cmd = [sys.executable, "-m", "fasthint.train", "--data", str(tmp_path / "nope.jsonl"),
@@ -21,8 +26,7 @@ def test_missing_data_file_fails_in_seconds_on_an_empty_cache(tmp_path):
     assert lines[-1].startswith("error: data file") and "nope.jsonl" in lines[-1] and "--data" in lines[-1]
     assert "Traceback" not in res.stderr
     assert elapsed < 10, f"the missing file was reported after {elapsed:.1f} s"
-    assert not (tmp_path / "empty_cache" / "toy").exists() or \
-        not any(p.name.startswith("model") for p in (tmp_path / "empty_cache" / "toy").iterdir())
+    assert not _toy_model_built(tmp_path / "empty_cache")
     assert not (tmp_path / "out").exists()
 
 
@@ -82,8 +86,7 @@ def test_settings_and_model_mismatches_are_refused_before_any_work(tmp_path):
             raise AssertionError(f"{kw} was accepted")
         assert time.perf_counter() - t0 < 10, kw
         assert not (tmp_path / "out").exists(), kw
-        assert not (tmp_path / "cache" / "toy").exists() or \
-            not any(p.name.startswith("model") for p in (tmp_path / "cache" / "toy").iterdir()), kw
+        assert not _toy_model_built(tmp_path / "cache"), kw
 
 
 def test_gemma2_with_sdpa_exits_2_with_one_line_naming_the_flag(tmp_path):
