@@ -313,7 +313,7 @@ def test_hinted_prompt_longer_than_max_prompt_length_gets_its_hint_cut():
     from fasthint.data import render_prompt
     from fasthint.hints import hinted_question
     from fasthint.toy.model import build_tokenizer
-    from fasthint.train import _renderer
+    from fasthint.build import renderer as _renderer
 
     tok = build_tokenizer()
     row = {"uid": "0", "question": "What is 12 + 30?"}

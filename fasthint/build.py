@@ -1,0 +1,203 @@
+"""Building a run: device and seeds, the checked inputs (``fasthint.preflight``), the model (sharded
+over ranks), the rollout engine, reward, algorithm, hint provider and optimizer, plus the small
+wrappers the loop uses to time engine calls and render hinted prompts."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fasthint import dist
+from fasthint.algorithms import SolveTracker, make_algorithm
+from fasthint.config import TrainConfig
+from fasthint.data import PromptSampler, render_prompt
+from fasthint.engines import make_engine
+from fasthint.errors import FastHintError
+from fasthint.eval import evaluate_accuracy
+from fasthint.hints import hinted_question
+from fasthint.loss import PolicyLoss
+from fasthint.models import (load_model_config, load_policy, load_trainable_policy, resolve_attn_implementation,
+                             resolve_model_path)
+from fasthint.preflight import preflight
+
+RewardFn = Callable[[str, dict], float]
+
+
+def setup(cfg: TrainConfig) -> torch.device:
+    """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
+    device = dist.init()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    return device
+
+
+def reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
+    """A batch reward function ``(texts, rows) -> rewards``: the math verifier or the user's."""
+    if reward_fn is None:
+        from fasthint.rewards import RewardScorer
+
+        scorer = RewardScorer(timeout_s=cfg.reward_timeout_s)
+        return (lambda texts, rows: scorer.score(texts, [r["answer"] for r in rows])), scorer.close
+
+    def user(texts, rows):
+        out = [float(reward_fn(t, r)) for t, r in zip(texts, rows)]
+        if not all(math.isfinite(x) for x in out):
+            raise FastHintError("the reward function returned a non-finite value: return a finite float")
+        return out
+    return user, (lambda: None)
+
+
+def evaluate_no_hint(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> dict:
+    """No-hint greedy accuracy (and avg@k and pass@k of sampled completions) overall and per level."""
+    if not rows:
+        return {}
+    kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
+    out = evaluate_accuracy(engine, tokenizer, rows, score, **kw)
+    if cfg.eval_samples:
+        k = cfg.eval_samples
+        sampled = evaluate_accuracy(engine, tokenizer, rows, score, temperature=cfg.temperature, n=k, **kw)
+        out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
+                    if key.startswith("eval/accuracy")})
+        out.update({key: v for key, v in sampled.items() if key.startswith("eval/pass@")})
+    return out
+
+
+class TimedEngine:
+    """The rollout engine, with its generate time added to ``timings[key]`` (when a key is given) and
+    the number of tokens it generated to ``timings['sampled_tokens']``."""
+
+    def __init__(self, engine, timings: dict, key: Optional[str] = "generate"):
+        self.engine, self.timings, self.key = engine, timings, key
+
+    def generate(self, prompts, sampling):
+        t0 = time.perf_counter()
+        try:
+            out = self.engine.generate(prompts, sampling)
+            self.timings["sampled_tokens"] = self.timings.get("sampled_tokens", 0) + sum(len(c.token_ids) for c in out)
+            return out
+        finally:
+            if self.key:
+                self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - t0
+
+    def update_weights(self, model) -> None:
+        self.engine.update_weights(model)
+
+
+def timed(fn: Callable, timings: dict, key: str) -> Callable:
+    def run(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    return run
+
+
+def renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Callable:
+    """(row, hint) -> prompt ids; the no-hint prompts are rendered once, up front. A hinted prompt
+    longer than ``max_prompt_length`` has its hint cut (by tokens) until it fits; counted in
+    ``timings['hint_truncated']``."""
+    def render(row: dict, hint: Optional[str]) -> list[int]:
+        if hint is None:
+            return prompts[row["uid"]]
+        ids = render_prompt(tokenizer, hinted_question(row["question"], hint), cfg.prompt_template)
+        if len(ids) <= cfg.max_prompt_length:
+            return ids
+        timings["hint_truncated"] = timings.get("hint_truncated", 0) + 1
+        hint_ids = tokenizer(hint, add_special_tokens=False)["input_ids"]
+        keep = len(hint_ids) - (len(ids) - cfg.max_prompt_length)
+        while True:  # token boundaries may merge differently after the cut: shrink until it fits
+            text = tokenizer.decode(hint_ids[:max(0, keep)], skip_special_tokens=True)
+            ids = render_prompt(tokenizer, hinted_question(row["question"], text), cfg.prompt_template)
+            if len(ids) <= cfg.max_prompt_length or keep <= 0:
+                return ids
+            keep -= len(ids) - cfg.max_prompt_length
+    return render
+
+
+def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
+    """The hint provider of a hinting algorithm (None for the others); its time goes to
+    ``timings['hint']`` (self-hint generation included)."""
+    if algo.hint_provider_default is None:
+        return None
+    from fasthint.algorithms.hint_providers import make_hint_provider
+
+    name = cfg.hint_provider  # its data column was checked by fasthint.preflight
+    if name == "self":
+        provider = make_hint_provider("self", engine=TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
+                                      template=cfg.prompt_template,
+                                      temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
+                                      max_prompt_length=cfg.max_prompt_length)
+    else:
+        provider = make_hint_provider(name)
+    provider.hints = timed(provider.hints, timings, "hint")
+    return provider
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by :func:`build`."""
+
+    cfg: TrainConfig
+    rows: list
+    eval_rows: list
+    train_path: str
+    model_path: str
+    resume_dir: Optional[str]
+    policy: PolicyLoss  # the LM (``policy.lm``) with the loss; FSDP-sharded when world > 1
+    tokenizer: object
+    ref_model: object
+    engine: object  # HFEngine or VLLMEngine
+    score: Callable
+    close_scorer: Callable
+    algo: object
+    hints: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: PromptSampler
+    prompts: dict
+    timings: dict = field(default_factory=dict)
+    tracker: SolveTracker = field(default_factory=SolveTracker)
+
+
+def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
+    """Device, data, model (sharded over ranks), engine, reward, algorithm, optimizer. Everything that
+    can be checked without weights is checked first (``fasthint.preflight``), before anything is
+    built or written."""
+    device = setup(cfg)
+    pre = preflight(cfg, device)  # every rank, in seconds: data, resume point, packages, model config
+    if dist.rank() != 0:  # rank 0 builds the toy model first
+        dist.barrier()
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+    if dist.rank() == 0:
+        dist.barrier()
+    resume_dir, rows = pre.resume_dir, pre.rows
+    attn = pre.attn_implementation or resolve_attn_implementation(cfg.attn_implementation, device,
+                                                                  load_model_config(model_path))
+    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn)
+    model = policy.lm
+    ref_model = None
+    if cfg.beta > 0:
+        ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
+        ref_model.requires_grad_(False).eval()
+    engine = make_engine(cfg.engine, model, tokenizer, resume_dir or model_path, cfg)
+    torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
+    score, close_scorer = reward_batch(cfg, reward_fn)
+    algo = make_algorithm(cfg)
+    timings: dict = {}
+    hints = hint_provider(cfg, algo, engine, tokenizer, timings)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    return Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
+                engine, score, close_scorer, algo, hints, optimizer, scheduler,
+                PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
+                pre.prompts, timings)

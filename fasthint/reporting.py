@@ -1,0 +1,77 @@
+"""Per-step metric reduction over ranks and the console summary of the no-hint evaluation."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fasthint import dist
+from fasthint.algorithms import SolveTracker, group_metrics
+
+
+def sync_algo_state(algo, local_uids: list[str]) -> None:
+    """Per-prompt algorithm state (SAGE-light's levels) updated on the rank that owned each prompt
+    this step, made the same on every rank."""
+    state = algo.state_dict()
+    mine = {k: {u: v[u] for u in local_uids if u in v} for k, v in state.items() if isinstance(v, dict)}
+    for part in dist.all_gather(mine):
+        for k, d in part.items():
+            state[k].update(d)
+    algo.load_state_dict(state)
+
+
+SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated")
+
+
+def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict) -> dict:
+    """Rollout metrics over every rank's groups (gathered once); per-rank infos averaged (counts summed,
+    minima and maxima taken)."""
+    light = [(replace(g, row={}, prompt_ids=[], completions=[]), [len(c.token_ids) for c in g.completions],
+              [c.truncated for c in g.completions]) for g in groups]
+    info = {**info, "sampled_tokens": timings.get("sampled_tokens", 0),
+            "hint/truncated": timings.get("hint_truncated", 0)}
+    parts = dist.all_gather((light, info))
+    light = [x for part, _ in parts for x in part]
+    infos = [i for _, i in parts]
+    gs = [g for g, _, _ in light]
+    lens = [n for _, ls, _ in light for n in ls] or [0]
+    truncs = [t for _, _, ts in light for t in ts]
+    rewards = torch.tensor([r for g in gs for r in g.rewards])
+    out = {"reward/mean": rewards.mean().item() if len(rewards) else float("nan"),
+           "reward/std": rewards.std().item() if len(rewards) > 1 else float("nan"),
+           "accuracy": (rewards >= 1.0).float().mean().item() if len(rewards) else float("nan"),
+           **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
+           "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
+           "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),
+           "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),
+           "time/hint_s": timings.get("hint", 0.0)}
+    for k in dict.fromkeys(k for i in infos for k in i):
+        vals = [i[k] for i in infos if k in i and isinstance(i[k], (int, float))]
+        if not vals:
+            continue
+        if k == "hint/parse_fail":  # a share of requests: weighted by each rank's requests
+            req = [i.get("hint/requested", 0) for i in infos if k in i]
+            out[k] = sum(v * r for v, r in zip(vals, req)) / sum(req) if sum(req) else 0.0
+        elif k.endswith(("min", "max")):
+            out[k] = min(vals) if k.endswith("min") else max(vals)
+        else:
+            out[k] = sum(vals) if k in SUMMED_INFO else sum(vals) / len(vals)
+    return out
+
+
+def fmt(m: dict) -> str:
+    return " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in m.items() if isinstance(v, float))
+
+
+def print_table(before: dict, after: dict) -> None:
+    """Before/after no-hint accuracy per level: greedy, and the mean over sampled completions."""
+    groups = sorted({k.split("/")[1].split("_level")[0] for k in before if "/accuracy" in k or "/avg@" in k})
+    if not groups:
+        return
+    print(f"\nno-hint evaluation ({int(before.get('eval/num_prompts', 0))} prompts): before -> after")
+    for metric in groups:
+        label = "greedy accuracy" if metric == "accuracy" else f"{metric} (sampled)"
+        print(f"  {label}")
+        for k in [k for k in before if k == f"eval/{metric}" or k.startswith(f"eval/{metric}_level")]:
+            name = k.split("_level_")[1] if "_level_" in k else "all"
+            print(f"    level {name:<5} {before[k]:>7.1%} -> {after.get(k, float('nan')):>6.1%}")
