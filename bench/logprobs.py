@@ -6,7 +6,7 @@
 
 Ops (``--ops``): ``logprobs``: ``ops.linear_logprobs`` with entropy at T=0.7 under a random upstream
 gradient (backward must recompute the logits); ``policy_loss``: the clipped GRPO loss of the head
-(``ops.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
+(``fasthint.loss.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
 in its forward pass.
 Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU), chunked (impl
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
@@ -82,10 +82,9 @@ def _make_step(op: str, provider: str, h, w, y, up):
     adv_tok = adv.repeat_interleave(n // SEQS)
     old = torch.full((n,), -math.log(v), device=h.device) + 0.1 * up
     if impl is not None:
-        from fasthint import ops
+        from fasthint.loss import fused_policy_loss
 
-        return lambda: ops.fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7,
-                                             impl=impl)[0].backward()
+        return lambda: fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7, impl=impl)[0].backward()
     if provider in ("torch", "torch.compile"):
         f = _COMPILED if provider == "torch.compile" else _eager_policy_loss
         return lambda: f(h, w, y, adv_tok, mask, old).backward()

@@ -73,10 +73,10 @@ def _triton_correct(h, w, y, temperature: float, linear_logprobs: Callable) -> b
 
 
 def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                     return_entropy: bool, *, linear_logprobs: Callable, fused_policy_loss: Callable) -> str:
+                     return_entropy: bool, *, linear_logprobs: Callable, fused_linear_loss: Callable) -> str:
     """``"triton"`` or ``"torch"`` for this CUDA call (measured once per key, then cached). Works on
     CPU tensors too (under ``TRITON_INTERPRET=1``), which is how the tests exercise it.
-    ``linear_logprobs`` and ``fused_policy_loss`` are ``fasthint.ops``' functions (passed in, so that
+    ``linear_logprobs`` and ``fused_linear_loss`` are ``fasthint.ops``' functions (passed in, so that
     this module sits below ``ops`` with no import cycle)."""
     key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy)
     if key in _DECISIONS:
@@ -87,7 +87,10 @@ def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temper
 
     def run(impl: str) -> Callable:
         if op == "policy_loss":
-            return lambda hh, ww: fused_policy_loss(hh, ww, y, adv, mask, old, temperature=temperature,
+            def clipped(lp, s, e):  # a clipped-surrogate-like per-token loss (the kernels see only dL/dlogp)
+                r = torch.exp(lp - old[s:e])
+                return -torch.minimum(r * adv[s:e], r.clamp(0.8, 1.28) * adv[s:e]) * mask[s:e] / len(y)
+            return lambda hh, ww: fused_linear_loss(hh, ww, y, clipped, temperature=temperature,
                                                     return_entropy=return_entropy, impl=impl)[0]
 
         def loss(hh, ww):

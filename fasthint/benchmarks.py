@@ -14,13 +14,31 @@ A benchmark's name is its file name without the extension (``math500.jsonl`` -> 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from fasthint.data import QUESTION_COLUMNS, _answer_str, _read_rows
 from fasthint.errors import DataError
+from fasthint.options import Options, at_least, option
 from fasthint.rewards import last_boxed
 
 EXTENSIONS = (".jsonl", ".parquet")
+
+
+@dataclass
+class EvaluationConfig(Options):
+    """The no-hint evaluation of a training run (``--eval_data``)."""
+
+    GROUP = "evaluation"
+    eval_max_prompts: int = option(400, "at most this many evaluation prompts (no hints).")
+    eval_samples: int = option(4, "besides greedy accuracy, report avg@k over this many completions "
+                                  "sampled at the training temperature (0 = greedy only).")
+    eval_steps: int = option(0, "also evaluate every N steps (0 = only before and after training); the "
+                                "eval/... metrics go into that step's metrics row.")
+
+    def check(self) -> None:
+        at_least(self, ("eval_max_prompts",), 1)
+        at_least(self, ("eval_samples", "eval_steps"), 0)
 
 
 def _gold(row: dict) -> tuple[Optional[str], str]:

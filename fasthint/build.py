@@ -14,6 +14,7 @@ import torch
 
 from fasthint import dist
 from fasthint.algorithms import SolveTracker, make_algorithm
+from fasthint.algorithms.hint_providers import make_hint_provider
 from fasthint.config import TrainConfig
 from fasthint.data import PromptSampler, render_prompt
 from fasthint.engines import make_engine
@@ -21,9 +22,16 @@ from fasthint.errors import FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.loss import PolicyLoss
-from fasthint.models import (load_model_config, load_policy, load_trainable_policy, resolve_attn_implementation,
-                             resolve_model_path)
+from fasthint.models import (
+    load_model_config,
+    load_policy,
+    load_trainable_policy,
+    resolve_attn_implementation,
+    resolve_model_path,
+)
 from fasthint.preflight import preflight
+from fasthint.rewards import RewardScorer
+from fasthint.update import OptimConfig
 
 RewardFn = Callable[[str, dict], float]
 
@@ -42,8 +50,6 @@ def setup(cfg: TrainConfig) -> torch.device:
 def reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
     """A batch reward function ``(texts, rows) -> rewards``: the math verifier or the user's."""
     if reward_fn is None:
-        from fasthint.rewards import RewardScorer
-
         scorer = RewardScorer(timeout_s=cfg.reward_timeout_s)
         return (lambda texts, rows: scorer.score(texts, [r["answer"] for r in rows])), scorer.close
 
@@ -128,7 +134,6 @@ def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
     ``timings['hint']`` (self-hint generation included)."""
     if algo.hint_provider_default is None:
         return None
-    from fasthint.algorithms.hint_providers import make_hint_provider
 
     name = cfg.hint_provider  # its data column was checked by fasthint.preflight
     if name == "self":
@@ -188,15 +193,14 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
-    engine = make_engine(cfg.engine, model, tokenizer, resume_dir or model_path, cfg)
+    engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed,
+                         max_model_len=cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.hint_max_new_tokens))
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score, close_scorer = reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
     timings: dict = {}
     hints = hint_provider(cfg, algo, engine, tokenizer, timings)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    optimizer, scheduler = OptimConfig.build(cfg, policy.parameters())
     return Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
                 engine, score, close_scorer, algo, hints, optimizer, scheduler,
                 PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),

@@ -21,10 +21,36 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+from fasthint import dist
+from fasthint.errors import ConfigError
+from fasthint.options import Options, at_least, need, option
+
+
+@dataclass
+class CheckpointConfig(Options):
+    """Resumable checkpoints."""
+
+    GROUP = "checkpoints"
+    save_steps: int = option(25, "write a resumable checkpoint (model, optimizer, scheduler, RNG, data "
+                                 "position, algorithm state) to OUTPUT_DIR/checkpoint-N every N steps "
+                                 "(0 = only the final model).")
+    save_total_limit: int = option(2, "keep the newest N step checkpoints (0 = all).")
+    resume: str = option("auto", "auto = continue from the newest complete checkpoint in output_dir when "
+                                 "there is one; a checkpoint-N path = continue from it; none = start fresh "
+                                 "(earlier checkpoints and metrics are moved aside, never deleted).")
+
+    def check(self) -> None:
+        at_least(self, ("save_steps", "save_total_limit"), 0)
+        need(bool(self.resume), "--resume must be auto, none or a checkpoint directory")
+
 
 CKPT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -63,8 +89,6 @@ def _begin(path: str) -> str:
 
 
 def _write_files(tmp: str, json_files: Optional[dict], tensor_files: Optional[dict]) -> None:
-    from safetensors.torch import save_file
-
     for name, tensors in (tensor_files or {}).items():
         save_file({k: t.detach().contiguous().cpu().clone() for k, t in tensors.items()}, os.path.join(tmp, name))
     for name, obj in (json_files or {}).items():  # the state file last: it marks completeness
@@ -115,8 +139,6 @@ def load_optimizer_files(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
         _, pid, name = key.split(".", 2)
         p = params[int(pid)]
         if hasattr(p, "device_mesh") and t.dim() == p.dim():
-            from torch.distributed.tensor import DTensor
-
             t = DTensor.from_local(t.to(p.to_local().device), p.device_mesh, p.placements, run_check=False,
                                    shape=p.shape, stride=p.stride())
         state.setdefault(int(pid), {})[name] = t
@@ -155,8 +177,6 @@ def save_training_checkpoint(path: str, model, tokenizer, optimizer, scheduler, 
     """A resumable checkpoint (see the module docstring). Collective over ranks: rank 0 writes the
     model (``state_dict``: the full one gathered from FSDP shards) and the shared files, every rank
     its optimizer shard and RNG states, then rank 0 renames the directory into place."""
-    from fasthint import dist
-
     r = dist.rank()
     tmp = _begin(path) if r == 0 else _tmp(path)
     if r == 0:
@@ -179,11 +199,6 @@ def save_training_checkpoint(path: str, model, tokenizer, optimizer, scheduler, 
 def load_training_checkpoint(path: str, optimizer, scheduler) -> tuple[dict, tuple[dict, dict]]:
     """Restores this rank's optimizer and the scheduler from ``path``; returns (trainer_state, rng)
     where ``rng`` goes to :func:`restore_rng` right before the next step."""
-    from safetensors.torch import load_file
-
-    from fasthint import dist
-    from fasthint.errors import ConfigError
-
     rank = dist.rank()
 
     def js(name: str):
@@ -275,8 +290,6 @@ RESUME_MAY_CHANGE = frozenset({"max_steps", "save_steps", "save_total_limit", "r
 def find_resume(cfg) -> Optional[str]:
     """The checkpoint ``cfg.resume`` asks for (None = start fresh). Raises ConfigError for a path
     that is not a complete checkpoint, or a checkpoint whose run had other settings."""
-    from fasthint.errors import ConfigError
-
     if cfg.resume == "none":
         return None
     if cfg.resume == "auto":

@@ -9,12 +9,34 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from fasthint.errors import DataError
 from fasthint.hints import as_hint_levels
+from fasthint.options import Options, need, option
+from fasthint.rewards import check_gold
 
 QUESTION_COLUMNS = ("question", "problem")
+
+
+@dataclass
+class DataConfig(Options):
+    """The training and evaluation sets and how a question becomes a prompt."""
+
+    GROUP = "data"
+    data: str = option("toy", "training set: JSONL or Parquet with question|problem, answer, optional "
+                              "solution and hint columns; 'toy' generates the synthetic arithmetic set.")
+    eval_data: str = option("toy", "no-hint evaluation set run before and after training "
+                                   "('toy' = held-out toy problems; '' = skip).")
+    prompt_template: str = option("{question}", "user-turn text; {question} is replaced by the question "
+                                                "(e.g. add 'put your final answer within \\boxed{}').")
+    max_prompt_length: int = option(512, "prompts longer than this (in tokens) are a data error.")
+
+    def check(self) -> None:
+        need(self.max_prompt_length >= 1, f"--max_prompt_length must be >= 1 (got {self.max_prompt_length})")
+        need("{question}" in self.prompt_template,
+             f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -24,7 +46,7 @@ def _read_rows(path: str) -> list[dict]:
         raise DataError(f"data path {path!r} is a directory: pass --data PATH to one JSONL or Parquet file")
     if path.endswith(".parquet"):
         try:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # lazy: pyarrow is heavy and only Parquet files need it
 
             return pq.read_table(path).to_pylist()
         except Exception as e:  # noqa: BLE001 - any reader failure is a data error
@@ -67,8 +89,6 @@ def load_dataset(path: str, *, check_answers: bool = True) -> list[dict]:
     Raises DataError naming the row and the fix for: a missing file, a row without a question or
     answer, an answer of the wrong type, a gold answer math-verify cannot parse, an empty file.
     """
-    from fasthint.rewards import check_gold
-
     raw = _read_rows(path)
     if not raw:
         raise DataError(f"data file {path!r} has no rows: pass a dataset with at least one row")

@@ -19,6 +19,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 
 def world_size() -> int:
@@ -90,9 +93,6 @@ def shard(policy: torch.nn.Module, lazy_init: bool = True) -> None:
     """FSDP2: each decoder layer is one unit, the root holds the rest. FSDP averages gradients over
     ranks; :func:`fasthint.update.train_step` multiplies each rank's loss by the world size, so the
     result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
     base = getattr(policy.lm, policy.lm.base_model_prefix)
     for layer in base.layers:
@@ -112,8 +112,6 @@ def shard_from_rank0(policy: torch.nn.Module, full: Optional[torch.nn.Module], d
     rank 0: the shards are allocated on ``device`` and filled from rank 0's ``full`` model (loaded
     on CPU; None on the other ranks) by ``set_model_state_dict(..., broadcast_from_rank0=True)``;
     buffers outside the state dict (rotary frequencies) are broadcast from rank 0 as well."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     shard(policy, lazy_init=False)
     policy.to_empty(device=device)
     sd = {f"lm.{k}": v for k, v in full.state_dict().items()} if rank() == 0 else {}
@@ -126,8 +124,6 @@ def shard_from_rank0(policy: torch.nn.Module, full: Optional[torch.nn.Module], d
 
 
 def _fsdp_modules(module: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
 
 
@@ -154,7 +150,6 @@ def full_state_dict(policy: torch.nn.Module) -> dict:
     """The LM's full state dict on CPU (rank 0; empty elsewhere) for saving; collective under FSDP."""
     if not _fsdp_modules(policy):
         return policy.lm.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k.removeprefix("lm."): v for k, v in sd.items()}

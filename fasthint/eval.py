@@ -4,24 +4,36 @@
 samples ``n`` completions per problem with the training engines and reward (never a hint) and reports,
 per benchmark, avg@n and the unbiased pass@k = 1 - C(n-c, k) / C(n, k) for k = 1, 2, 4, ..., n
 (Chen et al. 2021); it writes ``eval_results.json`` (with every problem's correct count) and a PNG
-of the pass@k curves. ``--compare CKPT_BEFORE`` adds the Guide paper's analysis (ALGORITHMS.md
-section 3): problems unsolved at pass@1 before and solved after are *self-distillation* when some
+of the pass@k curves. ``--compare CKPT_BEFORE`` adds the Guide paper's analysis (docs/ALGORITHMS.md
+§3): problems unsolved at pass@1 before and solved after are *self-distillation* when some
 sample before was correct (pass@n > 0, pass@16 for n = 16) and *capability gain* when none was;
 *regressions* go the other way. "Solved at pass@1" means pass@1 >= ``--solved_threshold`` (0.5).
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from types import SimpleNamespace
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
+import torch
+import transformers
+
+from fasthint import dist
+from fasthint.benchmarks import load_benchmarks
+from fasthint.checkpoint import write_json_atomic
+from fasthint.config import parse_args
 from fasthint.data import render_prompt
-from fasthint.engines.base import SamplingConfig
-from fasthint.errors import ConfigError, FastHintError
+from fasthint.engines import make_engine
+from fasthint.engines.base import RolloutConfig, SamplingConfig
+from fasthint.errors import FastHintError
+from fasthint.metrics import save_figure
+from fasthint.models import load_policy, resolve_model_path
+from fasthint.options import need, option
+from fasthint.rewards import RewardScorer
 
 
 def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[list[str], list[dict]], list[float]],
@@ -107,38 +119,30 @@ def compare_counts(before: dict[str, int], after: dict[str, int], n: int, thresh
 
 # ---- the CLI ----------------------------------------------------------------------------------------
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class EvalConfig:
     """``python -m fasthint.eval`` options (``--key value``; ``--config FILE.yaml``)."""
 
-    model: str = _f("toy", "checkpoint directory to evaluate (HF format, e.g. OUTPUT_DIR/final), or toy.")
-    data: str = _f("", "benchmark file (JSONL/Parquet) or a directory of them (see fasthint.benchmarks).")
-    compare: str = _f("", "a second checkpoint (before training): adds the self-distillation / capability "
-                          "gain / regression analysis.")
-    n: int = _f(16, "samples per problem.")
-    temperature: float = _f(0.6, "sampling temperature.")
-    top_p: float = _f(0.95, "nucleus sampling.")
-    max_new_tokens: int = _f(1024, "maximum completion length.")
-    prompt_template: str = _f("{question}", "user-turn text, as in training; {question} is replaced.")
-    solved_threshold: float = _f(0.5, "--compare: a problem is solved at pass@1 when pass@1 >= this.")
-    max_problems: int = _f(0, "evaluate only the first N problems of each benchmark (0 = all).")
-    engine: str = _f("hf", "hf (the model's own decode loop) or vllm.")
-    vllm_gpu_memory_utilization: float = _f(0.9, "vllm: share of GPU memory for the engine.")
-    generation_batch_size: int = _f(256, "hf: sequences per generate call.")
-    reward_timeout_s: float = _f(5.0, "math-verify deadline per completion.")
-    output_dir: str = _f("eval_out", "where eval_results.json and pass_at_k.png go.")
-    cache_dir: str = _f("~/.cache/fasthint", "toy model cache (--model toy).")
-    seed: int = _f(0, "sampling seed.")
+    model: str = option("toy", "checkpoint directory to evaluate (HF format, e.g. OUTPUT_DIR/final), or toy.")
+    data: str = option("", "benchmark file (JSONL/Parquet) or a directory of them (see fasthint.benchmarks).")
+    compare: str = option("", "a second checkpoint (before training): adds the self-distillation / capability "
+                              "gain / regression analysis.")
+    n: int = option(16, "samples per problem.")
+    temperature: float = option(0.6, "sampling temperature.")
+    top_p: float = option(0.95, "nucleus sampling.")
+    max_new_tokens: int = option(1024, "maximum completion length.")
+    prompt_template: str = option("{question}", "user-turn text, as in training; {question} is replaced.")
+    solved_threshold: float = option(0.5, "--compare: a problem is solved at pass@1 when pass@1 >= this.")
+    max_problems: int = option(0, "evaluate only the first N problems of each benchmark (0 = all).")
+    engine: str = option("hf", "hf (the model's own decode loop) or vllm.")
+    vllm_gpu_memory_utilization: float = option(0.9, "vllm: share of GPU memory for the engine.")
+    generation_batch_size: int = option(256, "hf: sequences per generate call.")
+    reward_timeout_s: float = option(5.0, "math-verify deadline per completion.")
+    output_dir: str = option("eval_out", "where eval_results.json and pass_at_k.png go.")
+    cache_dir: str = option("~/.cache/fasthint", "toy model cache (--model toy).")
+    seed: int = option(0, "sampling seed.")
 
     def validate(self) -> "EvalConfig":
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
         need(bool(self.data), "--data is required: a benchmark file or a directory of them")
         need(self.n >= 1, f"--n must be >= 1 (got {self.n})")
         need(self.temperature > 0 or self.n == 1, "--temperature 0 (greedy) needs --n 1")
@@ -154,21 +158,15 @@ class EvalConfig:
 
 def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dict]], score) -> dict[str, dict]:
     """``{benchmark: {uid: correct samples out of n}}`` for one checkpoint (never a hint)."""
-    import torch
-
-    from fasthint import dist
-    from fasthint.engines import make_engine
-    from fasthint.models import load_policy
-
     device = dist.init()
     model, tok = load_policy(model_path, device)
     model.eval()
     longest = max(len(render_prompt(tok, r["question"], cfg.prompt_template))
                   for rows in benches.values() for r in rows)
-    ecfg = SimpleNamespace(seed=cfg.seed, vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                           max_prompt_length=longest, max_new_tokens=cfg.max_new_tokens, hint_max_new_tokens=0,
-                           vllm_sleep_mode=False, generation_batch_size=cfg.generation_batch_size)
-    engine = make_engine(cfg.engine, model, tok, model_path, ecfg)
+    rollout = RolloutConfig(engine=cfg.engine, generation_batch_size=cfg.generation_batch_size,
+                            vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    rollout.check()
+    engine = make_engine(rollout, model, tok, model_path, seed=cfg.seed, max_model_len=longest + cfg.max_new_tokens)
     torch.manual_seed(cfg.seed)
     sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
     out: dict[str, dict] = {}
@@ -189,11 +187,6 @@ def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dic
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluates ``cfg.model`` (and ``cfg.compare``) on every benchmark; writes JSON and a PNG."""
-    from fasthint.benchmarks import load_benchmarks
-    from fasthint.checkpoint import write_json_atomic
-    from fasthint.models import resolve_model_path
-    from fasthint.rewards import RewardScorer
-
     benches = load_benchmarks(cfg.data)
     if cfg.max_problems:
         benches = {k: v[:cfg.max_problems] for k, v in benches.items()}
@@ -219,12 +212,10 @@ def run_eval(cfg: EvalConfig) -> dict:
 
 
 def _plot(res: dict, path: str) -> str:
-    import matplotlib
+    import matplotlib  # lazy: pyplot sets a process-wide backend; only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fasthint.metrics import save_figure
+    import matplotlib.pyplot as plt  # lazy: see above
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, m) in enumerate(res["after"]["benchmarks"].items()):
@@ -260,12 +251,6 @@ def format_tables(res: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m fasthint.eval``: exit status 0, or 2 with one line on stderr for bad input."""
-    import logging
-
-    from fasthint.config import parse_args
-
-    import transformers
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -1,32 +1,330 @@
-"""The policy objective's module layer: the LM and the fused head loss as one module, and the
-no-grad log-probs of packed completions under any model.
+"""The policy objective, written once: per-token terms, their aggregation, and the loss module.
 
-:class:`PolicyLoss` is the causal LM plus ``ops.fused_policy_loss`` in one ``forward``, so that under
-FSDP2 it is the root unit owning the embeddings, final norm and head; it applies the model's logit
-transform (``fasthint.head``: Gemma-2's soft-cap, Cohere/Granite scales) so the loss sees the logits
-the model samples from. ``micro_batch_logprobs`` and ``recompute_logprobs`` compute the same log-probs
-without gradient (the KL reference, Guide's and HINT's no-hint numerators, TIS re-scoring).
+    loss = sum_t w_t * m_t * sum_k term_k(logp_t)          (docs/ALGORITHMS.md §1.4-1.5)
+
+Each *term* is a small object whose ``loss(logp, tokens)`` is a function of each token's own
+log-prob (plus per-token constants: old log-probs, advantages, the reference log-probs, any named
+field an algorithm attaches). ``w_t`` is the aggregation weight (token-mean, seq-mean-token-mean or
+seq-mean-token-sum-norm, with the global normaliser) times the sample/importance weight; ``m_t`` the
+mask. Because every term depends on ``logp_t`` alone, the head kernels need from the objective only
+``dL/dlogp_t``, one coefficient per token: :func:`fused_policy_loss` hands the summed terms to
+``ops.fused_linear_loss`` as a closure, and the kernels never see an algorithm's concept.
+
+Terms: :class:`ClippedSurrogate` (PPO/GRPO clip with clip-higher and dual clip),
+:class:`ShapedRatio` (Guide: ``A r / (r + gamma)`` on hinted tokens), :class:`KLPenalty` (k3),
+:class:`EntropyBonus` (``-coef H_t``; the one term that reads the entropy, whose gradient the kernels
+add when a term sets ``uses_entropy``). A new term is a subclass of :class:`Term` plus its test
+(docs/ARCHITECTURE.md shows one); an algorithm picks its terms in ``Algorithm.objective``.
+
+:class:`PolicyLoss` is the causal LM plus the fused loss in one ``forward`` (the FSDP root);
+``micro_batch_logprobs`` and ``recompute_logprobs`` give the same log-probs without gradient.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 
 from fasthint import ops
 from fasthint.batch import Sample, _collate
 from fasthint.head import head_transform
+from fasthint.options import Options, need, one_of, option
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADV_SCALES = ("group", "batch", "none")
+
+
+@dataclass
+class LossConfig(Options):
+    """Advantages and the policy objective. ``auto`` values are the algorithm's (``Algorithm.defaults``)."""
+
+    GROUP = "advantages and loss"
+    adv_scale: str = option("auto", f"advantage scaling, one of {ADV_SCALES}; auto = 'none' for dr_grpo, "
+                                    "else 'group'.")
+    adv_eps: float = option(1e-6, "epsilon added to the std in the advantage.")
+    loss_agg: str = option("auto", f"loss aggregation, one of {LOSS_AGGS}; auto = "
+                                   "'seq-mean-token-sum-norm' for dr_grpo, else 'token-mean'.")
+    eps_low: float = option(0.2, "lower clip range: ratio >= 1 - eps_low.")
+    eps_high: float = option(0.28, "upper clip range: ratio <= 1 + eps_high (DAPO clip-higher).")
+    dual_clip: Optional[float] = option(None, "dual-clip constant c (e.g. 3.0) for negative advantages; "
+                                              "unset = off.")
+    beta: float = option(0.0, "k3 KL coefficient to a frozen reference model; 0 loads no reference.")
+    entropy_coef: float = option(0.0, "entropy bonus: the loss gains -entropy_coef * (token entropy) "
+                                      "(verl's entropy_coeff; 0 = off).")
+    mask_truncated: Optional[bool] = option(None, "give truncated completions no loss (DAPO's overlong "
+                                                  "masking); unset = on for dapo only.")
+
+    def check(self) -> None:
+        one_of("loss_agg", self.loss_agg, LOSS_AGGS)
+        one_of("adv_scale", self.adv_scale, ADV_SCALES)
+        need(0 <= self.eps_low < 1, f"--eps_low must be in [0, 1) (got {self.eps_low})")
+        need(self.eps_high >= 0, f"--eps_high must be >= 0 (got {self.eps_high})")
+        need(self.dual_clip is None or self.dual_clip > 1,
+             f"--dual_clip must be > 1 (e.g. 3.0) or unset (got {self.dual_clip})")
+        need(self.beta >= 0, f"--beta must be >= 0 (got {self.beta})")
+        need(self.entropy_coef >= 0, f"--entropy_coef must be >= 0 (got {self.entropy_coef})")
+        need(self.adv_eps > 0, f"--adv_eps must be > 0 (got {self.adv_eps})")
+
+
+@dataclass
+class Tokens:
+    """Per-token constants of the packed completion tokens, each ``[N]`` (no gradient)."""
+
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    ref_logp: Optional[torch.Tensor] = None
+    fields: dict = field(default_factory=dict)  # named per-token tensors a term reads (Guide: "gamma")
+    entropy: Optional[torch.Tensor] = None  # the policy's per-token entropy (differentiable), for terms
+    #                                          with ``uses_entropy``; set by the objective per chunk
+
+    def prepared(self, dtype: torch.dtype) -> "Tokens":
+        """In ``dtype``, zero off the mask (NaN or inf there must never reach a gradient)."""
+        on = self.mask.bool()
+
+        def c(x):
+            return None if x is None else torch.where(on, x.detach().to(dtype), torch.zeros((), dtype=dtype,
+                                                                                          device=x.device))
+        return Tokens(c(self.old_logp), c(self.advantages), self.mask, c(self.ref_logp),
+                      {k: c(v) for k, v in self.fields.items()})
+
+    def rows(self, s: int, e: int, entropy: Optional[torch.Tensor] = None) -> "Tokens":
+        """Rows ``s:e`` (what the kernels hand the objective one chunk at a time), with ``entropy``."""
+        cut = (lambda x: None if x is None else x[s:e])  # noqa: E731
+        return Tokens(cut(self.old_logp), cut(self.advantages), cut(self.mask), cut(self.ref_logp),
+                      {k: cut(v) for k, v in self.fields.items()}, entropy)
+
+
+class Term:
+    """One per-token objective term. ``loss`` is minimised; ``stats`` are per-token values whose
+    means over the mask are reported (keys are metric names). A term whose loss reads the policy's
+    entropy (``t.entropy``) sets ``uses_entropy``: the kernels then compute it and its gradient."""
+
+    uses_entropy = False
+
+    def loss(self, logp: torch.Tensor, t: Tokens) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stats(self, logp: torch.Tensor, t: Tokens) -> dict:
+        return {}
+
+
+@dataclass
+class ClippedSurrogate(Term):
+    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(logp - old)``; with ``dual_clip=c``
+    the objective of a negative-advantage token is at least ``c A`` (Dual-clip PPO)."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: Optional[float] = None
+
+    def objective(self, logp, t: Tokens) -> torch.Tensor:
+        ratio = torch.exp(logp - t.old_logp)
+        adv = t.advantages.to(logp.dtype)
+        obj = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
+        if self.dual_clip is not None:
+            obj = torch.where(adv < 0, torch.maximum(obj, self.dual_clip * adv), obj)
+        return obj
+
+    def loss(self, logp, t):
+        return -self.objective(logp, t)
+
+    def stats(self, logp, t):
+        ratio, adv = torch.exp(logp - t.old_logp), t.advantages
+        return {"clip_ratio/low": ((ratio < 1 - self.eps_low) & (adv < 0)).to(logp.dtype),
+                "clip_ratio/high": ((ratio > 1 + self.eps_high) & (adv > 0)).to(logp.dtype)}
+
+
+@dataclass
+class ShapedRatio(Term):
+    """Guide: tokens whose field ``gamma`` is > 0 (hinted completions) use the unclipped shaped
+    objective ``A r / (r + gamma)``; the others use ``base``."""
+
+    base: ClippedSurrogate = field(default_factory=ClippedSurrogate)
+
+    def loss(self, logp, t):
+        obj = self.base.objective(logp, t)
+        gam = t.fields.get("gamma")
+        if gam is not None:
+            ratio, shaped = torch.exp(logp - t.old_logp), gam > 0
+            adv = t.advantages.to(logp.dtype)
+            obj = torch.where(shaped, adv * ratio / (ratio + torch.where(shaped, gam, 1.0)), obj)
+        return -obj
+
+    def stats(self, logp, t):
+        return self.base.stats(logp, t)
+
+
+@dataclass
+class KLPenalty(Term):
+    """``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` (no term without reference log-probs)."""
+
+    beta: float = 0.0
+
+    def k3(self, logp, t):
+        d = t.ref_logp.to(logp.dtype) - logp
+        return torch.exp(d) - d - 1
+
+    def loss(self, logp, t):
+        return self.beta * self.k3(logp, t) if t.ref_logp is not None and self.beta > 0 else torch.zeros_like(logp)
+
+    def stats(self, logp, t):
+        return {"kl": self.k3(logp, t)} if t.ref_logp is not None and self.beta > 0 else {}
+
+
+@dataclass
+class EntropyBonus(Term):
+    """``-coef * H_t``: rewards a spread-out next-token distribution (verl's ``entropy_coeff``)."""
+
+    coef: float = 0.0
+    uses_entropy = True
+
+    def loss(self, logp, t):
+        if t.entropy is None:
+            raise ValueError("EntropyBonus needs the per-token entropy: pass entropy= to policy_loss")
+        return -self.coef * t.entropy
+
+
+def clip_terms(eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: Optional[float] = None,
+               beta: float = 0.0, shaped: bool = False, entropy_coef: float = 0.0) -> list[Term]:
+    """GRPO's objective: the clipped surrogate (Guide's shaped ratio around it when ``shaped``), k3 KL
+    when ``beta > 0`` and an entropy bonus when ``entropy_coef > 0``."""
+    pg = ClippedSurrogate(eps_low, eps_high, dual_clip)
+    return ([ShapedRatio(pg) if shaped else pg] + ([KLPenalty(beta)] if beta > 0 else [])
+            + ([EntropyBonus(entropy_coef)] if entropy_coef > 0 else []))
+
+
+def token_weights(mask: torch.Tensor, loss_agg: str, *, num_tokens: Optional[float] = None,
+                  seq_ids: Optional[torch.Tensor] = None, num_seqs: Optional[float] = None,
+                  seq_weights: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-token aggregation factor ``w_t`` (0 off the mask), times ``seq_weights`` when given.
+
+    ``token-mean``: 1 / num_tokens (default: mask.sum()); ``seq-mean-token-mean``: 1 / (tokens of the
+    sequence x num_seqs) (default: sequences present); ``seq-mean-token-sum-norm``: 1 / num_tokens, where
+    the caller passes batch size x max completion length. ``num_tokens``/``num_seqs`` are global when a
+    batch is split over micro-batches or ranks."""
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    m = mask.to(dtype)
+    if loss_agg == "seq-mean-token-mean":
+        if seq_ids is None:
+            raise ValueError("loss_agg='seq-mean-token-mean' needs seq_ids (the sequence index of each token)")
+        n_seq = int(seq_ids.max().item()) + 1 if seq_ids.numel() else 0
+        cnt = torch.zeros(n_seq, dtype=dtype, device=m.device).index_add_(0, seq_ids, m)
+        denom = float(num_seqs) if num_seqs is not None else float((cnt > 0).sum().item())
+        w = m / (cnt.clamp_min(1)[seq_ids] * max(denom, 1.0))
+    else:
+        denom = float(num_tokens) if num_tokens is not None else float(m.sum().item())
+        w = m / max(denom, 1.0)
+    if seq_weights is not None:
+        w = w * seq_weights.to(dtype)
+    return w
+
+
+@dataclass
+class Objective:
+    """The policy loss of one batch of tokens, ready for the kernels: ``token_loss(logp_rows, start,
+    stop)`` is ``w_t * sum_k term_k(logp_t)`` (0 off the mask), ``stats(logp)`` the terms' token means."""
+
+    terms: list
+    tokens: Tokens
+    weights: torch.Tensor
+
+    @property
+    def uses_entropy(self) -> bool:
+        return any(t.uses_entropy for t in self.terms)
+
+    def token_loss(self, lp: torch.Tensor, s: int, e: int, entropy: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = self.tokens.rows(s, e, entropy)
+        tok = self.terms[0].loss(lp, t)
+        for term in self.terms[1:]:
+            tok = tok + term.loss(lp, t)
+        on = self.tokens.mask[s:e].bool()
+        return torch.where(on, tok * self.weights[s:e], torch.zeros_like(tok))  # NaN/inf off the mask stay out
+
+    @torch.no_grad()
+    def stats(self, logp: torch.Tensor) -> dict:
+        """Each term's stats as means over the mask tokens (0-dim tensors)."""
+        logp = logp.detach()
+        on = self.tokens.mask.bool()
+        n = self.tokens.mask.to(logp.dtype).sum().clamp_min(1)
+        out = {"clip_ratio/low": logp.new_zeros(()), "clip_ratio/high": logp.new_zeros(()), "kl": logp.new_zeros(())}
+        for term in self.terms:
+            for k, v in term.stats(logp, self.tokens).items():
+                out[k] = torch.where(on, v, torch.zeros_like(v)).sum() / n
+        return out
+
+
+def make_objective(old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                   dtype: torch.dtype = torch.float32, ref_logp: Optional[torch.Tensor] = None,
+                   terms: Optional[Sequence[Term]] = None, beta: float = 0.0, eps_low: float = 0.2,
+                   eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
+                   num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
+                   num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
+                   shaped_gamma: Optional[torch.Tensor] = None, token_fields: Optional[dict] = None) -> Objective:
+    """The :class:`Objective` of ``[N]`` packed tokens, computed in ``dtype``.
+
+    ``terms``: default :func:`clip_terms` from ``eps_low``/``eps_high``/``dual_clip``/``beta`` (Guide's
+    shaped ratio when ``shaped_gamma`` is given); pass either ``terms`` or those settings. Aggregation
+    as :func:`token_weights`; ``mask`` is 1 on trained completion tokens; ``token_fields`` are named
+    per-token tensors for the terms (``shaped_gamma`` is the field ``gamma``)."""
+    if terms is None:
+        terms = clip_terms(eps_low, eps_high, dual_clip, beta, shaped=shaped_gamma is not None)
+    elif (beta, eps_low, eps_high, dual_clip) != (0.0, 0.2, 0.28, None):
+        raise ValueError("pass either terms= or the clipped-surrogate settings (beta, eps_low, eps_high, "
+                         "dual_clip), not both: the terms carry their own settings")
+    if not terms:
+        raise ValueError("terms= is empty: the objective needs at least one term")
+    fields = dict(token_fields or {})
+    if shaped_gamma is not None:
+        fields["gamma"] = shaped_gamma
+    tokens = Tokens(old_logp, advantages, mask, ref_logp, fields).prepared(dtype)
+    w = token_weights(mask, loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
+                      seq_weights=seq_weights, dtype=dtype)
+    return Objective(list(terms), tokens, w)
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                entropy: Optional[torch.Tensor] = None, **objective_kwargs):
+    """The policy loss on given log-probs ``[N]`` (differentiable in ``logp`` and ``entropy``, the
+    per-token entropy an entropy term reads): ``(loss, stats)`` with stats ``clip_ratio/low``,
+    ``clip_ratio/high``, ``kl`` (token means). Keywords: :func:`make_objective`."""
+    obj = make_objective(old_logp, advantages, mask, dtype=logp.dtype, **objective_kwargs)
+    return obj.token_loss(logp, 0, logp.shape[0], entropy).sum(), obj.stats(logp)
+
+
+def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor, *,
+                      bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
+                      impl: str = "auto", softcap: Optional[float] = None, **objective_kwargs):
+    """:func:`policy_loss` of the log-probs of a linear head (``ops.linear_logprobs``), without ``[N, V]``
+    logits: the objective goes to ``ops.fused_linear_loss`` as one closure. ``(loss, stats)``; stats add
+    ``logp`` and, with ``return_entropy``, ``entropy`` (per token, detached). Keywords: :func:`make_objective`."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
+    loss, logp, ent = ops.fused_linear_loss(hidden, weight, targets, obj.token_loss, bias=bias,
+                                            temperature=temperature, return_entropy=return_entropy, impl=impl,
+                                            softcap=softcap, uses_entropy=obj.uses_entropy)
+    stats = obj.stats(logp)
+    stats["logp"] = logp
+    if ent is not None:
+        stats["entropy"] = ent
+    return loss, stats
 
 
 class PolicyLoss(torch.nn.Module):
-    """The causal LM plus the fused loss in one ``forward``: the FSDP root, so that its own
+    """The causal LM plus :func:`fused_policy_loss` in one ``forward``: the FSDP root, so that its own
     parameters (embeddings, final norm, head) are gathered and their gradients reduced like any
     layer's. ``forward(input_ids, attention_mask, score_index, targets, autocast, **loss_kwargs)``
-    returns ``ops.fused_policy_loss``'s (loss, stats) on the hidden states at ``score_index`` (the
-    LM body under bfloat16 autocast when ``autocast``)."""
+    returns (loss, stats) on the hidden states at ``score_index`` (the LM body under bfloat16 autocast
+    when ``autocast``), applying the model's logit transform (``fasthint.head``: Gemma-2's soft-cap,
+    Cohere/Granite scales) so the loss sees the logits the model samples from."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
         self.lm = lm
-        self.head_transform = head_transform(lm.config)  # soft-cap / logit scale the loss must apply
+        self.head_transform = head_transform(lm.config)
 
     def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
         base = getattr(self.lm, self.lm.base_model_prefix)
@@ -37,7 +335,7 @@ class PolicyLoss(torch.nn.Module):
             return hidden
         h = hidden.flatten(0, 1).index_select(0, score_index)
         loss_kwargs.update(self.head_transform.loss_kwargs(loss_kwargs.pop("temperature", 1.0)))
-        return ops.fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
+        return fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
 
 
 @torch.no_grad()

@@ -4,7 +4,27 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
+
+from fasthint.errors import ConfigError
+from fasthint.options import Options, need, one_of, option
+
+REPORT_TO = ("none", "tensorboard")
+
+
+@dataclass
+class LoggingConfig(Options):
+    """Where the run writes and what it shows."""
+
+    GROUP = "output and logging"
+    output_dir: str = option("outputs/default", "where metrics.jsonl, the plot and the final checkpoint go.")
+    report_to: str = option("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
+    progress_bar: bool = option(True, "show a progress bar with reward and accuracy.")
+
+    def check(self) -> None:
+        one_of("report_to", self.report_to, REPORT_TO)
+        need(bool(self.output_dir), "--output_dir must not be empty")
 
 PLOT_KEYS = ("reward/mean", "frac_reward_zero_std", "prompts/never_solved", "entropy", "completion_len/mean",
              "grad_norm", "time/step_s")
@@ -21,10 +41,8 @@ class MetricsLogger:
         self._tb = None
         if report_to == "tensorboard":
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # lazy: optional package (--report_to)
             except ImportError:
-                from fasthint.errors import ConfigError
-
                 raise ConfigError("--report_to tensorboard needs the tensorboard package: "
                                   "pip install -c constraints.txt 'fasthint[tensorboard]'") from None
             self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
@@ -62,10 +80,10 @@ def plot_metrics(rows: list[dict], path: str, keys: tuple[str, ...] = PLOT_KEYS,
     """Saves a grid of training curves (raw and smoothed) as PNG, plus, with ``evals`` = (before,
     after) evaluation metrics, a bar chart of the no-hint accuracy per level before and after
     training; returns the path or None."""
-    import matplotlib
+    import matplotlib  # lazy: pyplot sets a process-wide backend; only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: pyplot sets a process-wide backend
 
     keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in rows)]
     bars = _accuracy_by_level(*evals) if evals else []
@@ -121,7 +139,7 @@ def _plot_bars(ax, bars: list[tuple[str, float, float]], n: Optional[float]) -> 
 
 def save_figure(fig, path: str) -> str:
     """Writes ``fig`` as PNG to ``path`` atomically (temporary file, then rename), closes it; the path."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: pyplot sets a process-wide backend
 
     fig.tight_layout()
     tmp = path + ".tmp.png"

@@ -1,23 +1,47 @@
 """Loading the policy (and the optional frozen reference) as Hugging Face checkpoints."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from fasthint import dist
+from fasthint.data import render_prompt
 from fasthint.errors import ModelError
 from fasthint.head import head_transform
+from fasthint.loss import PolicyLoss
+from fasthint.options import Options, one_of, option
+from fasthint.toy.model import ensure_toy_model
 
 log = logging.getLogger("fasthint")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass
+class ModelConfig(Options):
+    """The policy model."""
+
+    GROUP = "model"
+    model: str = option("toy", "HF checkpoint directory (or hub id where the hub is reachable); "
+                               "'toy' builds and warm-starts the embedded tiny Qwen2 model (cached).")
+    attn_implementation: str = option("auto", "attention kernel of the trainer's model: auto = flash_attention_2 "
+                                              "when flash-attn is importable on CUDA, else sdpa; or any value "
+                                              "transformers accepts.")
+    dtype: str = option("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
+                                "float32 on CPU.")
+
+    def check(self) -> None:
+        one_of("dtype", self.dtype, DTYPES)
 
 
 def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: int) -> str:
     """'toy' becomes the cached, warm-started toy checkpoint; other values are returned as given."""
     if model == "toy":
-        from fasthint.toy.model import ensure_toy_model
-
         return ensure_toy_model(cache_dir, seed, warmstart_steps)
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
         raise ModelError(f"model path {model!r} is not a Hugging Face checkpoint (no config.json): "
@@ -30,8 +54,6 @@ def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: i
 
 def load_model_config(path: str):
     """The model's ``AutoConfig`` (no weights read), or ModelError naming the fix."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
@@ -41,8 +63,6 @@ def load_model_config(path: str):
 
 
 def _causal_lm_class(config):
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
@@ -54,8 +74,6 @@ def resolve_attn_implementation(value: str, device: torch.device, config=None) -
     """``auto``: flash-attn's kernels when the package imports, the model runs on CUDA and its class
     supports them; else sdpa where the class supports it; else eager (e.g. Gemma-2, whose attention
     soft-capping sdpa cannot apply). Any other value is checked against ``config``'s class."""
-    import importlib.util
-
     cls = _causal_lm_class(config) if config is not None else None
     if value == "auto":
         if device.type == "cuda" and importlib.util.find_spec("flash_attn") and \
@@ -70,8 +88,6 @@ def resolve_attn_implementation(value: str, device: torch.device, config=None) -
 def check_attn_implementation(config, attn: str) -> None:
     """Builds the architecture on the meta device (no memory, no weights) with ``attn``; a model that
     cannot run it gets a ModelError naming ``--attn_implementation``."""
-    from transformers import AutoModelForCausalLM
-
     try:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(config, attn_implementation=attn)
@@ -86,8 +102,6 @@ def load_policy(path: str, device: torch.device, attn_implementation: str = "aut
     the architecture only, on the meta device, no weights read (filled later by
     :func:`fasthint.dist.shard_from_rank0`). ``auto`` attention: what :func:`resolve_attn_implementation`
     picks for this model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     if attn_implementation == "auto":
         attn_implementation = resolve_attn_implementation("auto", device, load_model_config(path))
     try:
@@ -112,8 +126,6 @@ def check_head(model, tokenizer) -> Optional[str]:
     """The fused loss computes the logits as ``head_transform(config)`` applied to lm_head(last hidden
     state): None when that is what the model computes, else why not. (A soft-cap is invisible while
     the logits are small, as at initialisation: the config is read first, by ``head_transform``.)"""
-    from fasthint.data import render_prompt
-
     transform = head_transform(model.config)
     ids = torch.tensor([render_prompt(tokenizer, "1+1=?")[:32]], device=next(model.parameters()).device)
     with torch.no_grad():
@@ -132,9 +144,6 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
     full weights: rank 0 reads the checkpoint on CPU, every rank builds the model on the meta device
     and shards it (FSDP2), and the shards are filled from rank 0 (:func:`dist.shard_from_rank0`).
     """
-    from fasthint import dist
-    from fasthint.loss import PolicyLoss
-
     if dist.world_size() == 1:
         model, tokenizer = load_policy(path, device, attn_implementation)
         err = check_head(model, tokenizer)

@@ -12,7 +12,7 @@ The head ops take an optional final-logit soft-cap (Gemma-2): ``softcap=c`` comp
 ``1 - tanh^2``); ``None`` (the default) leaves the logits as they are. The torch, native and reference
 paths implement it; the Triton kernels do not (``impl="triton"`` raises, ``"auto"`` avoids them).
 
-Memory: ``linear_logprobs`` and ``fused_policy_loss`` never hold ``[N, V]`` logits; beyond the
+Memory: ``linear_logprobs`` and ``fused_linear_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path; one more such buffer
 for ``1 - tanh^2`` when soft-capped gradients are formed) or O(N) vectors and fp32 gradient
 accumulators (Triton).
@@ -23,11 +23,12 @@ import logging
 from typing import Optional
 
 import torch
+from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
+from fasthint_kernels.fused_loss import TokenLoss, fused_linear_loss_chunked
+from fasthint_kernels.native import usable
+from fasthint_kernels.reference import check_softcap, group_advantages_ref, linear_logprobs_ref
 
 from fasthint import autoselect
-from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
-from fasthint_kernels.reference import (check_softcap, group_advantages_ref,  # noqa: F401
-                                        linear_logprobs_ref, policy_loss_ref)
 
 IMPLS = ("auto", "triton", "torch", "native", "reference")
 log = logging.getLogger("fasthint")
@@ -51,13 +52,11 @@ def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.T
     if impl != "auto":
         return impl
     if hidden.device.type != "cuda":
-        from fasthint_kernels.native import usable
-
         return "native" if usable(hidden, weight) else "torch"
     if softcap is not None:
         return "torch"
     return autoselect.choose_cuda_impl(op, hidden, weight, temperature, return_entropy,
-                                       linear_logprobs=linear_logprobs, fused_policy_loss=fused_policy_loss)
+                                       linear_logprobs=linear_logprobs, fused_linear_loss=fused_linear_loss)
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
@@ -72,7 +71,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: s
     if impl == "reference":
         return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps).to(torch.float32)
     if impl == "triton" or auto_cuda:
-        from fasthint_kernels.advantages import group_advantages_triton
+        from fasthint_kernels.advantages import group_advantages_triton  # lazy: imports triton
 
         try:
             return group_advantages_triton(rewards, group_ids, scale=scale, eps=eps)
@@ -102,7 +101,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy, softcap=softcap)
     if impl == "triton":
-        from fasthint_kernels.logprobs import linear_logprobs_triton
+        from fasthint_kernels.logprobs import linear_logprobs_triton  # lazy: imports triton
 
         if hidden.dtype != weight.dtype:  # e.g. fp32 hidden states beside a bf16 head: the head decides
             hidden = hidden.to(weight.dtype)
@@ -112,67 +111,32 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                    return_entropy=return_entropy, native=impl == "native", softcap=softcap)
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-                ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
-                eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
-                num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
-                num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto"):
-    """Clipped (optionally dual-clipped) policy-gradient loss with optional k3 KL over packed tokens.
-
-    All token tensors are ``[N]``; ``mask`` is 1 on completion tokens and 0 on prompt, hint and
-    padding tokens. ``num_tokens`` is the global normaliser when the batch is split across
-    micro-batches or ranks (``token-mean``: the global count of mask tokens;
-    ``seq-mean-token-sum-norm``: batch size x max completion length); ``seq-mean-token-mean`` uses
-    ``seq_ids`` and ``num_seqs``. ``shaped_gamma`` (per token, > 0 on Guide's hinted completions)
-    selects the unclipped shaped objective ``A r / (r + gamma)``. Returns ``(loss, stats)``; see
-    ``policy_loss_ref``.
-    """
-    # O(N) elementwise work: every impl shares these torch ops; a kernel pays in the fused op, which
-    # never builds the [N, V] logits.
-    _check_impl(impl)
-    return policy_loss_ref(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
-                           eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
-                           seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights, shaped_gamma=shaped_gamma)
-
-
-def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                      advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor, *,
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_loss: TokenLoss, *,
                       bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
-                      ref_logp: Optional[torch.Tensor] = None, beta: float = 0.0, eps_low: float = 0.2,
-                      eps_high: float = 0.28, dual_clip: Optional[float] = None, loss_agg: str = "token-mean",
-                      num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
-                      num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
-                      shaped_gamma: Optional[torch.Tensor] = None, impl: str = "auto",
-                      softcap: Optional[float] = None):
-    """``policy_loss`` on the log-probs of a linear head, without ``[N, V]`` logits.
+                      impl: str = "auto", softcap: Optional[float] = None, uses_entropy: bool = False):
+    """``sum_t token_loss(logp)_t`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
-    The loss is a sum of per-token functions of ``logp``, so its gradient reaches the head as one
-    coefficient per token (dL/dlogp). The torch path uses that in its forward: each logit chunk
-    yields its log-probs, their coefficients and its share of dH/dW at once (6NDV, no recompute;
-    ``fasthint_kernels.fused_loss``). The Triton path composes ``linear_logprobs`` (whose backward
-    recomputes logit tiles from the saved log-sum-exp) with ``policy_loss``. Returns ``(loss, stats)``;
-    stats hold ``logp`` (detached) and, with ``return_entropy``, ``entropy`` (per token, detached).
-    ``softcap``: final-logit soft-cap, as in ``linear_logprobs`` (torch, native and reference only).
+    ``token_loss(logp_rows, start, stop)`` gives the per-token losses of rows ``start:stop``, each a
+    function of that token's own log-prob (``fasthint.loss`` builds it from the objective's terms), so
+    its gradient reaches the head as one coefficient per token (dL/dlogp). The torch and native paths
+    use that in their forward: each logit chunk yields its log-probs, their coefficients and its share
+    of dH/dW at once (6NDV, no recompute; ``fasthint_kernels.fused_loss``). The Triton and reference
+    paths compose ``linear_logprobs`` (whose backward recomputes logit tiles from the saved
+    log-sum-exp) with ``token_loss`` under autograd. Returns ``(loss, logp, entropy)``; ``logp`` and
+    ``entropy`` (None unless ``return_entropy``) detached. ``softcap``: as in ``linear_logprobs``.
+    ``uses_entropy``: the loss also reads each token's entropy, ``token_loss(logp, start, stop, entropy)``
+    (an entropy bonus); its gradient reaches the logits on every path.
     """
     softcap = check_softcap(softcap)
     impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
     if impl in ("torch", "native"):
-        from fasthint_kernels.fused_loss import fused_policy_loss_chunked
-
-        return fused_policy_loss_chunked(
-            hidden, weight, targets, advantages, mask, old_logp, bias=bias, temperature=temperature,
-            return_entropy=return_entropy, ref_logp=ref_logp, beta=beta, eps_low=eps_low, eps_high=eps_high,
-            dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens, seq_ids=seq_ids, num_seqs=num_seqs,
-            seq_weights=seq_weights, shaped_gamma=shaped_gamma, native=impl == "native", softcap=softcap)
+        return fused_linear_loss_chunked(hidden, weight, targets, token_loss, bias=bias, temperature=temperature,
+                                         return_entropy=return_entropy, native=impl == "native", softcap=softcap,
+                                         uses_entropy=uses_entropy)
+    want_entropy = return_entropy or uses_entropy
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                          return_entropy=return_entropy, impl=impl, softcap=softcap)
-    logp, entropy = out if return_entropy else (out, None)
-    loss, stats = policy_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, beta=beta, eps_low=eps_low,
-                              eps_high=eps_high, dual_clip=dual_clip, loss_agg=loss_agg, num_tokens=num_tokens,
-                              seq_ids=seq_ids, num_seqs=num_seqs, seq_weights=seq_weights,
-                              shaped_gamma=shaped_gamma, impl=impl)
-    stats["logp"] = logp.detach()
-    if entropy is not None:
-        stats["entropy"] = entropy.detach()
-    return loss, stats
+                          return_entropy=want_entropy, impl=impl, softcap=softcap)
+    logp, entropy = out if want_entropy else (out, None)
+    n = logp.shape[0]
+    loss = (token_loss(logp, 0, n, entropy) if uses_entropy else token_loss(logp, 0, n)).sum()
+    return loss, logp.detach(), entropy.detach() if return_entropy else None

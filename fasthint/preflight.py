@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from transformers import AutoTokenizer
 
 from fasthint.algorithms import REGISTRY
 from fasthint.checkpoint import find_resume
@@ -17,6 +18,8 @@ from fasthint.data import load_dataset, render_prompt
 from fasthint.errors import ConfigError, DataError, ModelError
 from fasthint.head import head_transform
 from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
+from fasthint.toy.model import build_tokenizer
+from fasthint.toy.task import ensure_toy_data
 
 HINT_COLUMNS = {"self": "solution", "solution": "solution", "dataset": "hint"}
 
@@ -39,8 +42,6 @@ def data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
     rank may call this)."""
     toy_train = toy_eval = None
     if cfg.data == "toy" or cfg.eval_data == "toy":
-        from fasthint.toy.task import ensure_toy_data
-
         toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.seed, cfg.toy_train_size, cfg.toy_level_tuple)
     train = toy_train if cfg.data == "toy" else cfg.data
     evals = toy_eval if cfg.eval_data == "toy" else (cfg.eval_data or None)
@@ -77,10 +78,7 @@ def check_packages(cfg: TrainConfig) -> None:
 def _tokenizer(cfg: TrainConfig, path: Optional[str]):
     """The tokenizer the run will use: the toy's is built in-process (no model needed)."""
     if path is None:
-        from fasthint.toy.model import build_tokenizer
-
         return build_tokenizer()
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)

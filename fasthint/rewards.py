@@ -26,6 +26,8 @@ from decimal import Decimal
 from multiprocessing.connection import Connection, Pipe, wait
 from typing import Any, Callable
 
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
 __all__ = ["last_boxed", "math_reward", "check_gold", "RewardScorer"]
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
@@ -73,8 +75,6 @@ def _fast_compare(pred: str, gold: str) -> float | None:
 
 
 def _configs() -> list[Any]:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
-
     return [LatexExtractionConfig(), ExprExtractionConfig()]
 
 
@@ -83,8 +83,6 @@ def verify_answer(pred: str, gold: str) -> float:
 
     Meant to run inside a worker process (the parent enforces the deadline).
     """
-    from math_verify import parse, verify
-
     cfg = _configs()
     gold_parsed = parse("\\boxed{" + gold + "}", cfg, parsing_timeout=None)  # type: ignore[arg-type]
     pred_parsed = parse("\\boxed{" + pred + "}", cfg, parsing_timeout=None)  # type: ignore[arg-type]
@@ -306,8 +304,6 @@ def check_gold(gold: str) -> str | None:
     if last_boxed("\\boxed{" + g + "}") != g:
         return f"unbalanced braces in gold answer {gold!r}"
     try:
-        from math_verify import parse
-
         main = threading.current_thread() is threading.main_thread()
         kw: dict[str, Any] = {} if main else {"parsing_timeout": None}
         parsed = parse("\\boxed{" + g + "}", _configs(), **kw)

@@ -12,13 +12,22 @@ import sys
 import time
 from typing import Callable, Optional
 
+import transformers
 from tqdm import tqdm
 
 from fasthint import dist
 from fasthint.algorithms import RolloutContext
 from fasthint.build import RewardFn, Run, TimedEngine, build, evaluate_no_hint, renderer, timed
-from fasthint.checkpoint import (load_training_checkpoint, move_aside, prune_checkpoints, restore_rng,
-                                 save_hf_checkpoint, save_training_checkpoint, truncate_metrics, write_json_atomic)
+from fasthint.checkpoint import (
+    load_training_checkpoint,
+    move_aside,
+    prune_checkpoints,
+    restore_rng,
+    save_hf_checkpoint,
+    save_training_checkpoint,
+    truncate_metrics,
+    write_json_atomic,
+)
 from fasthint.config import TrainConfig, parse_args
 from fasthint.engines.base import SamplingConfig
 from fasthint.engines.correction import ISCorrectedEngine, merge_stats
@@ -115,7 +124,7 @@ def _fit(run: Run) -> dict:
             # ---- policy update ------------------------------------------------------------------------
             run.engine.sleep()  # vLLM sleep mode frees its memory; the sync below wakes it
             t0 = time.perf_counter()
-            upd = train_step(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model)
+            upd = train_step(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model, algo.objective())
             run.engine.update_weights(policy.lm)
             t_train = time.perf_counter() - t0
             # ---- metrics (over all ranks) and checkpoint ---------------------------------------------
@@ -173,7 +182,6 @@ def _full_state(policy: PolicyLoss) -> Optional[dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point: returns the exit status (2 for bad input, with one line on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

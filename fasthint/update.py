@@ -7,20 +7,59 @@ zero-weight ones), because each forward/backward of a sharded model is a collect
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from fasthint import dist
-from fasthint.batch import Sample, make_micro_batches
+from fasthint.batch import Sample, _collate, make_micro_batches
 from fasthint.errors import FastHintError
-from fasthint.loss import PolicyLoss, micro_batch_logprobs
+from fasthint.loss import PolicyLoss, Term, clip_terms, micro_batch_logprobs
+from fasthint.options import Options, at_least, need, option
+
+
+@dataclass
+class OptimConfig(Options):
+    """The optimiser and how a step is cut into forward/backward passes."""
+
+    GROUP = "optimisation"
+    learning_rate: float = option(2e-4, "AdamW learning rate (constant after warm-up); the default suits "
+                                        "the toy: for real models use about 1e-6.")
+    warmup_steps: int = option(0, "linear learning-rate warm-up steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.99, "AdamW beta2.")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0 = off).")
+    micro_batch_size: int = option(64, "sequences per forward/backward; gradients are accumulated.")
+    micro_batch_tokens: int = option(0, "also cap each forward/backward at this many padded tokens (sequences x "
+                                        "longest), so long and short rollouts use memory alike (0 = no cap).")
+
+    def check(self) -> None:
+        need(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
+        at_least(self, ("micro_batch_size",), 1)
+        at_least(self, ("warmup_steps", "micro_batch_tokens"), 0)
+        need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {self.max_grad_norm})")
+        need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1)")
+
+    def build(self, params) -> tuple:
+        """AdamW over ``params`` and its schedule: linear warm-up over ``warmup_steps``, then constant."""
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=(self.adam_beta1, self.adam_beta2),
+                                      weight_decay=self.weight_decay)
+        warmup = self.warmup_steps
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
 
 
 def _as_policy(model) -> PolicyLoss:
     return model if isinstance(model, PolicyLoss) else PolicyLoss(model)
 
 
-def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None) -> dict:
+def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None,
+               terms: Optional[list[Term]] = None) -> dict:
     """One optimizer step over ``samples`` with gradient accumulation and a global normaliser.
+
+    ``terms``: the per-token objective (``fasthint.loss``; the algorithm's ``objective()``); default
+    the clipped surrogate and k3 KL from ``cfg``.
 
     ``model`` is the causal LM or its :class:`fasthint.loss.PolicyLoss` (FSDP root). Without KL, a sample whose
     advantage (or weight) is 0 adds exactly nothing to the loss or its gradient, so it is skipped (it
@@ -29,6 +68,8 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     """
     policy = _as_policy(model)
     lm = policy.lm
+    if terms is None:
+        terms = clip_terms(cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.beta, entropy_coef=cfg.entropy_coef)
     if cfg.mask_truncated:  # overlong masking: no loss, and not in the normaliser
         samples = [s for s in samples if not s.truncated]
     n_tokens, num_seqs = dist.all_sum([sum(len(s.completion_ids) for s in samples), len(samples)])
@@ -52,10 +93,9 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         loss, stats = policy(
             mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
-            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, beta=cfg.beta,
-            eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
+            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
             num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            shaped_gamma=mb.gamma)
+            token_fields={"gamma": mb.gamma} if mb.gamma is not None else None)
         if not real:  # keeps the collectives of a sharded model in step; contributes nothing
             (loss * 0.0).backward()
             continue
@@ -102,6 +142,4 @@ def _clip_and_step(policy, cfg, optimizer, scheduler, stepped: bool) -> float:
 
 def _idle_micro_batch(pad: int, device):
     """A one-token micro-batch with zero advantage, for a rank with fewer micro-batches than others."""
-    from fasthint.batch import _collate
-
     return _collate([Sample([pad], [pad], [0.0], 0.0, weight=0.0)], pad, device)

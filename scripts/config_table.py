@@ -1,19 +1,21 @@
 """Rewrites the config reference in docs/CONFIG.md (between its `<!-- config-table: ... -->` and
-`<!-- /config-table -->` markers) from the TrainConfig dataclass (run after adding options)."""
-import dataclasses
+`<!-- /config-table -->` markers) from the component configs of TrainConfig (run after adding options)."""
 import os
 import re
 
-from fasthint.config import TrainConfig
+from fasthint.config import TrainConfig, field_groups
 
 CONFIG_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "CONFIG.md")
 
 
 def table() -> str:
-    rows = ["| option | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(TrainConfig):
-        rows.append(f"| `--{f.name}` | `{f.default!r}` | {f.metadata['help'].replace('|', '/')} |")
-    return "\n".join(rows)
+    out = []
+    for title, fields in field_groups(TrainConfig):
+        rows = [f"**{title}**", "", "| option | default | meaning |", "|---|---|---|"]
+        for f in fields:
+            rows.append(f"| `--{f.name}` | `{f.default!r}` | {f.metadata['help'].replace('|', '/')} |")
+        out.append("\n".join(rows))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":

@@ -43,3 +43,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def chunked_policy_loss(hidden, weight, targets, advantages, mask, old_logp, *, bias=None, temperature=1.0,
+                        return_entropy=False, chunk_elems=None, native=False, softcap=None, **objective_kwargs):
+    """The policy objective (``fasthint.loss.make_objective``) through the chunked kernel directly, with
+    its chunk size exposed: ``(loss, stats)`` as ``fasthint.loss.fused_policy_loss``."""
+    import torch
+
+    from fasthint.loss import make_objective
+    from fasthint_kernels.fused_loss import fused_linear_loss_chunked
+
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
+    loss, logp, ent = fused_linear_loss_chunked(hidden, weight, targets, obj.token_loss, bias=bias,
+                                                temperature=temperature, return_entropy=return_entropy,
+                                                chunk_elems=chunk_elems, native=native, softcap=softcap,
+                                                uses_entropy=obj.uses_entropy)
+    stats = {**obj.stats(logp), "logp": logp}
+    if ent is not None:
+        stats["entropy"] = ent
+    return loss, stats

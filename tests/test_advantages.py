@@ -1,5 +1,5 @@
 """fasthint.ops.group_advantages against hand-computed float64 values (the formulas of
-ALGORITHMS.md section 1, explicit loops), every implementation, odd group layouts and dtypes."""
+docs/ALGORITHMS.md §1, explicit loops), every implementation, odd group layouts and dtypes."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,7 @@ IMPLS = ("torch", "reference")
 
 
 def _hand_advantages(rewards, group_ids, scale="group", eps=1e-6):
-    """ALGORITHMS.md 1.3 with plain Python loops (float64)."""
+    """docs/ALGORITHMS.md §1.3 with plain Python loops (float64)."""
     r = [float(x) for x in rewards]
     g = [int(x) for x in group_ids]
     n = len(r)

@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fasthint import ops
 from fasthint.algorithms import REGISTRY, affinity, make_algorithm
 from fasthint.algorithms.base import Group, RolloutContext, SolveTracker, group_metrics, sample_groups
 from fasthint.config import TrainConfig
 from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.loss import fused_policy_loss, policy_loss
 
 G = 4
 
@@ -180,7 +180,7 @@ def test_guide_shaped_loss_value_and_gradient_float64():
     adv = torch.tensor([1.5, 1.5, -0.7, -0.7, 2.0], dtype=torch.float64)
     gamma = torch.tensor([0.8, 0.8, 0.0, 0.0, 1.3], dtype=torch.float64)  # tokens 2,3 unhinted: clipped
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.float64)
-    loss, _ = ops.policy_loss(logp, old, adv, mask, shaped_gamma=gamma, eps_low=0.2, eps_high=0.28)
+    loss, _ = policy_loss(logp, old, adv, mask, shaped_gamma=gamma, eps_low=0.2, eps_high=0.28)
     (grad,) = torch.autograd.grad(loss, logp)
     exp_loss, exp_grad = 0.0, []
     for lp, o, a, gm, m in zip(logp.tolist(), old.tolist(), adv.tolist(), gamma.tolist(), mask.tolist()):
@@ -212,7 +212,7 @@ def test_guide_shaped_loss_fused_path_matches_reference():
     out = {}
     for impl in ("reference", "torch"):
         hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
-        loss, _ = ops.fused_policy_loss(hh, ww, y, adv, mask, old, shaped_gamma=gamma, temperature=0.7, impl=impl)
+        loss, _ = fused_policy_loss(hh, ww, y, adv, mask, old, shaped_gamma=gamma, temperature=0.7, impl=impl)
         out[impl] = [loss.detach()] + list(torch.autograd.grad(loss, (hh, ww)))
     for a, b in zip(out["reference"], out["torch"]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

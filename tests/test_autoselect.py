@@ -9,7 +9,7 @@ import torch
 import fasthint_kernels.logprobs as tl_logprobs
 from fasthint import autoselect, ops
 
-OPS = dict(linear_logprobs=ops.linear_logprobs, fused_policy_loss=ops.fused_policy_loss)
+OPS = dict(linear_logprobs=ops.linear_logprobs, fused_linear_loss=ops.fused_linear_loss)
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
-"""The loss-fused chunked policy loss (fasthint_kernels.fused_loss) against a float64 composition of
-the materialising references, with the |gt - fast| <= |gt - torch32| + tol rule."""
+"""The loss-fused chunked head (fasthint_kernels.fused_loss) with the policy objective (fasthint.loss)
+against a float64 composition of the materialising references, with the |gt - fast| <= |gt - torch32| + tol rule."""
 import os
 
 import pytest
 import torch
 
 from fasthint import ops
+from fasthint.loss import fused_policy_loss, token_weights
 from fasthint_kernels import native as native_kernels
-from fasthint_kernels.fused_loss import fused_policy_loss_chunked, token_weights
 from fasthint_kernels.reference import linear_logprobs_ref, policy_loss_ref
+
+from conftest import chunked_policy_loss as fused_policy_loss_chunked
 
 TEMP = 0.7
 
@@ -151,8 +153,8 @@ def test_ops_auto_on_cpu_uses_the_fused_path(monkeypatch):
     import fasthint_kernels.fused_loss as fl
 
     calls = []
-    real = fl.fused_policy_loss_chunked
-    monkeypatch.setattr(fl, "fused_policy_loss_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fl.fused_linear_loss_chunked
+    monkeypatch.setattr(ops, "fused_linear_loss_chunked", lambda *a, **k: calls.append(1) or real(*a, **k))
     h, w, b, y, adv, mask, old, _, _ = _problem(10, 16, 97, seed=15)
-    ops.fused_policy_loss(h, w, y, adv, mask, old, bias=b)
+    fused_policy_loss(h, w, y, adv, mask, old, bias=b)
     assert calls == [1]

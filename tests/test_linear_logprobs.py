@@ -1,5 +1,5 @@
 """fasthint.ops.linear_logprobs (chunked torch and native paths) against float64 ground truth (the
-formulas of ALGORITHMS.md section 5) with the rule ``|gt - fast| <= |gt - torch_same_dtype| + tol``;
+formulas of docs/ALGORITHMS.md §5) with the rule ``|gt - fast| <= |gt - torch_same_dtype| + tol``;
 odd shapes, chunking, a real vocabulary size, frozen weights, fallbacks."""
 from __future__ import annotations
 
@@ -292,6 +292,20 @@ def test_native_unavailable_falls_back_to_torch_with_one_log_line():
     assert res.stdout.strip() == "True"
     lines = [ln for ln in res.stderr.splitlines() if "native CPU kernels unavailable" in ln]
     assert len(lines) == 1 and "FASTHINT_NATIVE=0" in lines[0]
+
+
+def test_native_build_lock_clears_a_lock_left_by_a_killed_build(tmp_path):
+    """torch's build lock is a plain file: a build killed midway left it, and every later run waited on it
+    forever (seen here). Under fasthint's OS lock a leftover one is removed; the OS lock is released."""
+    import fcntl
+
+    from fasthint_kernels import native as native_kernels
+
+    (tmp_path / "lock").write_text("")
+    with native_kernels._build_lock(str(tmp_path)):
+        assert not (tmp_path / "lock").exists()
+    with open(tmp_path / "fasthint.flock") as fh:  # free again: a non-blocking lock succeeds
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 @pytest.mark.parametrize("impl", CPU_HEAD_IMPLS[1:])

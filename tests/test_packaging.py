@@ -37,12 +37,14 @@ def test_transformers_model_loading_from_repo_root(tmp_path):
 
 def test_public_api_importable():
     import fasthint
-    from fasthint import ops
+    from fasthint import loss, ops
 
     for name in ("TrainConfig", "fit", "math_reward", "parse_args"):
         assert hasattr(fasthint, name)
-    for name in ("group_advantages", "linear_logprobs", "policy_loss"):
+    for name in ("group_advantages", "linear_logprobs", "fused_linear_loss"):
         assert callable(getattr(ops, name))
+    for name in ("policy_loss", "fused_policy_loss", "make_objective", "ClippedSurrogate"):
+        assert hasattr(loss, name)
     assert importlib.util.find_spec("fasthint.train") is not None
 
 

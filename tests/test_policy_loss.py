@@ -1,5 +1,6 @@
-"""fasthint.ops.policy_loss against an independent float64 hand computation (ALGORITHMS.md section 1):
-clip-higher, dual clip, k3 KL, the three aggregations, global normalisers, masks, micro-batches."""
+"""fasthint.loss.policy_loss (the policy objective) against an independent float64 hand computation
+(docs/ALGORITHMS.md §1): clip-higher, dual clip, k3 KL, the three aggregations, global normalisers,
+masks, micro-batches."""
 from __future__ import annotations
 
 import math
@@ -7,7 +8,8 @@ import math
 import pytest
 import torch
 
-from fasthint import ops
+from fasthint.loss import ClippedSurrogate, fused_policy_loss, policy_loss
+from fasthint_kernels.reference import policy_loss_ref
 
 from conftest import single_thread
 
@@ -18,7 +20,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 def _hand_policy_loss(logp, old, adv, mask, *, ref=None, beta=0.0, eps_low=0.2, eps_high=0.28,
                       dual_clip=None, loss_agg="token-mean", num_tokens=None, seq_ids=None,
                       num_seqs=None, seq_weights=None):
-    """ALGORITHMS.md 1.4-1.5 with explicit loops in float64. Returns (loss, dloss/dlogp, stats)."""
+    """docs/ALGORITHMS.md §1.4-1.5 with explicit loops in float64. Returns (loss, dloss/dlogp, stats)."""
     n = len(logp)
     tok, dtok = [0.0] * n, [0.0] * n  # per-token loss (before aggregation) and its derivative
     n_mask = sum(1 for i in range(n) if mask[i])
@@ -93,8 +95,8 @@ def _make_tokens(seed=0):
 
 def _call_loss(d, loss_agg, **kw):
     logp = d["logp"].clone().requires_grad_(True)
-    loss, stats = ops.policy_loss(logp, d["old"], d["adv"], d["mask"], loss_agg=loss_agg, seq_ids=d["seq_ids"],
-                                  **kw)
+    loss, stats = policy_loss(logp, d["old"], d["adv"], d["mask"], loss_agg=loss_agg, seq_ids=d["seq_ids"],
+                              **kw)
     (grad,) = torch.autograd.grad(loss, logp)
     return loss, grad, stats
 
@@ -148,10 +150,9 @@ def test_policy_loss_matches_hand_computation(loss_agg, case, norm):
     torch.testing.assert_close(grad, torch.tensor(exp_grad, dtype=torch.float64), rtol=1e-11, atol=1e-14)
     for k in ("clip_ratio/low", "clip_ratio/high", "kl"):
         assert stats[k].item() == pytest.approx(exp_stats[k], rel=1e-12, abs=1e-14), k
-    # impl="reference" is the same function; impl="torch" dispatches to it too
-    loss_r, _ = ops.policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
-                                seq_ids=d["seq_ids"] if loss_agg == "seq-mean-token-mean" else None,
-                                impl="reference", **kw)
+    # the kernels' float64 oracle (an independent implementation) agrees
+    loss_r, _ = policy_loss_ref(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
+                                seq_ids=d["seq_ids"] if loss_agg == "seq-mean-token-mean" else None, **kw)
     assert loss_r.item() == pytest.approx(exp_loss, rel=1e-12, abs=1e-14)
 
 
@@ -186,7 +187,7 @@ def test_policy_loss_simple_hand_values(loss_agg):
     dobj = [0.0, e_hi * -1.0, e_lo * 2.0, 0.0, math.exp(0.05), -math.exp(0.05)]
     denom = 6.0 if loss_agg == "token-mean" else 20.0
     kw = {} if loss_agg == "token-mean" else {"num_tokens": 20.0}
-    loss, stats = ops.policy_loss(logp, old, torch.tensor(A), torch.tensor(mask), loss_agg=loss_agg, **kw)
+    loss, stats = policy_loss(logp, old, torch.tensor(A), torch.tensor(mask), loss_agg=loss_agg, **kw)
     assert loss.item() == pytest.approx(-sum(obj) / denom, rel=1e-12)
     (g,) = torch.autograd.grad(loss, logp)
     exp_g = [-x / denom for x in dobj] + [0.0]
@@ -203,7 +204,7 @@ def test_policy_loss_dual_clip_hand_values():
     old = torch.full((5,), -2.0, dtype=torch.float64)
     mask = torch.ones(5)
     logp = (old + lr).requires_grad_(True)
-    loss, _ = ops.policy_loss(logp, old, A, mask, dual_clip=3.0)
+    loss, _ = policy_loss(logp, old, A, mask, dual_clip=3.0)
     r = [math.exp(x) for x in lr.tolist()]
     obj = [max(r[0] * -1.0, 3.0 * -1.0),  # -> -3 (dual clipped)
            max(r[1] * -2.0, 3.0 * -2.0),  # -> -6 (dual clipped)
@@ -216,7 +217,7 @@ def test_policy_loss_dual_clip_hand_values():
     exp_g = torch.tensor([0.0, 0.0, r[2] / 5, 0.0, 0.0], dtype=torch.float64)  # -dobj/denom, dobj = -r
     torch.testing.assert_close(g, exp_g, rtol=1e-12, atol=0)
     # without dual clip the same tokens are not capped
-    loss_nd, _ = ops.policy_loss(logp.detach(), old, A, mask)
+    loss_nd, _ = policy_loss(logp.detach(), old, A, mask)
     assert loss_nd.item() == pytest.approx(-(r[0] * -1 + r[1] * -2 + r[2] * -1 + 1.28 - 0.8) / 5, rel=1e-12)
 
 
@@ -225,7 +226,7 @@ def test_policy_loss_kl_hand_values():
     old = logp.detach().clone()  # ratio 1 -> obj = A
     ref = torch.tensor([-1.5, -1.0, -0.5], dtype=torch.float64)
     A = torch.tensor([0.5, -0.5, 0.0])
-    loss, stats = ops.policy_loss(logp, old, A, torch.ones(3), ref_logp=ref, beta=0.1)
+    loss, stats = policy_loss(logp, old, A, torch.ones(3), ref_logp=ref, beta=0.1)
     d = [-0.5, 1.0, 0.0]
     kl = [math.exp(x) - x - 1 for x in d]
     assert loss.item() == pytest.approx(sum(-a + 0.1 * k for a, k in zip([0.5, -0.5, 0.0], kl)) / 3, rel=1e-12)
@@ -234,7 +235,7 @@ def test_policy_loss_kl_hand_values():
     exp_g = [(-a + 0.1 * (1 - math.exp(x))) / 3 for a, x in zip([0.5, -0.5, 0.0], d)]
     torch.testing.assert_close(g, torch.tensor(exp_g, dtype=torch.float64), rtol=1e-12, atol=1e-15)
     # beta=0 ignores ref_logp entirely (and reports kl=0)
-    loss0, stats0 = ops.policy_loss(logp.detach(), old, A, torch.ones(3), ref_logp=ref, beta=0.0)
+    loss0, stats0 = policy_loss(logp.detach(), old, A, torch.ones(3), ref_logp=ref, beta=0.0)
     assert loss0.item() == pytest.approx(-(0.5 - 0.5) / 3, abs=1e-15)
     assert stats0["kl"].item() == 0.0
 
@@ -266,9 +267,9 @@ def test_policy_loss_gradient_inside_and_outside_clip_region(loss_agg):
     for i in range(logp0.numel()):
         e = torch.zeros_like(logp0)
         e[i] = h
-        lp, _ = ops.policy_loss(logp0 + e, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
+        lp, _ = policy_loss(logp0 + e, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
                                 seq_ids=d["seq_ids"], **kw)
-        lm, _ = ops.policy_loss(logp0 - e, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
+        lm, _ = policy_loss(logp0 - e, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
                                 seq_ids=d["seq_ids"], **kw)
         fd[i] = (lp - lm) / (2 * h)
     torch.testing.assert_close(grad, fd, rtol=1e-6, atol=1e-9)
@@ -297,7 +298,7 @@ def test_policy_loss_nonfinite_values_on_masked_tokens_are_excluded():
     old = torch.tensor([-1.1, -float("inf"), -0.9], dtype=torch.float64)
     A = torch.tensor([1.0, -1.0, -1.0])
     mask = torch.tensor([1.0, 0.0, 1.0])
-    loss, _ = ops.policy_loss(logp, old, A, mask)
+    loss, _ = policy_loss(logp, old, A, mask)
     exp = -(math.exp(0.1) * 1.0 + math.exp(-0.1) * -1.0) / 2  # masked token excluded
     assert loss.item() == pytest.approx(exp, rel=1e-12)
 
@@ -330,11 +331,11 @@ def test_policy_loss_micro_batches_sum_to_full_batch(loss_agg):
     else:
         gkw = {"num_seqs": 5.0}
     full_logp = d["logp"].clone().requires_grad_(True)
-    full, _ = ops.policy_loss(full_logp, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
+    full, _ = policy_loss(full_logp, d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
                               seq_ids=d["seq_ids"], **kw, **gkw)
     (g_full,) = torch.autograd.grad(full, full_logp)
     # the full-batch call with the default normaliser equals the explicit global one
-    default, _ = ops.policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
+    default, _ = policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=loss_agg,
                                  seq_ids=d["seq_ids"], **kw)
     if loss_agg != "seq-mean-token-sum-norm":
         assert default.item() == pytest.approx(full.item(), rel=1e-12)
@@ -346,7 +347,7 @@ def test_policy_loss_micro_batches_sum_to_full_batch(loss_agg):
         lp = d["logp"][sl].clone().requires_grad_(True)
         sid = d["seq_ids"][sl]
         sid = sid - sid.min()  # local re-indexing per micro-batch
-        part, _ = ops.policy_loss(lp, d["old"][sl], d["adv"][sl], d["mask"][sl], loss_agg=loss_agg, seq_ids=sid,
+        part, _ = policy_loss(lp, d["old"][sl], d["adv"][sl], d["mask"][sl], loss_agg=loss_agg, seq_ids=sid,
                                   ref_logp=d["ref"][sl], beta=0.1, dual_clip=3.0, seq_weights=d["weights"][sl],
                                   **gkw)
         (g,) = torch.autograd.grad(part, lp)
@@ -365,7 +366,7 @@ def test_policy_loss_clip_stats(loss_agg):
     adv = torch.randn(n, generator=gen)
     mask = (torch.rand(n, generator=gen) > 0.3).float()
     seq_ids = torch.arange(n) // 10
-    _, stats = ops.policy_loss(logp, old, adv, mask, loss_agg=loss_agg, seq_ids=seq_ids)
+    _, stats = policy_loss(logp, old, adv, mask, loss_agg=loss_agg, seq_ids=seq_ids)
     low = high = cnt = 0
     for i in range(n):
         if mask[i] == 0:
@@ -383,7 +384,7 @@ def test_policy_loss_clip_stats(loss_agg):
 def test_policy_loss_float32_inputs():
     d = _make_tokens(seed=13)
     logp32 = d["logp"].float().requires_grad_(True)
-    loss, _ = ops.policy_loss(logp32, d["old"].float(), d["adv"], d["mask"], ref_logp=d["ref"].float(), beta=0.1)
+    loss, _ = policy_loss(logp32, d["old"].float(), d["adv"], d["mask"], ref_logp=d["ref"].float(), beta=0.1)
     exp, _, _ = _hand_policy_loss(logp32.detach().double().tolist(), d["old"].float().double().tolist(),
                                   d["adv"].double().tolist(), [bool(x) for x in d["mask"].tolist()],
                                   ref=d["ref"].float().double().tolist(), beta=0.1)
@@ -394,8 +395,13 @@ def test_policy_loss_float32_inputs():
 def test_policy_loss_errors():
     d = _make_tokens()
     with pytest.raises(ValueError):
-        ops.policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg="seq-mean-token-mean")  # no seq_ids
+        policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg="seq-mean-token-mean")  # no seq_ids
     with pytest.raises(ValueError):
-        ops.policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg="token-sum")
-    with pytest.raises(ValueError):
-        ops.policy_loss(d["logp"], d["old"], d["adv"], d["mask"], impl="cuda-magic")
+        policy_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg="token-sum")
+    with pytest.raises(TypeError):
+        policy_loss(d["logp"], d["old"], d["adv"], d["mask"], impl="cuda-magic")  # no impl: elementwise torch
+    with pytest.raises(ValueError, match="either terms"):
+        policy_loss(d["logp"], d["old"], d["adv"], d["mask"], terms=[ClippedSurrogate()], beta=0.1)
+    with pytest.raises(ValueError, match="impl"):
+        fused_policy_loss(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), d["adv"][:3],
+                          d["mask"][:3], d["old"][:3], impl="cuda-magic")

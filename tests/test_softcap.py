@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from fasthint import ops
+from fasthint.loss import fused_policy_loss
 from fasthint_kernels import native
 from fasthint_kernels.chunked import linear_logprobs_chunked
-from fasthint_kernels.fused_loss import fused_policy_loss_chunked
 from fasthint_kernels.reference import policy_loss_ref
 
+from conftest import chunked_policy_loss as fused_policy_loss_chunked
 from conftest import cpu_head_impls, single_thread
 
 N, D, V = 37, 24, 263
@@ -220,7 +221,7 @@ def test_fused_policy_loss_softcap_matches_float64(impl, cap, case, chunk_elems)
 
     def fast(hh, ww, bb):
         if chunk_elems is None:
-            return ops.fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP, return_entropy=True,
+            return fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP, return_entropy=True,
                                          impl=impl, softcap=cap, **kw)
         return fused_policy_loss_chunked(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP, return_entropy=True,
                                          chunk_elems=chunk_elems, native=impl == "native", softcap=cap, **kw)
@@ -251,13 +252,13 @@ def test_fused_policy_loss_softcap_none_is_exactly_the_uncapped_op(impl):
     runs = []
     for extra in ({}, {"softcap": None}):
         leaves = _leaves(h, w, b, torch.float32)
-        loss, stats = ops.fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
+        loss, stats = fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
                                             impl=impl, **extra)
         runs.append([loss.detach(), stats["logp"], *torch.autograd.grad(loss, leaves)])
     for a, c in zip(*runs):
         assert torch.equal(a, c)
     leaves = _leaves(h, w, b, torch.float32)
-    capped, _ = ops.fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
+    capped, _ = fused_policy_loss(*leaves[:2], y, adv, mask, old, bias=leaves[2], temperature=TEMP,
                                       impl=impl, softcap=2.0)
     assert abs(capped.item() - runs[0][0].item()) > 1e-3
 
@@ -282,7 +283,7 @@ def test_triton_with_softcap_raises():
     with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
         ops.linear_logprobs(h, w, y, bias=b, impl="triton", softcap=2.0)
     with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
-        ops.fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="triton", softcap=30.0)
+        fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="triton", softcap=30.0)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -2.0, float("nan"), float("inf"), True, "2"])
@@ -292,7 +293,7 @@ def test_invalid_softcap_raises(bad):
         with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
             ops.linear_logprobs(h, w, y, bias=b, impl=impl, softcap=bad)
     with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
-        ops.fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="torch", softcap=bad)
+        fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="torch", softcap=bad)
     with pytest.raises(ValueError, match="softcap must be None or a finite positive float"):
         linear_logprobs_chunked(h, w, y, softcap=bad)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fasthint import ops
+from fasthint.loss import fused_policy_loss
 
 TEMP = 0.7
 
@@ -94,9 +95,9 @@ def test_fused_policy_loss_matches_float64_composition(impl, loss_agg):
 
     def run(dtype, kind):
         hh, ww, bb = (x.detach().to(dtype).requires_grad_() for x in (h, w, b))
-        loss, stats = ops.fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP,
-                                            return_entropy=True, loss_agg=loss_agg, seq_ids=seq_ids,
-                                            num_tokens=50.0, num_seqs=6, dual_clip=3.0, impl=kind)
+        loss, stats = fused_policy_loss(hh, ww, y, adv, mask, old, bias=bb, temperature=TEMP,
+                                        return_entropy=True, loss_agg=loss_agg, seq_ids=seq_ids,
+                                        num_tokens=50.0, num_seqs=6, dual_clip=3.0, impl=kind)
         return loss.double(), [x.double() for x in torch.autograd.grad(loss, (hh, ww, bb))], stats
 
     gt_loss, gt_grads, _ = run(torch.float64, "reference")

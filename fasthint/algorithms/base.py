@@ -20,6 +20,7 @@ import torch
 from fasthint import dist, ops
 from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.loss import Term, clip_terms
 
 ScoreFn = Callable[[list[str], list[dict]], list[float]]
 
@@ -104,11 +105,28 @@ def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
     return out
 
 
+REGISTRY: dict[str, type] = {}  # --algo name -> class; a subclass that sets ``name`` registers itself
+
+
 class Algorithm:
-    """GRPO: no hints; every completion trains in the context it was sampled from."""
+    """GRPO: no hints; every completion trains in the context it was sampled from.
+
+    An algorithm is a subclass in one module of ``fasthint/algorithms/`` (found and imported by the
+    package): ``name`` registers it for ``--algo``; ``options`` are its config components (their flags
+    join ``TrainConfig`` and ``--help``); ``defaults`` resolve ``auto`` settings; ``objective()`` picks
+    its loss terms; ``rollout``/``samples`` shape groups and training samples.
+    """
 
     name = "grpo"
+    options: tuple = ()  # the Options dataclasses this algorithm reads (composed into TrainConfig)
     hint_provider_default: Optional[str] = None  # algorithms that hint name their default provider
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in REGISTRY and REGISTRY[cls.name].__qualname__ != cls.__qualname__:
+                raise ValueError(f"algorithm name {cls.name!r} is taken by {REGISTRY[cls.name].__qualname__}")
+            REGISTRY[cls.name] = cls
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -124,11 +142,25 @@ class Algorithm:
                     for c, a in zip(g.completions, adv)]
         return out, {}
 
+    # what this algorithm's ``auto``/unset settings become (TrainConfig.validate resolves them once,
+    # so train_config.json records what ran); subclasses override entries
+    defaults = {"adv_scale": "group", "loss_agg": "token-mean", "mask_truncated": False}
+
+    def objective(self) -> list[Term]:
+        """The per-token loss terms this algorithm trains with (``fasthint.loss``): GRPO's clipped
+        surrogate (clip-higher, optional dual clip), the k3 KL penalty with ``--beta > 0`` and the
+        entropy bonus with ``--entropy_coef > 0``."""
+        c = self.cfg
+        return clip_terms(c.eps_low, c.eps_high, c.dual_clip, c.beta, entropy_coef=c.entropy_coef)
+
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+REGISTRY[Algorithm.name] = Algorithm
 
 
 def hint_stats(ctx: RolloutContext) -> dict:

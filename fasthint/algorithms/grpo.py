@@ -1,4 +1,4 @@
-"""GRPO's baselines: Dr. GRPO and DAPO (ALGORITHMS.md section 1.7).
+"""GRPO's baselines: Dr. GRPO and DAPO (docs/ALGORITHMS.md §1.7).
 
 - ``dr_grpo``: GRPO with ``adv_scale=none`` and ``loss_agg=seq-mean-token-sum-norm`` (the config's
   ``auto`` values resolve to these); the algorithm itself is GRPO's.
@@ -13,16 +13,32 @@ draw the same extra global batches, and exactly ``prompts_per_step`` groups trai
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fasthint import dist
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
+from fasthint.options import Options, at_least, option
+
+
+@dataclass
+class DAPOConfig(Options):
+    GROUP = "dapo"
+    dapo_max_rounds: int = option(3, "dapo: sampling rounds per step to fill the batch with groups whose "
+                                     "rewards differ.")
+
+    def check(self) -> None:
+        at_least(self, ("dapo_max_rounds",), 1)
 
 
 class DrGRPO(Algorithm):
     name = "dr_grpo"
+    defaults = {**Algorithm.defaults, "adv_scale": "none", "loss_agg": "seq-mean-token-sum-norm"}
 
 
 class DAPO(Algorithm):
     name = "dapo"
+    options = (DAPOConfig,)
+    defaults = {**Algorithm.defaults, "mask_truncated": True}
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
         rank, world = dist.rank(), dist.world_size()

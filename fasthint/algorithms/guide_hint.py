@@ -1,5 +1,5 @@
 """Guide and HINT: hinted re-sampling of all-wrong groups, trained for the NO-hint context
-(ALGORITHMS.md sections 3 and 4).
+(docs/ALGORITHMS.md §3 and §4).
 
 Both roll out without hints, re-sample every all-zero group once with a hint at ``hint_level``
 (default provider: the dataset's ``hint`` column; ``--hint_provider`` picks another), replace the
@@ -20,12 +20,36 @@ denominator of the ratio and in the loss of hinted completions:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fasthint.algorithms.affinity import group_affinity
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, group_advantages, hint_stats, sample_groups
+from fasthint.algorithms.hint_providers import HintConfig
 from fasthint.batch import Sample
-from fasthint.loss import recompute_logprobs
+from fasthint.loss import Term, clip_terms, recompute_logprobs
+from fasthint.options import Options, need, one_of, option
+
+AFFINITY_RATIOS = ("sampling", "training")
+
+
+@dataclass
+class GuideConfig(Options):
+    GROUP = "guide"
+    guide_filter: bool = option(True, "guide: drop groups whose rewards stay all 0 or all 1 after hinting.")
+
+
+@dataclass
+class HINTConfig(Options):
+    GROUP = "hint"
+    aapo_lambda: float = option(1.0, "hint: AAPO weights a hinted group's loss by Affinity ** lambda "
+                                     "(0 = off).")
+    affinity_ratio: str = option("sampling", f"hint: ratio Affinity is computed from, one of {AFFINITY_RATIOS}.")
+
+    def check(self) -> None:
+        need(self.aapo_lambda >= 0, f"--aapo_lambda must be >= 0 (got {self.aapo_lambda})")
+        one_of("affinity_ratio", self.affinity_ratio, AFFINITY_RATIOS)
 
 
 class _HintedResample(Algorithm):
@@ -61,6 +85,12 @@ class _HintedResample(Algorithm):
 
 class Guide(_HintedResample):
     name = "guide"
+    options = (HintConfig, GuideConfig)
+
+    def objective(self) -> list[Term]:
+        """Hinted completions (``gamma > 0``) use the shaped ratio ``A r / (r + gamma)``, the rest GRPO's clip."""
+        c = self.cfg
+        return clip_terms(c.eps_low, c.eps_high, c.dual_clip, c.beta, shaped=True, entropy_coef=c.entropy_coef)
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         if self.cfg.guide_filter:
@@ -82,6 +112,7 @@ class Guide(_HintedResample):
 
 class HINT(_HintedResample):
     name = "hint"
+    options = (HintConfig, HINTConfig)
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         samples, hinted = self._split(groups, ctx)

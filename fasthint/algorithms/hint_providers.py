@@ -22,11 +22,35 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from fasthint.data import render_prompt
 from fasthint.engines.base import SamplingConfig
 from fasthint.hints import HINT_LEVELS, Hints, as_hint_levels, hint_request
+from fasthint.options import Options, at_least, need, one_of, option
+
+HINT_PROVIDERS = ("auto", "self", "dataset", "solution")
+
+
+@dataclass
+class HintConfig(Options):
+    """Where the hints of sage, sage_light, guide and hint come from."""
+
+    GROUP = "hints (sage, sage_light, guide, hint)"
+    hint_provider: str = option("auto", f"who writes hints, one of {HINT_PROVIDERS}: self = the policy from "
+                                        "the question and reference solution (SAGE), dataset = the data's hint "
+                                        "column, solution = reference-solution prefixes; auto = self for sage/"
+                                        "sage_light, dataset for guide/hint.")
+    hint_temperature: float = option(1.0, "sampling temperature of self-written hints (0 = greedy).")
+    hint_max_new_tokens: int = option(128, "maximum length of a self-written hint answer (JSON).")
+    hint_level: int = option(2, "guide/hint: the hint strength (1-3) of a multi-level provider.")
+
+    def check(self) -> None:
+        one_of("hint_provider", self.hint_provider, HINT_PROVIDERS)
+        need(1 <= self.hint_level <= 3, f"--hint_level must be 1, 2 or 3 (got {self.hint_level})")
+        need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
+        at_least(self, ("hint_max_new_tokens",), 1)
 
 _FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 _SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',

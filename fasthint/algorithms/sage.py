@@ -1,4 +1,4 @@
-"""SAGE and SAGE-light: the policy writes its own hints (ALGORITHMS.md section 2).
+"""SAGE and SAGE-light: the policy writes its own hints (docs/ALGORITHMS.md §2).
 
 SAGE, per step: (1) roll out ``G`` completions without hints; (2) for every prompt whose group is
 all-zero, ask the hint provider (default: the current policy, through the rollout engine, from the
@@ -21,14 +21,36 @@ with checkpoints).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, hint_stats, sample_groups
+from fasthint.algorithms.hint_providers import HintConfig
 from fasthint.hints import HINT_LEVELS
+from fasthint.options import Options, need, one_of, option
+
+SAGE_ESCALATIONS = ("parallel", "sequential")
+
+
+@dataclass
+class SAGEConfig(Options):
+    GROUP = "sage, sage_light"
+    sage_escalation: str = option("parallel", f"sage: how unresolved prompts climb the hint levels, one of "
+                                              f"{SAGE_ESCALATIONS}: parallel = all levels in one engine call, "
+                                              "keeping the lowest that succeeds (same groups, one round); "
+                                              "sequential = one call per level (fewest samples).")
+    sage_light_min_acc: float = option(0.1, "sage_light: previous accuracy <= this raises the prompt's level.")
+    sage_light_max_acc: float = option(0.35, "sage_light: previous accuracy > this lowers the prompt's level.")
+
+    def check(self) -> None:
+        one_of("sage_escalation", self.sage_escalation, SAGE_ESCALATIONS)
+        need(0 <= self.sage_light_min_acc <= self.sage_light_max_acc <= 1,
+             "--sage_light_min_acc/--sage_light_max_acc: need 0 <= min <= max <= 1 (defaults 0.1 and 0.35)")
 
 
 class SAGE(Algorithm):
     name = "sage"
+    options = (HintConfig, SAGEConfig)
     hint_provider_default = "self"
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
@@ -79,6 +101,7 @@ class SAGE(Algorithm):
 
 class SAGELight(Algorithm):
     name = "sage_light"
+    options = (HintConfig, SAGEConfig)
     hint_provider_default = "self"
 
     def __init__(self, cfg):

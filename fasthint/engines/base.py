@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
+from fasthint.options import Options, at_least, need, one_of, option
+
+ENGINES = ("hf", "vllm")
+IS_LEVELS = ("token", "sequence")
+
 
 @dataclass
 class SamplingConfig:
@@ -31,6 +36,45 @@ class Completion:
     logprobs: list[float] = field(default_factory=list)
     truncated: bool = False
     is_weights: Optional[list[float]] = None
+
+
+@dataclass
+class RolloutConfig(Options):
+    """Sampling the training rollouts and the engine that does it."""
+
+    GROUP = "rollouts and engine"
+    num_generations: int = option(8, "completions per prompt: the group size G.")
+    temperature: float = option(1.0, "sampling temperature of training rollouts (also used by the loss).")
+    top_p: float = option(1.0, "nucleus sampling of training rollouts; keep 1.0 so that sampling and "
+                               "training log-probs agree.")
+    max_new_tokens: int = option(64, "maximum completion length; longer completions are truncated.")
+    generation_batch_size: int = option(256, "sequences per generate call of the HF engine.")
+    engine: str = option("hf", f"rollout engine, one of {ENGINES}: hf = the trainer's own module (no weight "
+                               "copy); vllm = an in-process vLLM engine fed the weights after every step "
+                               "(pip extra 'vllm'; one engine per rank under torchrun).")
+    vllm_gpu_memory_utilization: float = option(0.5, "vllm: share of GPU memory for the engine's weights and "
+                                                     "KV cache.")
+    vllm_sleep_mode: bool = option(False, "vllm: free the engine's GPU memory during each policy update.")
+    vllm_importance_sampling_correction: bool = option(
+        False, "vllm: re-score each rollout with the trainer (one no-grad forward) and weight each token's "
+               "loss by the truncated ratio trainer/sampler (TIS); metrics sampling/is_ratio/*.")
+    vllm_importance_sampling_level: str = option("token", f"vllm: TIS ratio per token or per sequence, one of "
+                                                          f"{IS_LEVELS}.")
+    vllm_importance_sampling_cap: float = option(2.0, "vllm: TIS truncation C (weights are min(ratio, C)).")
+
+    def check(self) -> None:
+        at_least(self, ("num_generations", "max_new_tokens", "generation_batch_size"), 1)
+        need(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
+        need(0 < self.top_p <= 1, f"--top_p must be in (0, 1] (got {self.top_p})")
+        one_of("engine", self.engine, ENGINES)
+        need(0 < self.vllm_gpu_memory_utilization <= 1,
+             f"--vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
+        one_of("vllm_importance_sampling_level", self.vllm_importance_sampling_level, IS_LEVELS)
+        need(self.vllm_importance_sampling_cap >= 1,
+             f"--vllm_importance_sampling_cap must be >= 1 (got {self.vllm_importance_sampling_cap})")
+        need(self.engine == "vllm" or not self.vllm_importance_sampling_correction,
+             "--vllm_importance_sampling_correction needs --engine vllm (the hf engine samples with the "
+             "trainer's own weights)")
 
 
 class RolloutEngine(Protocol):

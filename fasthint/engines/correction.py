@@ -25,7 +25,9 @@ import time
 
 import torch
 
+from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.loss import recompute_logprobs
 
 LEVELS = ("token", "sequence")
 
@@ -55,9 +57,6 @@ class ISCorrectedEngine:
         self.ratio_sum, self.ratio_min, self.ratio_max, self.capped = 0.0, math.inf, 0.0, 0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
-        from fasthint.loss import recompute_logprobs
-        from fasthint.batch import Sample
-
         comps = self.engine.generate(prompts, sampling)
         t0 = time.perf_counter()
         todo = [c for c in comps if c.token_ids]

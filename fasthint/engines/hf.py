@@ -8,6 +8,8 @@ what the trainer's loss computes too.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from fasthint.engines.base import Completion, SamplingConfig
@@ -94,8 +96,6 @@ class HFEngine:
 def _cache_argument(model) -> str:
     """The forward argument that takes the KV cache: ``cache`` since transformers 5.24 (where
     ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

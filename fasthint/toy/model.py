@@ -17,6 +17,7 @@ import shutil
 import time
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 from fasthint.hints import hint_request, hinted_question
 from fasthint.toy.task import iter_problems
@@ -48,8 +49,6 @@ def build_tokenizer():
     Qwen's split regex, byte-level mapping, BPE vocabulary), so the in-process tokenizer and the one
     loaded back with ``AutoTokenizer`` give the same ids.
     """
-    from transformers import Qwen2Tokenizer
-
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     for ch in _byte_chars():
         vocab[ch] = len(vocab)
@@ -62,8 +61,6 @@ def build_tokenizer():
 
 def build_model(tokenizer, seed: int):
     """A randomly initialised tiny Qwen2 (~0.9M parameters)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, **MODEL_KW)

@@ -11,9 +11,37 @@ from __future__ import annotations
 import json
 import os
 import random
+from dataclasses import dataclass
 from typing import Iterator
 
+from fasthint.options import Options, need, option
+
 LEVELS = (1, 2, 3, 4)
+
+
+@dataclass
+class ToyConfig(Options):
+    """The embedded toy (``--model toy``, ``--data toy``)."""
+
+    GROUP = "toy"
+    toy_train_size: int = option(4000, "toy training problems (uniform over --toy_levels).")
+    toy_levels: str = option("1,2", "toy training levels, comma-separated from 1-4 (the held-out evaluation always "
+                                    "covers all four); the default keeps the levels GRPO can learn in a short "
+                                    "run: use 1,2,3,4 for the hard prompts hints are for.")
+    toy_warmstart_steps: int = option(1000, "supervised warm-start steps (1024 tokens each) of the toy model; "
+                                            "cached by value.")
+
+    @property
+    def toy_level_tuple(self) -> tuple[int, ...]:
+        """``toy_levels`` as sorted ints."""
+        return tuple(sorted(int(x) for x in str(self.toy_levels).split(",")))
+
+    def check(self) -> None:
+        need(self.toy_train_size >= 1, f"--toy_train_size must be >= 1 (got {self.toy_train_size})")
+        need(self.toy_warmstart_steps >= 0, f"--toy_warmstart_steps must be >= 0 (got {self.toy_warmstart_steps})")
+        levels = [x.strip() for x in str(self.toy_levels).split(",")]
+        need(all(x in ("1", "2", "3", "4") for x in levels) and len(set(levels)) == len(levels),
+             f"--toy_levels {self.toy_levels!r}: give distinct levels from 1-4, comma-separated (e.g. 1,2,3,4)")
 
 
 def make_problem(rng: random.Random, level: int) -> dict:

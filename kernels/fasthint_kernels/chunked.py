@@ -1,6 +1,6 @@
 """Bounded-memory pure-torch path: the CPU implementation of fasthint's ops.
 
-Log-probs of a linear head without keeping ``[N, V]`` logits (ALGORITHMS.md section 5), with
+Log-probs of a linear head without keeping ``[N, V]`` logits (docs/ALGORITHMS.md §5), with
 optional final-logit soft-capping (Gemma-2; ``softcap=c``, the identity for ``None``):
 
     a = H W^T + b,  t = tanh(a / c),  z = c t / T   (no cap: z = a / T, and the factor 1 - t^2 below is 1)
@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from fasthint_kernels.native import usable
 from fasthint_kernels.reference import check_softcap
 
 DEFAULT_CHUNK_ELEMS = 1 << 23  # 8M logits (32 MiB fp32) per chunk buffer ...
@@ -221,8 +222,6 @@ def linear_logprobs_chunked(hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 
 def _native_usable(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    from fasthint_kernels.native import usable
-
     return usable(hidden, weight)
 
 

@@ -1,6 +1,6 @@
 """Triton kernels: log-probs (and entropy) of a linear head without materialising the logits.
 
-Math (ALGORITHMS.md section 5), per token t with z = (h_t W^T + b) / T:
+Math (docs/ALGORITHMS.md §5), per token t with z = (h_t W^T + b) / T:
 
     forward:  online over vocab tiles, fp32, identity m = -inf:
               m' = max(m, max_v z_v);  s' = s e^(m-m') + sum_v e^(z_v-m')

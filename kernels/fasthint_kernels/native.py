@@ -14,6 +14,8 @@ is False, one line is logged, and callers keep the torch path.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import sys
@@ -39,13 +41,31 @@ def _build_dir() -> str:
 def _ninja_on_path() -> None:
     """cpp_extension runs ``ninja`` from PATH: add the pip package's binary (the venv may not be active)."""
     try:
-        import ninja
+        import ninja  # lazy: optional (the build finds ninja on PATH without it)
 
         dirs = [getattr(ninja, "BIN_DIR", ""), os.path.dirname(sys.executable)]
     except ImportError:
         dirs = [os.path.dirname(sys.executable)]
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([d for d in dirs if d and d not in path.split(os.pathsep)] + [path])
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str):
+    """One build at a time, under an OS file lock that dies with its process. torch's own build lock
+    is a plain file (``lock``) that a process killed mid-build leaves behind, after which every later
+    build waits for it forever; under this lock no live build holds it, so a leftover one is removed."""
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "fasthint.flock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            log.warning("fasthint: removing the build lock %s left by an interrupted build", stale)
+            os.remove(stale)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def available() -> bool:
@@ -60,13 +80,14 @@ def available() -> bool:
         _loaded, _why = False, f"source {SOURCE} not found (install fasthint from its repository with -e)"
     else:
         try:
-            from torch.utils import cpp_extension
+            from torch.utils import cpp_extension  # lazy: imports setuptools; only a build needs it
 
             _ninja_on_path()
 
-            cpp_extension.load(name="fasthint_native", sources=[SOURCE], build_directory=_build_dir(),
-                               extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                               is_python_module=False, verbose=False)
+            with _build_lock(_build_dir()):
+                cpp_extension.load(name="fasthint_native", sources=[SOURCE], build_directory=_build_dir(),
+                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                                   is_python_module=False, verbose=False)
             _loaded = hasattr(torch.ops.fasthint_native, "softmax_stats_")
             _why = "" if _loaded else "the built library registers no ops"
         except Exception as e:  # noqa: BLE001 - no compiler, no ninja, a build error: keep the torch path

@@ -17,7 +17,7 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 def group_advantages_ref(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
                          eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages (ALGORITHMS.md section 1.3), one per completion.
+    """Group-normalised advantages (docs/ALGORITHMS.md §1.3), one per completion.
 
     ``group``: (r - mean_g) / (std_g + eps); ``batch``: (r - mean_g) / (std_batch + eps);
     ``none``: r - mean_g. std is Bessel-corrected; a group of one or with all-equal rewards gets 0.
@@ -80,7 +80,7 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                     num_tokens: Optional[float] = None, seq_ids: Optional[torch.Tensor] = None,
                     num_seqs: Optional[float] = None, seq_weights: Optional[torch.Tensor] = None,
                     shaped_gamma: Optional[torch.Tensor] = None):
-    """Clipped policy-gradient loss over packed tokens ``[N]`` (ALGORITHMS.md sections 1.4-1.5).
+    """Clipped policy-gradient loss over packed tokens ``[N]`` (docs/ALGORITHMS.md §1.4-1.5).
 
     Per token: ``ratio = exp(logp - old)``, ``obj = min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A)``,
     dual clip ``obj = max(obj, c*A)`` where ``A < 0``, ``loss_t = -obj + beta * k3(ref, logp)``,
