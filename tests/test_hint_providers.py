@@ -52,7 +52,7 @@ def test_parse_extra_keys_ignored_and_values_stripped():
     json.dumps({"level_1": "a", "level_2": "  ", "level_3": "c"}),     # empty value
     json.dumps({"level_1": "a", "level_2": None, "level_3": "c"}),     # null value
     json.dumps({"level_1": "a", "level_2": {"x": 1}, "level_3": "c"}),  # nested value
-    json.dumps(["a", "b", "c"]),                                       # not an object
+    json.dumps(["a", "b"]),                                            # a list, but not of three
     json.dumps(GOOD)[:40],                                             # truncated
     '{"level_1": "a", "level_2": "b", "level_3": "c"',                 # truncated at the end
     "[" * 100000 + "]" * 100000,                                       # deep nesting, no object

@@ -19,7 +19,6 @@ Providers:
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any, Optional
 
 from fasthint.data import render_prompt
 from fasthint.engines.base import SamplingConfig
+from fasthint.hint_json import parse_hint_json  # noqa: F401 - re-exported: the parser of self-written hints
 from fasthint.hints import HINT_LEVELS, Hints, as_hint_levels, hint_request
 from fasthint.options import Options, at_least, need, one_of, option
 
@@ -52,36 +52,7 @@ class HintConfig(Options):
         need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
         at_least(self, ("hint_max_new_tokens",), 1)
 
-_FENCE = re.compile(r"```[ \t]*(?:json)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
-_SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
-                        "\u2018": "'", "\u2019": "'"})
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
-
-
-def parse_hint_json(text: str) -> Optional[Hints]:
-    """The three hint levels from a policy's JSON reply: a fenced ```json block first, else the text
-    from the first '{' to the last '}' (each also with smart quotes replaced). None on any failure;
-    never raises."""
-    try:
-        if not isinstance(text, str):
-            return None
-        candidates = [m.group(1) for m in _FENCE.finditer(text)]
-        start, end = text.find("{"), text.rfind("}")
-        if 0 <= start < end:
-            candidates.append(text[start:end + 1])
-        for cand in candidates:
-            for variant in dict.fromkeys((cand.strip(), cand.strip().translate(_SMART))):
-                try:
-                    obj = json.loads(variant)
-                except Exception:  # noqa: BLE001 - includes RecursionError on deep nesting
-                    continue
-                if isinstance(obj, dict):
-                    levels = as_hint_levels(obj)
-                    if levels is not None:
-                        return levels
-        return None
-    except Exception:  # noqa: BLE001 - the parser must never raise
-        return None
 
 
 def leaks_answer(hint: str, answer: str) -> bool:

@@ -1,0 +1,125 @@
+"""Self-written hints as a policy actually replies: lenient JSON that keeps its LaTeX.
+
+A policy asked for ``{"level_1": ..., "level_2": ..., "level_3": ...}`` writes maths inside JSON
+strings, and strict JSON reads ``"\\frac{1}{2}"`` as a form feed plus ``rac{1}{2}`` and refuses
+``"\\sqrt{2}"``. Before parsing, each string literal's backslashes are read the way a maths writer
+means them:
+
+- a backslash and a LaTeX command name is kept verbatim: any letter run (``\\sqrt``, ``\\cdot``,
+  ``\\alpha``), except that a run starting with a JSON escape letter (``b f n r t v``) must be a known
+  command (``\\frac``, ``\\neq``, ``\\times``, ``\\theta``, ``\\boxed``, ``\\right``, ...); otherwise it is
+  the escape (``"Step 1\\nStep 2"`` keeps its newline);
+- ``\\u`` and four hex digits stays a unicode escape; ``\\\\``, ``\\"``, ``\\'`` and ``\\/`` keep their
+  JSON meaning;
+- a backslash before anything else (``\\,``, ``\\{``, ``\\(``, ``\\!``) is kept verbatim;
+- a raw line break inside a string becomes ``\\n``.
+
+The result is parsed with ``json5`` (single quotes, trailing commas, unquoted keys, comments), after
+smart quotes are tried both as they are and straightened. Candidates, in order: each fenced code
+block, the text from the first ``{`` to the last ``}``, and from the first ``[`` to the last ``]``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import json5
+
+from fasthint.hints import Hints, as_hint_levels
+
+ESCAPE_LETTERS = frozenset("bfnrtv")
+# LaTeX commands that start with a JSON escape letter: kept verbatim (anything else there is the escape)
+LATEX_COMMANDS = frozenset("""
+    bar backslash begin beta bf big bigcap bigcup bigg biggl biggr bigl bigr bigoplus bigotimes binom
+    bmod bmatrix boldsymbol bot bowtie boxed bullet
+    fbox flat forall frac frak frown
+    nabla ne neg neq nexists newline ngeq ngtr ni nleq nless nmid nolimits nonumber not notin nparallel
+    nsubseteq nu nwarrow
+    rangle rbrace rbrack rceil rfloor rho right rightarrow rightleftharpoons rm rmoustache rvert rVert
+    tag tan tanh tau tbinom text textbf textit textrm textstyle tfrac therefore theta thinspace tilde
+    times to top triangle triangleleft triangleq triangleright tt
+    varepsilon varphi varpi varrho varsigma vartheta vdash vdots vec vee vert vmatrix
+    """.split())
+_FENCE = re.compile(r"```[ \t]*(?:json5?)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
+_SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2018": "'", "\u2019": "'"})
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+_LETTERS = re.compile(r"[A-Za-z]+")
+
+
+def _string_backslash(text: str, i: int) -> tuple[str, int]:
+    """The replacement for the backslash at ``text[i]`` inside a string literal, and the next index."""
+    nxt = text[i + 1] if i + 1 < len(text) else ""
+    if nxt in ('"', "'", "\\", "/", "\n"):
+        return "\\" + nxt, i + 2
+    if nxt == "u" and _HEX4.fullmatch(text[i + 2:i + 6]):
+        return text[i:i + 6], i + 6
+    if nxt.isascii() and nxt.isalpha():
+        run = _LETTERS.match(text, i + 1).group(0)
+        if run[0] in ESCAPE_LETTERS and run not in LATEX_COMMANDS:
+            return "\\" + run[0], i + 2  # a JSON escape; the letters after it are text
+        return "\\\\" + run, i + 1 + len(run)  # a LaTeX command, verbatim
+    return "\\\\", i + 1  # \, \{ \( ... or a trailing backslash: verbatim
+
+
+def protect_latex(text: str) -> str:
+    """``text`` with every string literal's backslashes rewritten as the module doc says (comments and
+    everything outside strings unchanged)."""
+    out, i, quote, n = [], 0, None, len(text)
+    while i < n:
+        ch = text[i]
+        if quote is None:
+            if text.startswith("//", i) or text.startswith("/*", i):  # a JSON5 comment: copy it through
+                end = text.find("\n" if text[i + 1] == "/" else "*/", i + 2)
+                end = n if end < 0 else end + (0 if text[i + 1] == "/" else 2)
+                out.append(text[i:end])
+                i = end
+                continue
+            if ch in ('"', "'"):
+                quote = ch
+            out.append(ch)
+            i += 1
+        elif ch == "\\":
+            piece, i = _string_backslash(text, i)
+            out.append(piece)
+        else:
+            if ch == quote:
+                quote = None
+            out.append("\\n" if ch == "\n" else ch)
+            i += 1
+    return "".join(out)
+
+
+def _candidates(text: str) -> list[str]:
+    out = [m.group(1) for m in _FENCE.finditer(text)]
+    for a, b in (("{", "}"), ("[", "]")):
+        start, end = text.find(a), text.rfind(b)
+        if 0 <= start < end:
+            out.append(text[start:end + 1])
+    return out
+
+
+def _levels(obj: Any) -> Optional[Hints]:
+    levels = as_hint_levels(obj)
+    if levels is None and isinstance(obj, dict) and len(obj) == 1:  # {"hints": {...}}
+        levels = as_hint_levels(next(iter(obj.values())))
+    return levels
+
+
+def parse_hint_json(text: str) -> Optional[Hints]:
+    """The three hint levels of a policy's reply (``{1: text, 2: text, 3: text}``), or None when no
+    candidate parses to them. Never raises."""
+    try:
+        if not isinstance(text, str):
+            return None
+        for cand in _candidates(text):
+            for variant in dict.fromkeys((cand.strip(), cand.strip().translate(_SMART))):
+                try:
+                    obj = json5.loads(protect_latex(variant))
+                except Exception:  # noqa: BLE001 - any parse failure (incl. RecursionError) means "try the next"
+                    continue
+                levels = _levels(obj)
+                if levels is not None:
+                    return levels
+        return None
+    except Exception:  # noqa: BLE001 - the parser must never raise
+        return None
