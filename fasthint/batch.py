@@ -24,7 +24,8 @@ class Sample:
     weight: float = 1.0
     gamma: float = 0.0  # > 0: Guide's shaped, unclipped objective A r / (r + gamma) for this completion
     truncated: bool = False  # cut by max_new_tokens (DAPO's overlong masking drops it)
-    token_weights: Optional[list[float]] = None  # per-token factors on top of ``weight`` (TIS weights)
+    token_weights: Optional[list[float]] = None  # truncated importance weights trainer/sampler (TIS), per token:
+    #                                               they scale the policy-gradient term only (fasthint.loss)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class MicroBatch:
     seq_ids: torch.Tensor      # [N] local sequence index
     num_seqs: int
     gamma: Optional[torch.Tensor] = None  # [N] Guide's shaping constant (None: no shaped sample)
+    is_weights: Optional[torch.Tensor] = None  # [N] TIS weights (None: no sample has them)
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
@@ -67,7 +69,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
     L = max(len(x.prompt_ids) + len(x.completion_ids) for x in group)
     ids = torch.full((len(group), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(group), L), dtype=torch.long)
-    index, targets, old, adv, w, sid, gam = [], [], [], [], [], [], []
+    index, targets, old, adv, w, sid, gam, isw = [], [], [], [], [], [], [], []
     for b, x in enumerate(group):
         seq = x.prompt_ids + x.completion_ids
         ids[b, :len(seq)] = torch.tensor(seq)
@@ -77,7 +79,8 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
         targets.extend(x.completion_ids)
         old.extend(x.old_logprobs)
         adv.extend([x.advantage] * c)
-        w.extend([x.weight * f for f in x.token_weights] if x.token_weights is not None else [x.weight] * c)
+        w.extend([x.weight] * c)
+        isw.extend(x.token_weights if x.token_weights is not None else [1.0] * c)
         sid.extend([b] * c)
         gam.extend([x.gamma] * c)
 
@@ -86,4 +89,5 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
 
     return MicroBatch(ids.to(device), attn.to(device), t(index, torch.long), t(targets, torch.long),
                       t(old, torch.float32), t(adv, torch.float32), t(w, torch.float32), t(sid, torch.long),
-                      len(group), t(gam, torch.float32) if any(x.gamma > 0 for x in group) else None)
+                      len(group), t(gam, torch.float32) if any(x.gamma > 0 for x in group) else None,
+                      t(isw, torch.float32) if any(x.token_weights is not None for x in group) else None)

@@ -103,6 +103,12 @@ class Term:
 
     uses_entropy = False
 
+    @staticmethod
+    def importance_weight(t: Tokens):
+        """The truncated importance weight trainer/sampler of each token (field ``is_weight``, set when
+        the engine's sampler is corrected), or 1: it scales policy-gradient terms only, never the KL."""
+        return t.fields.get("is_weight", 1.0)
+
     def loss(self, logp: torch.Tensor, t: Tokens) -> torch.Tensor:
         raise NotImplementedError
 
@@ -128,7 +134,7 @@ class ClippedSurrogate(Term):
         return obj
 
     def loss(self, logp, t):
-        return -self.objective(logp, t)
+        return -self.objective(logp, t) * self.importance_weight(t)
 
     def stats(self, logp, t):
         ratio, adv = torch.exp(logp - t.old_logp), t.advantages
@@ -150,7 +156,7 @@ class ShapedRatio(Term):
             ratio, shaped = torch.exp(logp - t.old_logp), gam > 0
             adv = t.advantages.to(logp.dtype)
             obj = torch.where(shaped, adv * ratio / (ratio + torch.where(shaped, gam, 1.0)), obj)
-        return -obj
+        return -obj * self.importance_weight(t)
 
     def stats(self, logp, t):
         return self.base.stats(logp, t)

@@ -95,7 +95,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
             temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
             num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            token_fields={"gamma": mb.gamma} if mb.gamma is not None else None)
+            token_fields=_token_fields(mb))
         if not real:  # keeps the collectives of a sharded model in step; contributes nothing
             (loss * 0.0).backward()
             continue
@@ -123,6 +123,12 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     if ref_model is not None:
         out["kl"] = acc["kl"] / n
     return out
+
+
+def _token_fields(mb) -> dict:
+    """The per-token fields the objective's terms read: Guide's ``gamma``, the TIS ``is_weight``."""
+    fields = {"gamma": mb.gamma, "is_weight": mb.is_weights}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def _clip_and_step(policy, cfg, optimizer, scheduler, stepped: bool) -> float:

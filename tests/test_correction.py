@@ -74,11 +74,38 @@ def test_corrected_engine_rescores_with_the_trainer(level, shift):
     assert eng.pop_stats()["n"] == 0  # reset
 
 
-def test_token_weights_multiply_the_sample_weight():
+def test_tis_weights_travel_apart_from_the_sample_weight():
     s = [Sample([1, 2], [3, 4, 5], [0.0] * 3, 1.0, weight=0.5, token_weights=[1.0, 2.0, 0.25]),
          Sample([1], [6], [0.0], -1.0)]
-    mb, = make_micro_batches(s, 4, 0)
-    assert sorted(mb.weights.tolist()) == sorted([0.5, 1.0, 0.125, 1.0])
+    mb, = make_micro_batches(s, 4, 0)  # sorted by length: the one-token sample first
+    assert mb.weights.tolist() == [1.0, 0.5, 0.5, 0.5]
+    assert mb.is_weights.tolist() == [1.0, 1.0, 2.0, 0.25]
+    mb, = make_micro_batches(s[1:], 4, 0)
+    assert mb.is_weights is None
+
+
+def test_tis_weight_scales_the_policy_gradient_term_only_float64():
+    """loss_t = -w_t min(r A, clip(r) A) + beta k3_t, token-mean; w on the PG term, never on the KL."""
+    from fasthint.loss import policy_loss
+
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([-1.2, -1.5, -0.5, -2.0], dtype=torch.float64)
+    ref = torch.tensor([-0.9, -2.2, -0.7, -2.5], dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0], dtype=torch.float64)
+    isw = torch.tensor([0.5, 3.0, 1.0, 2.0], dtype=torch.float64)
+    loss, _ = policy_loss(logp, old, adv, torch.ones(4), ref_logp=ref, beta=0.1, token_fields={"is_weight": isw})
+    (grad,) = torch.autograd.grad(loss, logp)
+    want, want_grad = 0.0, []
+    for lp, o, rf, a, w in zip(logp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), isw.tolist()):
+        r = math.exp(lp - o)
+        clipped = min(max(r, 0.8), 1.28)
+        obj = min(r * a, clipped * a)
+        d = rf - lp
+        want += (-w * obj + 0.1 * (math.exp(d) - d - 1)) / 4
+        d_obj = r * a if r * a <= clipped * a else (clipped * a if r == clipped else 0.0)  # d obj / d logp
+        want_grad.append((-w * d_obj + 0.1 * (1 - math.exp(d))) / 4)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert torch.allclose(grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-10, atol=1e-14)
 
 
 def test_correction_needs_the_vllm_engine():

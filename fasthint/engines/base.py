@@ -60,7 +60,8 @@ class RolloutConfig(Options):
                "loss by the truncated ratio trainer/sampler (TIS); metrics sampling/is_ratio/*.")
     vllm_importance_sampling_level: str = option("token", f"vllm: TIS ratio per token or per sequence, one of "
                                                           f"{IS_LEVELS}.")
-    vllm_importance_sampling_cap: float = option(2.0, "vllm: TIS truncation C (weights are min(ratio, C)).")
+    vllm_importance_sampling_cap: float = option(3.0, "vllm: TIS truncation C (weights are min(ratio, C); "
+                                                      "they scale the policy-gradient term, not the KL).")
 
     def check(self) -> None:
         at_least(self, ("num_generations", "max_new_tokens", "generation_batch_size"), 1)
