@@ -17,6 +17,14 @@ def hinted_question(question: str, hint: str) -> str:
     return f"{question}\nHint: {hint}"
 
 
+def at_level(hints: Optional[Hints], level: int) -> tuple[int, Optional[str]]:
+    """The hint at ``level``, or at the strongest level below it that ``hints`` has (a provider drops a
+    level that states the answer together with the stronger ones): ``(level used, text)``, or
+    ``(0, None)`` when there is none."""
+    below = [lv for lv in (hints or {}) if lv <= level]
+    return (max(below), hints[max(below)]) if below else (0, None)
+
+
 def hint_request(question: str, solution: str) -> str:
     """Asks the policy to compress a reference solution into hints of three strengths, as JSON."""
     return (f"Write hints for: {question}\nSolution: {solution}\n"

@@ -7,6 +7,7 @@ import torch
 
 from fasthint import dist
 from fasthint.algorithms import SolveTracker, group_metrics
+from fasthint.algorithms.base import HINT_SHARES
 
 
 def sync_algo_state(algo, local_uids: list[str]) -> None:
@@ -49,7 +50,7 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
         vals = [i[k] for i in infos if k in i and isinstance(i[k], (int, float))]
         if not vals:
             continue
-        if k == "hint/parse_fail":  # a share of requests: weighted by each rank's requests
+        if k.startswith("hint/") and k.removeprefix("hint/") in HINT_SHARES:  # shares of requests: weighted
             req = [i.get("hint/requested", 0) for i in infos if k in i]
             out[k] = sum(v * r for v, r in zip(vals, req)) / sum(req) if sum(req) else 0.0
         elif k.endswith(("min", "max")):

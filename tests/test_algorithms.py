@@ -44,7 +44,8 @@ class Hints:
     def hints(self, rows):
         self.calls.append([r["uid"] for r in rows])
         self.stats = {"requested": len(rows), "parse_fail": sum(bool(r.get("no_hint")) for r in rows)}
-        return [None if r.get("no_hint") else {1: "L1", 2: "L2", 3: "L3"} for r in rows]
+        return [None if r.get("no_hint") else {lv: f"L{lv}" for lv in range(1, r.get("levels", 3) + 1)}
+                for r in rows]  # "levels": how many survived the provider's leak check
 
 
 def _ctx(rows, engine=None, hints=None, next_rows=None):
@@ -105,6 +106,28 @@ def test_sage_escalates_only_unresolved_prompts(escalation):
     assert m["hint/rate"] == pytest.approx(3 / 6) and m["hint/rate_level_3"] == pytest.approx(2 / 6)
     assert m["frac_reward_zero_std/pre_hint"] == pytest.approx(5 / 6)  # all-zero x4 and all-correct
     assert m["frac_reward_zero_std"] == pytest.approx(3 / 6)
+
+
+@pytest.mark.parametrize("escalation", ["sequential", "parallel"])
+def test_sage_stops_at_the_strongest_level_a_prompt_has(escalation):
+    # rows 0 and 1 need level 3 but kept only levels 1-2 (level 3 stated the answer); row 2 has all three
+    rows = _rows([3, 2, 3], {0: {"levels": 2}, 1: {"levels": 2}})
+    eng = ScriptedEngine()
+    algo = make_algorithm(TrainConfig(algo="sage", sage_escalation=escalation).validate())
+    groups, _ = algo.rollout(rows, _ctx(rows, eng, Hints()))
+    if escalation == "sequential":
+        assert [len(c) for c in eng.calls] == [3, 3, 3, 1]  # level 3 only for the row that has it
+    else:
+        assert eng.calls[1] == [[1], [2], [101], [102], [201], [202], [203]]
+    assert [g.level for g in groups] == [2, 2, 3] and not groups[0].solved and groups[1].solved
+
+
+def test_guide_falls_back_to_the_strongest_kept_level():
+    rows = _rows([1, 1], {0: {"levels": 1}})
+    eng = ScriptedEngine()
+    algo = make_algorithm(TrainConfig(algo="guide", hint_level=2).validate())
+    groups, _ = algo.rollout(rows, _ctx(rows, eng, Hints()))
+    assert eng.calls[1] == [[1], [102]] and [g.level for g in groups] == [1, 2]
 
 
 def test_sage_trains_on_the_hinted_context():

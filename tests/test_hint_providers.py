@@ -4,8 +4,7 @@ import json
 import pytest
 
 from fasthint.algorithms.hint_providers import (DatasetHintProvider, HintProvider, SelfHintProvider,
-                                                SolutionPrefixHintProvider, leaks_answer, make_hint_provider,
-                                                parse_hint_json)
+                                                SolutionPrefixHintProvider, make_hint_provider, parse_hint_json)
 from fasthint.data import render_prompt
 from fasthint.engines.base import Completion
 from fasthint.hints import hint_request
@@ -84,33 +83,6 @@ def test_parse_alternative_keys():
     assert parse_hint_json('{"level1": "a", "level2": "b", "level3": "c"}') == {1: "a", 2: "b", 3: "c"}
 
 
-# ---------------------------------------------------------------- leaks_answer
-
-@pytest.mark.parametrize("hint,answer,expected", [
-    ("so x = 12.", "12", True),
-    ("12 apples", "12", True),
-    ("(12)", "12", True),
-    ("x=12", "12", True),
-    ("the value 123 matters", "12", False),
-    ("add 312", "12", False),
-    ("about 12.5 units", "12", False),
-    ("3/4 of the cake", "3/4", True),
-    ("13/4 of the cake", "3/4", False),
-    ("3/45 of the cake", "3/4", False),
-    ("the result is -5", "-5", True),
-    ("the result is -50", "-5", False),
-    ("compute 10-5 first", "-5", False),
-    ("no numbers here", "7", False),
-    ("try x^2 + 1 next", "x^2+1", True),
-    ("try X^2+1 next", "x^2+1", False),
-    ("\\frac{1}{2} appears", "\\frac{1}{2}", True),
-    ("anything 12", "", False),
-    ("anything 12", "   ", False),
-])
-def test_leaks_answer(hint, answer, expected):
-    assert leaks_answer(hint, answer) is expected
-
-
 # ---------------------------------------------------------------- DatasetHintProvider
 
 def test_dataset_provider_forms_and_stats():
@@ -148,7 +120,7 @@ def test_solution_prefix_multiline():
     assert h == {1: "\n".join(lines[:2]), 2: "\n".join(lines[:4]), 3: "\n".join(lines[:6])}
     assert all("\\boxed" not in t for t in h.values())
     assert h[2].startswith(h[1]) and h[3].startswith(h[2]) and len(h[1]) < len(h[2]) < len(h[3])
-    assert p.stats == {"requested": 1.0, "parse_fail": 0.0, "leak": 0.0}
+    assert p.stats == {"requested": 1.0, "parse_fail": 0.0, "skipped": 0.0}
 
 
 def test_solution_prefix_never_reaches_boxed_line():
@@ -167,8 +139,9 @@ def test_solution_prefix_missing_solution_and_leak():
     p = SolutionPrefixHintProvider()
     rows = [{"answer": "1"}, {"solution": "", "answer": "1"}, {"solution": "\\boxed{4}", "answer": "4"},
             {"solution": "2+2=4\n\\boxed{4}", "answer": "4"}]
-    assert p.hints(rows) == [None, None, None, None]
-    assert p.stats["parse_fail"] == 4 and p.stats["leak"] == 1
+    assert p.hints(rows) == [None, None, None, None]  # the last: "2+2=4" states the answer at level 1
+    assert p.stats["skipped"] == 2 and p.stats["parse_fail"] == 0
+    assert p.stats["leak_level_1"] == p.stats["leak_level_2"] == p.stats["leak_level_3"] == 1
     unchecked = SolutionPrefixHintProvider(check_leak=False)
     assert unchecked.hints(rows[3:]) == [{1: "2+2=4", 2: "2+2=4", 3: "2+2=4"}]
 
@@ -211,7 +184,7 @@ def test_self_provider(tokenizer):
     replies = {
         "3+4=?": json.dumps({"level_1": "add", "level_2": "3 plus 4", "level_3": "count up from 3"}),
         "9-2=?": "Here you go: ```json\n{\"level_1\": \"subtract\", \"level_2\": \"take 2\", ",  # malformed
-        "5+5=?": json.dumps({"level_1": "double", "level_2": "5+5", "level_3": "it is 10"}),  # leaks
+        "5+5=?": json.dumps({"level_1": "double 5", "level_2": "5+5", "level_3": "so 5+5 = 10."}),  # 3 leaks
         "8-1=?": "```json\n" + json.dumps({"1": "minus", "2": "8 less 1", "3": "one below 8"}) + "\n```",
     }
     rows = [
@@ -225,9 +198,10 @@ def test_self_provider(tokenizer):
     engine = FakeEngine(tokenizer, replies)
     p = SelfHintProvider(engine, tokenizer, temperature=0.7, max_new_tokens=96, max_prompt_length=256)
     out = p.hints(rows)
-    assert out == [{1: "add", 2: "3 plus 4", 3: "count up from 3"}, None, None, None, None,
+    assert out == [{1: "add", 2: "3 plus 4", 3: "count up from 3"}, None, {1: "double 5", 2: "5+5"}, None, None,
                    {1: "minus", 2: "8 less 1", 3: "one below 8"}]
-    assert p.stats["requested"] == 6 and p.stats["parse_fail"] == 4 and p.stats["leak"] == 1
+    assert p.stats["requested"] == 6 and p.stats["parse_fail"] == 1 and p.stats["leak_level_3"] == 1
+    assert "leak_level_1" not in p.stats and "leak_level_2" not in p.stats
     assert p.stats["sent"] == 4 and p.stats["skipped"] == 2
     assert len(engine.calls) == 1
     prompts, sampling = engine.calls[0]
@@ -244,7 +218,8 @@ def test_self_provider_nothing_to_send(tokenizer):
     engine = FakeEngine(tokenizer, {})
     p = SelfHintProvider(engine, tokenizer)
     assert p.hints([{"question": "1+1=?", "answer": "2", "solution": "  "}]) == [None]
-    assert engine.calls == [] and p.stats["parse_fail"] == 1 and p.stats["requested"] == 1
+    assert engine.calls == [] and p.stats["skipped"] == 1 and p.stats["parse_fail"] == 0
+    assert p.stats["requested"] == 1
 
 
 def test_self_provider_template_applied(tokenizer):

@@ -163,11 +163,16 @@ class Algorithm:
 REGISTRY[Algorithm.name] = Algorithm
 
 
+HINT_SHARES = ("parse_fail", "skipped", "leak_level_1", "leak_level_2", "leak_level_3")
+
+
 def hint_stats(ctx: RolloutContext) -> dict:
-    """``hint/requested`` and ``hint/parse_fail`` (share of requests that gave no hint) of the last call."""
+    """``hint/requested`` and, as shares of the requests of the last call: ``hint/parse_fail`` (a reply
+    that did not parse, or a malformed hint column), ``hint/skipped`` (no solution, request too long)
+    and ``hint/leak_level_N`` (level N stated the answer and was dropped with the stronger ones)."""
     st = getattr(ctx.hints, "stats", None) or {}
     req = st.get("requested", 0)
-    return {"hint/requested": req, "hint/parse_fail": st.get("parse_fail", 0) / req if req else 0.0}
+    return {"hint/requested": req, **{f"hint/{k}": st.get(k, 0) / req if req else 0.0 for k in HINT_SHARES}}
 
 
 def group_metrics(groups: list[Group]) -> dict:

@@ -28,6 +28,7 @@ from fasthint.algorithms.affinity import group_affinity
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, group_advantages, hint_stats, sample_groups
 from fasthint.algorithms.hint_providers import HintConfig
 from fasthint.batch import Sample
+from fasthint.hints import at_level
 from fasthint.loss import Term, clip_terms, recompute_logprobs
 from fasthint.options import Options, need, one_of, option
 
@@ -60,12 +61,13 @@ class _HintedResample(Algorithm):
         failed = [g for g in groups.values() if g.all_zero]
         info = {"hint/requested": 0, "hint/parse_fail": 0.0}
         if failed and ctx.hints is not None:
-            lvl = self.cfg.hint_level
             got = ctx.hints.hints([g.row for g in failed])
             info = hint_stats(ctx)
-            todo = [(g, h[lvl]) for g, h in zip(failed, got) if h is not None]
-            redo = sample_groups(ctx, [g.row for g, _ in todo], [h for _, h in todo], lvl)
-            for (old, _), new in zip(todo, redo):
+            todo = [(g, *at_level(h, self.cfg.hint_level)) for g, h in zip(failed, got)]  # (group, level, text)
+            todo = [t for t in todo if t[2] is not None]
+            redo = sample_groups(ctx, [g.row for g, _, _ in todo], [h for _, _, h in todo],
+                                 [lv for _, lv, _ in todo])
+            for (old, _, _), new in zip(todo, redo):
                 new.pre_hint_rewards = old.rewards
                 groups[new.uid] = new
         return [groups[r["uid"]] for r in rows], info

@@ -27,6 +27,7 @@ from typing import Any, Optional
 from fasthint.data import render_prompt
 from fasthint.engines.base import SamplingConfig
 from fasthint.hint_json import parse_hint_json  # noqa: F401 - re-exported: the parser of self-written hints
+from fasthint.hint_leak import drop_leaking_levels
 from fasthint.hints import HINT_LEVELS, Hints, as_hint_levels, hint_request
 from fasthint.options import Options, at_least, need, one_of, option
 
@@ -55,19 +56,6 @@ class HintConfig(Options):
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
 
-def leaks_answer(hint: str, answer: str) -> bool:
-    """True when the gold ``answer`` appears in ``hint`` as a standalone token: numbers must not be
-    part of a longer number (\"12\" leaks in \"= 12.\" but not in \"123\" or \"12.5\"); other answers
-    leak as a case-sensitive substring once all whitespace is removed. Empty answer: False."""
-    answer = str(answer).strip()
-    if not answer or not hint:
-        return False
-    if _NUMERIC.fullmatch(answer):
-        pattern = r"(?<![\d.])" + re.escape(answer) + r"(?!\d)(?!\.\d)(?!/\d)"
-        return re.search(pattern, hint) is not None
-    return re.sub(r"\s+", "", answer) in re.sub(r"\s+", "", hint)
-
-
 class HintProvider:
     """Base class: ``hints(rows)`` gives one ``{level: text}`` or None per row; ``stats`` describes
     the last call (``requested``, ``parse_fail`` and provider-specific counts)."""
@@ -80,18 +68,33 @@ class HintProvider:
     def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
         raise NotImplementedError
 
-    def _finish(self, rows: list[dict], out: list[Optional[Hints]], **extra: float) -> list[Optional[Hints]]:
-        self.stats = {"requested": float(len(rows)), "parse_fail": float(sum(h is None for h in out)),
+    def _finish(self, rows: list[dict], out: list[Optional[Hints]], parse_fail: Optional[int] = None,
+                **extra: float) -> list[Optional[Hints]]:
+        """Records ``stats``: ``requested``, ``parse_fail`` (default: rows that got no hint), ``extra``."""
+        fails = sum(h is None for h in out) if parse_fail is None else parse_fail
+        self.stats = {"requested": float(len(rows)), "parse_fail": float(fails),
                       **{k: float(v) for k, v in extra.items()}}
         return out
+
+    @staticmethod
+    def _judge_leaks(levels: Optional[Hints], answer: str, leaks: dict) -> Optional[Hints]:
+        """``levels`` without the first level stating ``answer`` and the stronger ones (``fasthint.hint_leak``);
+        counts each stating level in ``leaks`` (``leak_level_N``)."""
+        if levels is None:
+            return None
+        kept, leaked = drop_leaking_levels(levels, answer)
+        for lv in leaked:
+            leaks[f"leak_level_{lv}"] = leaks.get(f"leak_level_{lv}", 0) + 1
+        return kept
 
 
 class SelfHintProvider(HintProvider):
     """The current policy writes the hints from the reference solution (one batched generate call).
 
     Rows without a solution, or whose rendered request exceeds ``max_prompt_length`` tokens, are not
-    sent (``stats['skipped']``); a reply that fails to parse or whose any level leaks the gold answer
-    (``stats['leak']``) gives None."""
+    sent (``stats['skipped']``); a reply that fails to parse gives None (``stats['parse_fail']``); a
+    level that states the gold answer is dropped with the stronger ones (``stats['leak_level_N']``;
+    ``fasthint.hint_leak``), and a reply whose level 1 leaks gives None."""
 
     name = "self"
 
@@ -114,7 +117,8 @@ class SelfHintProvider(HintProvider):
                 continue
             prompts.append(ids)
             owners.append(i)
-        leaks = 0
+        leaks: dict = {}
+        fails = 0
         if prompts:
             sampling = SamplingConfig(n=1, temperature=self.temperature, top_p=1.0,
                                       max_new_tokens=self.max_new_tokens)
@@ -125,12 +129,10 @@ class SelfHintProvider(HintProvider):
                 if p not in replies:
                     continue
                 levels = parse_hint_json(self.tokenizer.decode(replies[p], skip_special_tokens=True))
-                if levels is not None and any(leaks_answer(h, str(rows[i].get("answer", "")))
-                                              for h in levels.values()):
-                    leaks += 1
-                    levels = None
-                out[i] = levels
-        return self._finish(rows, out, leak=leaks, sent=len(prompts), skipped=len(rows) - len(prompts))
+                fails += levels is None
+                out[i] = self._judge_leaks(levels, str(rows[i].get("answer", "")), leaks)
+        return self._finish(rows, out, parse_fail=fails, **leaks, sent=len(prompts),
+                            skipped=len(rows) - len(prompts))
 
 
 class DatasetHintProvider(HintProvider):
@@ -157,8 +159,8 @@ class DatasetHintProvider(HintProvider):
 class SolutionPrefixHintProvider(HintProvider):
     """Level l is the first ``fractions[l-1]`` of the reference solution's lines (at least one, cut at
     a line boundary; by words for a one-line solution), stopping before the line with the final
-    ``\\boxed{``. With ``check_leak`` a row whose prefixes reveal the gold answer gives None
-    (``stats['leak']``)."""
+    ``\\boxed{``. With ``check_leak`` a prefix that states the gold answer is dropped with the longer
+    ones (``stats['leak_level_N']``), as for self-written hints."""
 
     name = "solution"
 
@@ -181,16 +183,13 @@ class SolutionPrefixHintProvider(HintProvider):
 
     def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
         out: list[Optional[Hints]] = []
-        leaks = 0
+        leaks: dict = {}
         for row in rows:
             solution = row.get("solution")
             levels = self._prefixes(solution) if isinstance(solution, str) and solution.strip() else None
-            if levels is not None and self.check_leak and any(
-                    leaks_answer(h, str(row.get("answer", ""))) for h in levels.values()):
-                leaks += 1
-                levels = None
-            out.append(levels)
-        return self._finish(rows, out, leak=leaks)
+            out.append(self._judge_leaks(levels, str(row.get("answer", "")), leaks) if self.check_leak else levels)
+        skipped = sum(not (isinstance(r.get("solution"), str) and r["solution"].strip()) for r in rows)
+        return self._finish(rows, out, parse_fail=0, skipped=skipped, **leaks)
 
 
 PROVIDERS = {"self": SelfHintProvider, "dataset": DatasetHintProvider, "solution": SolutionPrefixHintProvider}

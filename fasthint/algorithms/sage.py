@@ -5,11 +5,12 @@ all-zero, ask the hint provider (default: the current policy, through the rollou
 question and the reference solution) for hints at three strengths, fresh at every visit; (3) for
 ``l = 1..3`` re-sample ONLY the still-unresolved prompts with their level-``l`` hint, replace each
 such prompt's whole group, and stop escalating a prompt once any completion succeeds.
-``--sage_escalation parallel`` (default) samples the failed prompts at all three levels in one
-engine call and keeps each prompt's lowest successful level: the same groups in distribution, one
-generation round instead of up to three (rounds, not samples, set the time of a latency-bound
-engine); ``sequential`` makes one call per level and samples the fewest completions. A prompt still
-all-zero at level 3 keeps its level-3 group; a prompt without a usable hint keeps its no-hint group.
+``--sage_escalation sequential`` (default) makes one call per level with only the prompts still
+unresolved, so it samples the fewest completions; ``parallel`` samples the failed prompts at every
+level in one engine call and keeps each prompt's lowest successful level: the same groups in
+distribution, one generation round instead of up to three, but more samples. A prompt still all-zero
+at its strongest level (3, or the strongest its provider kept) keeps that group; a prompt without a
+usable hint keeps its no-hint group.
 All-correct groups are never hinted. Training is on the hinted context (hint tokens are part of the
 prompt, so they are never scored); evaluation never uses hints.
 
@@ -26,7 +27,7 @@ from typing import Optional
 
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, hint_stats, sample_groups
 from fasthint.algorithms.hint_providers import HintConfig
-from fasthint.hints import HINT_LEVELS
+from fasthint.hints import HINT_LEVELS, at_level
 from fasthint.options import Options, need, one_of, option
 
 SAGE_ESCALATIONS = ("parallel", "sequential")
@@ -35,10 +36,11 @@ SAGE_ESCALATIONS = ("parallel", "sequential")
 @dataclass
 class SAGEConfig(Options):
     GROUP = "sage, sage_light"
-    sage_escalation: str = option("parallel", f"sage: how unresolved prompts climb the hint levels, one of "
-                                              f"{SAGE_ESCALATIONS}: parallel = all levels in one engine call, "
-                                              "keeping the lowest that succeeds (same groups, one round); "
-                                              "sequential = one call per level (fewest samples).")
+    sage_escalation: str = option("sequential", f"sage: how unresolved prompts climb the hint levels, one of "
+                                                f"{SAGE_ESCALATIONS}: sequential = one call per level with only "
+                                                "the prompts still unresolved (fewest samples, as the paper); "
+                                                "parallel = all levels in one engine call, keeping the lowest "
+                                                "that succeeds (same groups, one round, more samples).")
     sage_light_min_acc: float = option(0.1, "sage_light: previous accuracy <= this raises the prompt's level.")
     sage_light_max_acc: float = option(0.35, "sage_light: previous accuracy > this lowers the prompt's level.")
 
@@ -70,15 +72,20 @@ class SAGE(Algorithm):
 
     @staticmethod
     def _sequential(pending: list[Group], hints: dict, ctx: RolloutContext) -> list[tuple[Group, Group]]:
-        """One engine call per level, each with only the prompts still all-zero: fewest samples."""
+        """One engine call per level, each with only the prompts still all-zero: fewest samples. A
+        prompt stops at its strongest available level (a level that stated the answer was dropped)."""
         out, todo = [], list(pending)
         for level in range(1, HINT_LEVELS + 1):
             if not todo:
                 break
             redo = sample_groups(ctx, [g.row for g in todo], [hints[g.uid][level] for g in todo], level)
-            final = [(old, new) for old, new in zip(todo, redo) if not new.all_zero or level == HINT_LEVELS]
-            out += final
-            todo = [old for old, new in zip(todo, redo) if new.all_zero]
+            nxt = []
+            for old, new in zip(todo, redo):
+                if not new.all_zero or level == max(hints[old.uid]):
+                    out.append((old, new))
+                else:
+                    nxt.append(old)
+            todo = nxt
         return out
 
     @staticmethod
@@ -88,13 +95,13 @@ class SAGE(Algorithm):
         distribution of sequential escalation, in one generation round instead of up to three."""
         if not pending:
             return []
-        levels = range(1, HINT_LEVELS + 1)
-        redo = sample_groups(ctx, [g.row for g in pending for _ in levels],
-                             [hints[g.uid][lv] for g in pending for lv in levels],
-                             [lv for _ in pending for lv in levels])
-        out = []
-        for k, old in enumerate(pending):
-            tries = redo[k * HINT_LEVELS:(k + 1) * HINT_LEVELS]
+        plan = [(g, lv) for g in pending for lv in sorted(hints[g.uid])]  # every available level
+        redo = sample_groups(ctx, [g.row for g, _ in plan], [hints[g.uid][lv] for g, lv in plan],
+                             [lv for _, lv in plan])
+        out, k = [], 0
+        for old in pending:
+            tries = redo[k:k + len(hints[old.uid])]
+            k += len(tries)
             out.append((old, next((g for g in tries if not g.all_zero), tries[-1])))
         return out
 
@@ -127,7 +134,8 @@ class SAGELight(Algorithm):
         info = {"hint/requested": 0, "hint/parse_fail": 0.0}
         if need and ctx.hints is not None:
             for r, h in zip(need, ctx.hints.hints(need)):
-                hint_text[r["uid"]] = h[levels[r["uid"]]] if h is not None else None
+                lv, hint_text[r["uid"]] = at_level(h, levels[r["uid"]])
+                levels[r["uid"]] = lv if h is not None and lv else levels[r["uid"]]
             info.update(hint_stats(ctx))
         texts = [hint_text.get(r["uid"]) for r in rows]
         groups = {g.uid: g for g in sample_groups(ctx, rows, texts, [levels[r["uid"]] for r in rows])}
