@@ -24,6 +24,7 @@ class Sample:
     weight: float = 1.0
     gamma: float = 0.0  # > 0: Guide's shaped, unclipped objective A r / (r + gamma) for this completion
     truncated: bool = False  # cut by max_new_tokens (DAPO's overlong masking drops it)
+    hinted: bool = False  # sampled with a hint: left out of the sampler/trainer mismatch and clip metrics
     token_weights: Optional[list[float]] = None  # truncated importance weights trainer/sampler (TIS), per token:
     #                                               they scale the policy-gradient term only (fasthint.loss)
 
@@ -43,6 +44,7 @@ class MicroBatch:
     num_seqs: int
     gamma: Optional[torch.Tensor] = None  # [N] Guide's shaping constant (None: no shaped sample)
     is_weights: Optional[torch.Tensor] = None  # [N] TIS weights (None: no sample has them)
+    hinted: Optional[torch.Tensor] = None  # [N] 1 on tokens of hinted samples (None: no hinted sample)
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
@@ -69,7 +71,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
     L = max(len(x.prompt_ids) + len(x.completion_ids) for x in group)
     ids = torch.full((len(group), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(group), L), dtype=torch.long)
-    index, targets, old, adv, w, sid, gam, isw = [], [], [], [], [], [], [], []
+    index, targets, old, adv, w, sid, gam, isw, hin = [], [], [], [], [], [], [], [], []
     for b, x in enumerate(group):
         seq = x.prompt_ids + x.completion_ids
         ids[b, :len(seq)] = torch.tensor(seq)
@@ -81,6 +83,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
         adv.extend([x.advantage] * c)
         w.extend([x.weight] * c)
         isw.extend(x.token_weights if x.token_weights is not None else [1.0] * c)
+        hin.extend([float(x.hinted)] * c)
         sid.extend([b] * c)
         gam.extend([x.gamma] * c)
 
@@ -90,4 +93,5 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
     return MicroBatch(ids.to(device), attn.to(device), t(index, torch.long), t(targets, torch.long),
                       t(old, torch.float32), t(adv, torch.float32), t(w, torch.float32), t(sid, torch.long),
                       len(group), t(gam, torch.float32) if any(x.gamma > 0 for x in group) else None,
-                      t(isw, torch.float32) if any(x.token_weights is not None for x in group) else None)
+                      t(isw, torch.float32) if any(x.token_weights is not None for x in group) else None,
+                      t(hin, torch.float32) if any(x.hinted for x in group) else None)

@@ -102,6 +102,7 @@ class Term:
     entropy (``t.entropy``) sets ``uses_entropy``: the kernels then compute it and its gradient."""
 
     uses_entropy = False
+    sampler_stats = False  # its stats compare the trainer with the sampler: reported over unhinted tokens
 
     @staticmethod
     def importance_weight(t: Tokens):
@@ -124,6 +125,7 @@ class ClippedSurrogate(Term):
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: Optional[float] = None
+    sampler_stats = True
 
     def objective(self, logp, t: Tokens) -> torch.Tensor:
         ratio = torch.exp(logp - t.old_logp)
@@ -148,6 +150,7 @@ class ShapedRatio(Term):
     objective ``A r / (r + gamma)``; the others use ``base``."""
 
     base: ClippedSurrogate = field(default_factory=ClippedSurrogate)
+    sampler_stats = True
 
     def loss(self, logp, t):
         obj = self.base.objective(logp, t)
@@ -250,13 +253,17 @@ class Objective:
         return torch.where(on, tok * self.weights[s:e], torch.zeros_like(tok))  # NaN/inf off the mask stay out
 
     @torch.no_grad()
-    def stats(self, logp: torch.Tensor) -> dict:
-        """Each term's stats as means over the mask tokens (0-dim tensors)."""
+    def stats(self, logp: torch.Tensor, sampler_mask: Optional[torch.Tensor] = None) -> dict:
+        """Each term's stats as means over the trained tokens (0-dim tensors); the stats of terms with
+        ``sampler_stats`` (clip ratios) over the tokens of ``sampler_mask`` among them when given (the
+        unhinted tokens: a hinted token's ratio is not the sampler's)."""
         logp = logp.detach()
-        on = self.tokens.mask.bool()
-        n = self.tokens.mask.to(logp.dtype).sum().clamp_min(1)
+        trained = self.tokens.mask.bool()
+        masks = {False: trained, True: trained if sampler_mask is None else trained & sampler_mask.bool()}
         out = {"clip_ratio/low": logp.new_zeros(()), "clip_ratio/high": logp.new_zeros(()), "kl": logp.new_zeros(())}
         for term in self.terms:
+            on = masks[term.sampler_stats]
+            n = on.to(logp.dtype).sum().clamp_min(1)
             for k, v in term.stats(logp, self.tokens).items():
                 out[k] = torch.where(on, v, torch.zeros_like(v)).sum() / n
         return out
@@ -303,16 +310,18 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                       advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor, *,
                       bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
-                      impl: str = "auto", softcap: Optional[float] = None, **objective_kwargs):
+                      impl: str = "auto", softcap: Optional[float] = None,
+                      sampler_mask: Optional[torch.Tensor] = None, **objective_kwargs):
     """:func:`policy_loss` of the log-probs of a linear head (``ops.linear_logprobs``), without ``[N, V]``
     logits: the objective goes to ``ops.fused_linear_loss`` as one closure. ``(loss, stats)``; stats add
-    ``logp`` and, with ``return_entropy``, ``entropy`` (per token, detached). Keywords: :func:`make_objective`."""
+    ``logp`` and, with ``return_entropy``, ``entropy`` (per token, detached); ``sampler_mask``: see
+    :meth:`Objective.stats`. Keywords: :func:`make_objective`."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
     loss, logp, ent = ops.fused_linear_loss(hidden, weight, targets, obj.token_loss, bias=bias,
                                             temperature=temperature, return_entropy=return_entropy, impl=impl,
                                             softcap=softcap, uses_entropy=obj.uses_entropy)
-    stats = obj.stats(logp)
+    stats = obj.stats(logp, sampler_mask)
     stats["logp"] = logp
     if ent is not None:
         stats["entropy"] = ent

@@ -24,6 +24,29 @@ def sync_algo_state(algo, local_uids: list[str]) -> None:
 SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated")
 
 
+def _reward_stats(rewards: list, suffix: str = "") -> dict:
+    t = torch.tensor(rewards)
+    return {f"reward/mean{suffix}": t.mean().item() if len(t) else float("nan"),
+            f"reward/std{suffix}": t.std().item() if len(t) > 1 else float("nan"),
+            f"accuracy{suffix}": (t >= 1.0).float().mean().item() if len(t) else float("nan")}
+
+
+def reward_metrics(groups: list, sampled: list) -> dict:
+    """``reward/*`` and ``accuracy`` over the no-hint rollouts (a hinted group's no-hint rewards are its
+    ``pre_hint_rewards``), comparable with GRPO; ``reward/hinted`` over the hinted ones. With ``sampled``
+    (DAPO: the rewards of every group it sampled, kept or not) the headline figures are over those, and
+    ``.../kept`` over the groups that trained."""
+    plain = [r for g in groups for r in (g.rewards if g.level == 0 else g.pre_hint_rewards or [])]
+    out = _reward_stats(sampled) if sampled else _reward_stats(plain)
+    if sampled:
+        out.update(_reward_stats(plain, "/kept"))
+    hinted = [r for g in groups if g.level > 0 for r in g.rewards]
+    if hinted:
+        out["reward/hinted"] = sum(hinted) / len(hinted)
+        out["accuracy/hinted"] = sum(r >= 1.0 for r in hinted) / len(hinted)
+    return out
+
+
 def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict) -> dict:
     """Rollout metrics over every rank's groups (gathered once); per-rank infos averaged (counts summed,
     minima and maxima taken)."""
@@ -37,11 +60,8 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
     gs = [g for g, _, _ in light]
     lens = [n for _, ls, _ in light for n in ls] or [0]
     truncs = [t for _, _, ts in light for t in ts]
-    rewards = torch.tensor([r for g in gs for r in g.rewards])
-    out = {"reward/mean": rewards.mean().item() if len(rewards) else float("nan"),
-           "reward/std": rewards.std().item() if len(rewards) > 1 else float("nan"),
-           "accuracy": (rewards >= 1.0).float().mean().item() if len(rewards) else float("nan"),
-           **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
+    sampled = [r for i in infos for r in i.pop("_sampled_rewards", None) or []]  # DAPO: every sampled group
+    out = {**reward_metrics(gs, sampled), **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
            "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
            "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),
            "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),

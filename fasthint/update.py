@@ -63,8 +63,9 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
 
     ``model`` is the causal LM or its :class:`fasthint.loss.PolicyLoss` (FSDP root). Without KL, a sample whose
     advantage (or weight) is 0 adds exactly nothing to the loss or its gradient, so it is skipped (it
-    still counts in the normaliser); token metrics (entropy, clip ratios, log-prob mismatch) are then
-    over the trained tokens of all ranks.
+    still counts in the normaliser); token metrics are then over the trained tokens of all ranks:
+    entropy and KL over all of them, the clip ratios and the sampler/trainer log-prob mismatch over
+    the unhinted ones (a hinted token may train in another context than it was sampled in).
     """
     policy = _as_policy(model)
     lm = policy.lm
@@ -82,7 +83,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     n_mb = int(dist.all_max(len(mbs)))
     autocast = cfg.dtype != "float32" and device.type == "cuda"
     acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
-           "logp_diff_sum": 0.0, "tokens": 0.0}
+           "logp_diff_sum": 0.0, "tokens": 0.0, "tokens_unhinted": 0.0}
     diff_max = 0.0
     scale = float(dist.world_size())  # FSDP averages gradients over ranks; the sum is wanted
     optimizer.zero_grad(set_to_none=True)
@@ -95,7 +96,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
             temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
             num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            token_fields=_token_fields(mb))
+            token_fields=_token_fields(mb), sampler_mask=1.0 - mb.hinted if mb.hinted is not None else None)
         if not real:  # keeps the collectives of a sharded model in step; contributes nothing
             (loss * 0.0).backward()
             continue
@@ -104,22 +105,27 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
                                 "rewards; nothing was updated at this step")
         (loss * scale if scale != 1.0 else loss).backward()
         logp, k = stats["logp"], stats["logp"].numel()
+        unhinted = mb.hinted == 0 if mb.hinted is not None else None
+        k_u = int(unhinted.sum().item()) if unhinted is not None else k
         acc["loss"] += loss.item()
-        for key in ("clip_ratio/low", "clip_ratio/high", "kl"):
-            acc[key] += stats[key].item() * k
+        for key in ("clip_ratio/low", "clip_ratio/high"):
+            acc[key] += stats[key].item() * k_u
+        acc["kl"] += stats["kl"].item() * k
         acc["entropy"] += stats["entropy"].sum().item()
         diff = (logp - mb.old_logp).abs()
+        diff = diff[unhinted] if unhinted is not None else diff
         acc["logp_diff_sum"] += diff.sum().item()
         acc["tokens"] += k
-        diff_max = max(diff_max, diff.max().item() if k else 0.0)
+        acc["tokens_unhinted"] += k_u
+        diff_max = max(diff_max, diff.max().item() if k_u else 0.0)
     gn = _clip_and_step(policy, cfg, optimizer, scheduler, stepped=n_mb > 0)
     keys = list(acc)
     acc = dict(zip(keys, dist.all_sum([acc[k] for k in keys])))
-    n = acc["tokens"] or float("nan")
+    n, nu = acc["tokens"] or float("nan"), acc["tokens_unhinted"] or float("nan")
     out = {"loss": acc["loss"], "grad_norm": gn, "entropy": acc["entropy"] / n,
-           "clip_ratio/low": acc["clip_ratio/low"] / n, "clip_ratio/high": acc["clip_ratio/high"] / n,
-           "sampling/logp_diff/mean": acc["logp_diff_sum"] / n, "sampling/logp_diff/max": dist.all_max(diff_max),
-           "num_tokens/trained": int(acc["tokens"])}
+           "clip_ratio/low": acc["clip_ratio/low"] / nu, "clip_ratio/high": acc["clip_ratio/high"] / nu,
+           "sampling/logp_diff/mean": acc["logp_diff_sum"] / nu, "sampling/logp_diff/max": dist.all_max(diff_max),
+           "num_tokens/trained": int(acc["tokens"]), "num_tokens/hinted": int(acc["tokens"] - acc["tokens_unhinted"])}
     if ref_model is not None:
         out["kl"] = acc["kl"] / n
     return out

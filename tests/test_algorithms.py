@@ -354,3 +354,25 @@ def test_hinted_prompt_longer_than_max_prompt_length_gets_its_hint_cut():
     assert timings["hint_truncated"] == 1
     kept = tok.decode(cut, skip_special_tokens=True).split("Hint: ", 1)[1].split("\n")[0]
     assert len(kept) > 10 and long_hint.startswith(kept) and len(kept) < len(long_hint)  # a prefix of the hint
+
+
+def test_reward_metrics_mean_the_no_hint_rollouts():
+    from fasthint.reporting import reward_metrics
+
+    plain = Group("a", {}, [1], [], [1.0, 0.0, 0.0, 1.0])
+    sage = Group("b", {}, [2], [], [1.0, 1.0, 0.0, 0.0], level=2, pre_hint_rewards=[0.0] * 4)
+    light = Group("c", {}, [3], [], [1.0, 0.0, 0.0, 0.0], level=1)  # SAGE-light: no no-hint rollout
+    m = reward_metrics([plain, sage, light], [])
+    assert m["reward/mean"] == pytest.approx(2 / 8) and m["accuracy"] == pytest.approx(2 / 8)
+    assert m["reward/hinted"] == pytest.approx(3 / 8) and m["accuracy/hinted"] == pytest.approx(3 / 8)
+    dapo = reward_metrics([plain], [1.0, 0.0, 0.0, 1.0] + [0.0] * 12)  # 4 groups sampled, 1 kept
+    assert dapo["reward/mean"] == pytest.approx(2 / 16) and dapo["reward/mean/kept"] == pytest.approx(0.5)
+    assert "reward/hinted" not in dapo
+
+
+def test_dapo_reports_rewards_of_every_sampled_group():
+    rows = _rows([0, 9, 0, 9])  # rows 1 and 3 never solved: dropped by dynamic sampling
+    algo = make_algorithm(TrainConfig(algo="dapo", dapo_max_rounds=1).validate())
+    groups, info = algo.rollout(rows, _ctx(rows))
+    assert len(groups) == 2 and len(info["_sampled_rewards"]) == 4 * G
+    assert sum(info["_sampled_rewards"]) == sum(sum(g.rewards) for g in groups)

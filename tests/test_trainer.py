@@ -191,3 +191,28 @@ def test_attn_implementation_auto(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert resolve_attn_implementation("auto", torch.device("cuda")) == "flash_attention_2"
     assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+
+
+def test_mismatch_and_clip_metrics_leave_hinted_tokens_out(toy):
+    """A hinted completion trained in another context (Guide/HINT) has old log-probs far from the
+    trainer's: sampling/logp_diff and clip_ratio cover the unhinted tokens only; entropy all of them."""
+    model, tok = toy
+    g = torch.Generator().manual_seed(3)
+    samples, unhinted_diffs = [], []
+    for i in range(4):
+        prompt = render_prompt(tok, f"{i}+{i}=?")
+        comp = torch.randint(3, len(tok), (4 + i,), generator=g).tolist()
+        now = _recompute_logprobs(model, prompt, comp, 1.0)
+        hinted = i % 2 == 1
+        old = now - (5.0 if hinted else 0.05 * (i + 1))  # hinted: 5 nats off (ratio e^5, clipped)
+        samples.append(Sample(prompt, comp, old.tolist(), advantage=1.0, hinted=hinted))
+        if not hinted:
+            unhinted_diffs += (now - old.float().double()).abs().tolist()
+    cfg = TrainConfig(micro_batch_size=8, max_grad_norm=0.0).validate()
+    _, stats = _grads(model, samples, cfg)
+    assert stats["sampling/logp_diff/mean"] == pytest.approx(sum(unhinted_diffs) / len(unhinted_diffs), rel=1e-4)
+    assert stats["sampling/logp_diff/max"] < 1.0 and stats["clip_ratio/high"] == 0.0
+    assert stats["num_tokens/hinted"] == 5 + 7 and stats["num_tokens/trained"] == 4 + 5 + 6 + 7
+    _, mixed = _grads(model, [Sample(s.prompt_ids, s.completion_ids, s.old_logprobs, 1.0) for s in samples], cfg)
+    assert mixed["sampling/logp_diff/max"] > 4.9 and mixed["clip_ratio/high"] > 0.4  # unmarked: all tokens
+    assert mixed["entropy"] == pytest.approx(stats["entropy"], rel=1e-6)

@@ -138,7 +138,7 @@ class Algorithm:
         out = []
         for g, adv in zip(groups, group_advantages(groups, self.cfg)):
             out += [Sample(g.prompt_ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
-                           token_weights=c.is_weights)
+                           token_weights=c.is_weights, hinted=g.level > 0)
                     for c, a in zip(g.completions, adv)]
         return out, {}
 

@@ -4,7 +4,8 @@
   ``auto`` values resolve to these); the algorithm itself is GRPO's.
 - ``dapo``: dynamic sampling (groups whose rewards are all equal are dropped and more prompts are
   sampled, up to ``dapo_max_rounds`` rounds, until ``prompts_per_step`` informative groups are
-  collected), overlong masking (truncated completions get no loss; ``mask_truncated`` auto = on),
+  collected; ``reward/*`` and ``accuracy`` cover every sampled group, ``.../kept`` the ones that
+  train), overlong masking (truncated completions get no loss; ``mask_truncated`` auto = on),
   clip-higher (``eps_high``) and token-mean aggregation (the defaults).
 
 Under ``torchrun`` every process samples its own share of prompts, but the stopping rule and the
@@ -45,9 +46,11 @@ class DAPO(Algorithm):
         want = int(dist.all_sum([len(rows)])[0])  # this step's prompts over all processes
         kept: list[Group] = []
         sampled = rounds = 0
+        all_rewards: list[float] = []
         while True:
             groups = sample_groups(ctx, rows)
             sampled += len(groups)
+            all_rewards += [r for g in groups for r in g.rewards]
             rounds += 1
             kept += [g for g in groups if max(g.rewards) > min(g.rewards)]
             n_kept = int(dist.all_sum([len(kept)])[0])
@@ -56,5 +59,6 @@ class DAPO(Algorithm):
             rows = ctx.next_rows()[:max(1, want - n_kept)][rank::world]  # a global batch, cut, then split
         before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
         total = int(dist.all_sum([sampled])[0])
-        info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total)}
+        info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total),
+                "_sampled_rewards": all_rewards}  # reward/accuracy over every sampled group (reporting)
         return kept[:max(0, want - before)], info

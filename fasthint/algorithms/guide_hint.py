@@ -81,7 +81,7 @@ class _HintedResample(Algorithm):
                 if g.level > 0:
                     hinted.append(len(samples))
                 samples.append(Sample(ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
-                                      token_weights=c.is_weights))
+                                      token_weights=c.is_weights, hinted=g.level > 0))
         return samples, hinted
 
 
