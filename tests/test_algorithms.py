@@ -302,6 +302,8 @@ def test_guide_filter_drops_groups_that_stay_all_equal(tiny_model):
 
 
 def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
+    """HINT's ratio is no-hint over no-hint: right before the one update it is 1, so Affinity = 1 and the
+    AAPO weight stays 1; the hinted-context shift is only the affinity/sampling diagnostic."""
     model, tok = tiny_model
     groups, ctx, render = _hinted_groups(tok)
     cfg = TrainConfig(algo="hint", aapo_lambda=2.0, dtype="float32").validate()
@@ -319,11 +321,21 @@ def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
         masks.append(torch.cat([torch.ones(len(now)), torch.zeros(pad)]).double())
         advs.append(s.advantage)
     aff, eur, uc = affinity(torch.stack(lr), torch.tensor(advs, dtype=torch.float64), torch.stack(masks), eps=0.2)
-    assert all(s.weight == pytest.approx(aff.item() ** 2, rel=1e-4, abs=1e-6) for s in samples[4:])
-    assert all(s.weight == 1.0 for s in samples[:4])
-    assert info["affinity"] == pytest.approx(aff.item(), rel=1e-4, abs=1e-6)
-    assert info["affinity/eur"] == pytest.approx(eur.item(), rel=1e-4, abs=1e-6)
-    assert info["affinity/unhinted"] == pytest.approx(1.0)  # log ratio 0 on every token
+    assert aff.item() < 0.9  # the hint shifted the distribution: the diagnostic sees it
+    assert info["affinity/sampling"] == pytest.approx(aff.item(), rel=1e-4, abs=1e-6)
+    assert info["affinity/sampling/eur"] == pytest.approx(eur.item(), rel=1e-4, abs=1e-6)
+    assert info["affinity/sampling/uc"] == pytest.approx(uc.item(), rel=1e-4, abs=1e-6)
+    assert info["affinity"] == 1.0 and info["affinity/eur"] == 1.0 and info["affinity/uc"] == 0.0
+    assert info["affinity/unhinted"] == 1.0
+    assert all(s.weight == 1.0 for s in samples)  # AAPO: 1 ** lambda
+
+
+def test_hint_affinity_leaves_zero_advantage_groups_out_of_the_means(tiny_model):
+    model, tok = tiny_model
+    groups, ctx, _ = _hinted_groups(tok)
+    groups[0].rewards = [1.0] * 4  # the unhinted group now has zero advantages
+    _, info = make_algorithm(TrainConfig(algo="hint", dtype="float32").validate()).samples(groups, ctx, model)
+    assert "affinity/unhinted" not in info and info["affinity"] == 1.0
 
 
 def test_every_algorithm_is_registered_and_in_the_config():

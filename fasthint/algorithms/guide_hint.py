@@ -11,12 +11,14 @@ denominator of the ratio and in the loss of hinted completions:
   ``gamma`` the 90th percentile of the sequence's ratios at the start of the update (detached, at
   least 1e-4); unhinted ones the clipped loss. ``guide_filter`` drops groups whose rewards stay all
   0 or all 1. Metrics: ``guide/ratio_min|mean|max`` over hinted tokens.
-- HINT: ``pi_old`` is recomputed on the no-hint prompt (so no correction for the sampling shift).
-  Affinity per group (``fasthint.algorithms.affinity``) is logged for hinted and unhinted groups;
-  with ``aapo_lambda > 0`` (AAPO) a hinted group's loss is multiplied by ``Affinity ** lambda``
-  (detached). ``affinity_ratio`` chooses the ratio Affinity is computed from: ``sampling`` (default)
-  ``pi_theta(y|x) / pi_old(y|x,h)``, the shift the hint caused; ``training`` current over recomputed
-  old, which is exactly 1 at the start of fasthint's single on-policy update (Affinity = 1).
+- HINT: ``pi_old`` is recomputed on the no-hint prompt (one no-grad scoring pass; no correction for
+  the sampling shift). Affinity per group (``fasthint.algorithms.affinity``) uses HINT's ratio
+  ``pi_theta(y|x) / pi_old(y|x)``, both without the hint: with one optimizer step per rollout batch
+  they are the same weights, so Affinity is 1 for a group with a non-zero advantage and AAPO
+  (``aapo_lambda > 0``: weight ``Affinity ** lambda``, detached) leaves hinted groups at weight 1, as
+  HINT's code does on its first mini-batch. It is logged for hinted groups and for unhinted groups
+  with a non-zero advantage; ``affinity/sampling*`` logs it from ``pi_theta(y|x) / pi_old(y|x,h)``,
+  the shift the hint itself caused (a diagnostic; it never weights the loss).
 """
 from __future__ import annotations
 
@@ -30,10 +32,7 @@ from fasthint.algorithms.hint_providers import HintConfig
 from fasthint.batch import Sample
 from fasthint.hints import at_level
 from fasthint.loss import Term, clip_terms, recompute_logprobs
-from fasthint.options import Options, need, one_of, option
-
-AFFINITY_RATIOS = ("sampling", "training")
-
+from fasthint.options import Options, need, option
 
 @dataclass
 class GuideConfig(Options):
@@ -46,11 +45,9 @@ class HINTConfig(Options):
     GROUP = "hint"
     aapo_lambda: float = option(1.0, "hint: AAPO weights a hinted group's loss by Affinity ** lambda "
                                      "(0 = off).")
-    affinity_ratio: str = option("sampling", f"hint: ratio Affinity is computed from, one of {AFFINITY_RATIOS}.")
 
     def check(self) -> None:
         need(self.aapo_lambda >= 0, f"--aapo_lambda must be >= 0 (got {self.aapo_lambda})")
-        one_of("affinity_ratio", self.affinity_ratio, AFFINITY_RATIOS)
 
 
 class _HintedResample(Algorithm):
@@ -118,37 +115,34 @@ class HINT(_HintedResample):
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         samples, hinted = self._split(groups, ctx)
-        sampling_lr = {}
-        if hinted:
+        sampling_lr: dict[int, torch.Tensor] = {}
+        if hinted:  # pi_old of a hinted completion: one no-grad scoring pass on the NO-hint prompt
             now = recompute_logprobs(model, [samples[i] for i in hinted], self.cfg)
             for i, lp in zip(hinted, now):
-                sampling_lr[i] = lp - torch.tensor(samples[i].old_logprobs)
-                samples[i].old_logprobs = lp.tolist()  # pi_old recomputed on the no-hint prompt
-        # per-token log ratio for Affinity: hinted -> sampling or training (0) ratio; unhinted -> 0
-        # (trainer and rollout policy are the same weights before the update)
-        lr, adv, gid = [], [], []
-        k = 0
-        for gi, g in enumerate(groups):
-            for _ in g.completions:
-                s = samples[k]
-                n = len(s.completion_ids)
-                use = self.cfg.affinity_ratio == "sampling" and k in sampling_lr
-                lr.append(sampling_lr[k] if use else torch.zeros(n))
-                adv.append(torch.full((n,), s.advantage))
-                gid.append(torch.full((n,), gi, dtype=torch.long))
-                k += 1
+                sampling_lr[i] = lp - torch.tensor(samples[i].old_logprobs)  # vs the hinted sampling context
+                samples[i].old_logprobs = lp.tolist()
         if not groups:
             return samples, {}
-        gids = torch.cat(gid)
-        vals = group_affinity(torch.cat(lr), torch.cat(adv), torch.ones(len(gids)), gids, eps=self.cfg.eps_low)
-        aff, eur, uc = (torch.zeros(len(groups)).index_copy_(0, torch.unique(gids), v.float()) for v in vals)
+        # Affinity from HINT's ratio r_t = pi_theta(y_t|x,y_<t) / pi_old(y_t|x,y_<t), both on the no-hint
+        # context. fasthint makes one optimizer step per rollout batch and scores the batch right before it,
+        # so pi_theta IS pi_old here: log r_t = 0 exactly (no forward needed), Affinity = 1 for a group with
+        # a non-zero advantage and AAPO leaves its weight at 1, as HINT's code does on its first mini-batch.
+        per_group = self._affinity_inputs(groups, samples, sampling_lr)
+        aff, eur, uc = self._group_affinity(per_group, use_sampling=False)
+        s_aff, s_eur, s_uc = self._group_affinity(per_group, use_sampling=True)
+        nonzero = torch.tensor([any(a != 0.0 for a in adv) for _, adv, _ in per_group])
         info = {}
         for tag, sel in (("", [g.level > 0 for g in groups]), ("/unhinted", [g.level == 0 for g in groups])):
-            m = torch.tensor(sel)
+            m = torch.tensor(sel) & nonzero  # a zero-advantage group has Affinity 0 by definition
             if m.any():
                 info[f"affinity{tag}"] = aff[m].mean().item()
                 info[f"affinity/eur{tag}"] = eur[m].mean().item()
                 info[f"affinity/uc{tag}"] = uc[m].mean().item()
+        m = torch.tensor([g.level > 0 for g in groups]) & nonzero
+        if m.any():  # diagnostic: the shift the hint itself caused, pi_theta(y|x) / pi_old(y|x,h)
+            info["affinity/sampling"] = s_aff[m].mean().item()
+            info["affinity/sampling/eur"] = s_eur[m].mean().item()
+            info["affinity/sampling/uc"] = s_uc[m].mean().item()
         if self.cfg.aapo_lambda > 0:
             k = 0
             for gi, g in enumerate(groups):
@@ -157,3 +151,31 @@ class HINT(_HintedResample):
                         samples[k].weight = float(aff[gi]) ** self.cfg.aapo_lambda
                     k += 1
         return samples, info
+
+    @staticmethod
+    def _affinity_inputs(groups: list[Group], samples: list[Sample], sampling_lr: dict) -> list:
+        """Per group: (no-hint log-ratios, advantages, sampling-context log-ratios), one entry per completion."""
+        out, k = [], 0
+        for g in groups:
+            lr, adv, slr = [], [], []
+            for _ in g.completions:
+                n = len(samples[k].completion_ids)
+                lr.append(torch.zeros(n, dtype=torch.float64))
+                adv.append(samples[k].advantage)
+                slr.append(sampling_lr[k].double() if k in sampling_lr else torch.zeros(n, dtype=torch.float64))
+                k += 1
+            out.append((lr, adv, slr))
+        return out
+
+    def _group_affinity(self, per_group: list, use_sampling: bool):
+        """``group_affinity`` over every group (``eps = --eps_low``), from the no-hint or the sampling ratio."""
+        lr, adv, gid = [], [], []
+        for gi, (nohint, a, sampling) in enumerate(per_group):
+            for x, ai in zip(sampling if use_sampling else nohint, a):
+                lr.append(x)
+                adv.append(torch.full((len(x),), ai, dtype=torch.float64))
+                gid.append(torch.full((len(x),), gi, dtype=torch.long))
+        gids = torch.cat(gid)
+        vals = group_affinity(torch.cat(lr), torch.cat(adv), torch.ones(len(gids)), gids, eps=self.cfg.eps_low)
+        return tuple(torch.zeros(len(per_group), dtype=torch.float64).index_copy_(0, torch.unique(gids), v.double())
+                     for v in vals)
