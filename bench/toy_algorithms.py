@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "toy_algorithms.csv")
 FIELDS = ["time", "commit", "device", "torch", "algo", "seed", "steps", "acc_all", "acc_level_4", "avg_level_4",
           "never_solved",
-          "hint_rate", "step_s", "sampled_tokens", "extra_args"]
+          "hint_rate", "step_s", "sampled_tokens", "extra_args", "acc_level_1", "acc_level_2", "acc_level_3",
+          "reward", "reward_hinted"]
 
 
 # All four toy levels (level 4 is where hints matter) at the learning rate of the runs in
@@ -48,7 +49,14 @@ def _run(algo: str, seed: int, out: str, extra: list[str]) -> dict:
             "never_solved": rows[-1].get("prompts/never_solved"),
             "hint_rate": sum(r.get("hint/rate", 0.0) for r in rows) / len(rows),
             "step_s": sum(r["time/step_s"] for r in rows) / len(rows),
-            "sampled_tokens": sum(r.get("sampled_tokens", 0) for r in rows) / len(rows)}
+            "sampled_tokens": sum(r.get("sampled_tokens", 0) for r in rows) / len(rows),
+            **{f"acc_level_{lv}": ev.get(f"eval/accuracy_level_{lv}") for lv in (1, 2, 3)},
+            "reward": sum(r["reward/mean"] for r in rows) / len(rows),
+            "reward_hinted": _mean([r["reward/hinted"] for r in rows if "reward/hinted" in r])}
+
+
+def _mean(v: list) -> object:
+    return sum(v) / len(v) if v else ""
 
 
 def _summary(rows: list[dict], algos: list[str]) -> None:
@@ -59,7 +67,8 @@ def _summary(rows: list[dict], algos: list[str]) -> None:
         return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
 
     base = [r for r in rows if r["algo"] == "grpo"]
-    print(f"\n{'algo':<11} {'seeds':>5} {'acc L4':>13} {'avg@k L4':>13} {'acc all':>13} {'never solved':>13} "
+    print(f"\n{'algo':<11} {'seeds':>5} {'acc L1':>13} {'acc L2':>13} {'acc L3':>13} {'acc L4':>13} "
+          f"{'avg@k L4':>13} {'acc all':>13} {'never solved':>13} "
           f"{'hint rate':>9} {'s/step':>7} {'x grpo':>6} {'tokens/step':>11} {'x grpo':>6}")
     for algo in algos:
         rs = [r for r in rows if r["algo"] == algo]
@@ -68,7 +77,8 @@ def _summary(rows: list[dict], algos: list[str]) -> None:
         cell = lambda k: "{:.3f} ± {:.3f}".format(*stat(rs, k))  # noqa: E731
         ratio = lambda k: f"{stat(rs, k)[0] / stat(base, k)[0]:.2f}" if base else "-"  # noqa: E731
         avg4 = cell("avg_level_4") if rs[0]["avg_level_4"] != "" else "-"
-        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_4'):>13} {avg4:>13} {cell('acc_all'):>13} "
+        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_1'):>13} {cell('acc_level_2'):>13} "
+              f"{cell('acc_level_3'):>13} {cell('acc_level_4'):>13} {avg4:>13} {cell('acc_all'):>13} "
               f"{cell('never_solved'):>13} "
               f"{stat(rs, 'hint_rate')[0]:>9.3f} {stat(rs, 'step_s')[0]:>7.2f} {ratio('step_s'):>6} "
               f"{stat(rs, 'sampled_tokens')[0]:>11.0f} {ratio('sampled_tokens'):>6}")
@@ -97,6 +107,7 @@ def main() -> None:
                   f"never_solved {r['never_solved']:.3f} {r['step_s']:.1f} s/step", flush=True)
     _summary(rows, args.algos.split(","))
     append_rows(RESULTS, FIELDS, rows)
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from fasthint.data import load_dataset, render_prompt
+from fasthint.data import load_dataset, render_chat
 from fasthint.engines.base import SamplingConfig
 from fasthint.engines.hf import HFEngine
 from fasthint.hints import hint_request
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     args = ap.parse_args()
     model, tok = load_policy(ensure_toy_model(args.cache_dir, 0, args.warmstart_steps), torch.device("cpu"))
     rows = load_dataset(ensure_toy_data(args.cache_dir, 0, 4000)[1])[::10]
-    prompts = [render_prompt(tok, hint_request(r["question"], r["solution"])) for r in rows]
+    prompts = [render_chat(tok, hint_request(r["question"], r["solution"])) for r in rows]
     comps = HFEngine(model, tok).generate(prompts, SamplingConfig(n=1, temperature=0.0, max_new_tokens=160))
     texts = [tok.decode(c.token_ids, skip_special_tokens=True) for c in comps]
     ok = 0

@@ -138,9 +138,8 @@ def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
     name = cfg.hint_provider  # its data column was checked by fasthint.preflight
     if name == "self":
         provider = make_hint_provider("self", engine=TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
-                                      template=cfg.prompt_template,
                                       temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
-                                      max_prompt_length=cfg.max_prompt_length)
+                                      max_prompt_length=cfg.hint_max_prompt_length)
     else:
         provider = make_hint_provider(name)
     provider.hints = timed(provider.hints, timings, "hint")
@@ -194,7 +193,8 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
     engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed,
-                         max_model_len=cfg.max_prompt_length + max(cfg.max_new_tokens, cfg.hint_max_new_tokens))
+                         max_model_len=max(cfg.max_prompt_length + cfg.max_new_tokens,
+                                           cfg.hint_max_prompt_length + cfg.hint_max_new_tokens))
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score, close_scorer = reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)

@@ -136,6 +136,23 @@ def render_prompt(tokenizer, question: str, template: str = "{question}") -> lis
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` ending in the assistant's generation prompt. A chat template that
+    refuses a system turn (Gemma) gets the system text at the top of the first user turn; a tokenizer
+    without a chat template gets the contents joined by blank lines."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"])
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception:  # noqa: BLE001 - jinja raises TemplateError (e.g. "System role not supported")
+        if messages[0]["role"] != "system":
+            raise
+        merged = [{**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+        ids = tokenizer.apply_chat_template(merged + messages[2:], add_generation_prompt=True, tokenize=True,
+                                            return_dict=False)
+    return list(ids)
+
+
 class PromptSampler:
     """Yields batches of row indices: a fresh seeded shuffle each epoch, no prompt twice in an epoch
     unless the batch is larger than the dataset. ``state``/``load_state`` support exact resume."""

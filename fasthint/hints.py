@@ -25,11 +25,20 @@ def at_level(hints: Optional[Hints], level: int) -> tuple[int, Optional[str]]:
     return (max(below), hints[max(below)]) if below else (0, None)
 
 
-def hint_request(question: str, solution: str) -> str:
-    """Asks the policy to compress a reference solution into hints of three strengths, as JSON."""
-    return (f"Write hints for: {question}\nSolution: {solution}\n"
-            'Reply with JSON {"level_1": key idea, "level_2": more direction, '
-            '"level_3": substantial guidance}, never the final answer.')
+HINT_SYSTEM_PROMPT = (
+    "You are a mathematics tutor. From a problem and its reference solution, write three hints that "
+    "let a student solve the problem without being told the result. Level 1 names only the key idea. "
+    "Level 2 gives more direction: the method, or the first intermediate steps. Level 3 gives "
+    "substantial guidance through the solution. No hint may state the final answer. Reply with one "
+    'JSON object: {"level_1": "...", "level_2": "...", "level_3": "..."}.')
+
+
+def hint_request(question: str, solution: str) -> list[dict]:
+    """The chat that asks the policy for hints at three strengths: a tutoring system prompt, then the
+    question and the reference solution. Its own chat: never wrapped in the training prompt template
+    (which may ask for a boxed final answer, the opposite of a hint)."""
+    return [{"role": "system", "content": HINT_SYSTEM_PROMPT},
+            {"role": "user", "content": f"Question: {question}\n\nSolution: {solution}"}]
 
 
 def _level_of(key: Any) -> Optional[int]:

@@ -5,9 +5,9 @@ import pytest
 
 from fasthint.algorithms.hint_providers import (DatasetHintProvider, HintProvider, SelfHintProvider,
                                                 SolutionPrefixHintProvider, make_hint_provider, parse_hint_json)
-from fasthint.data import render_prompt
+from fasthint.data import render_chat
 from fasthint.engines.base import Completion
-from fasthint.hints import hint_request
+from fasthint.hints import HINT_SYSTEM_PROMPT, hint_request
 
 GOOD = {"level_1": "look at the tens", "level_2": "carry the one", "level_3": "7+5 is 12, then add 30"}
 EXPECTED = {1: "look at the tens", 2: "carry the one", 3: "7+5 is 12, then add 30"}
@@ -174,7 +174,7 @@ class FakeEngine:
         out = []
         for i, p in enumerate(prompts):
             text = self.tokenizer.decode(p, skip_special_tokens=True)
-            (question,) = [q for q in self.replies if f"Write hints for: {q}\n" in text]
+            (question,) = [q for q in self.replies if f"Question: {q}\n" in text]
             ids = self.tokenizer(self.replies[question], add_special_tokens=False)["input_ids"]
             out.append(Completion(prompt_index=i, token_ids=ids + [self.tokenizer.eos_token_id]))
         return out[::-1]
@@ -196,7 +196,7 @@ def test_self_provider(tokenizer):
         {"question": "8-1=?", "answer": "7", "solution": "8-1=7\n\\boxed{7}"},
     ]
     engine = FakeEngine(tokenizer, replies)
-    p = SelfHintProvider(engine, tokenizer, temperature=0.7, max_new_tokens=96, max_prompt_length=256)
+    p = SelfHintProvider(engine, tokenizer, temperature=0.7, max_new_tokens=96, max_prompt_length=896)
     out = p.hints(rows)
     assert out == [{1: "add", 2: "3 plus 4", 3: "count up from 3"}, None, {1: "double 5", 2: "5+5"}, None, None,
                    {1: "minus", 2: "8 less 1", 3: "one below 8"}]
@@ -207,8 +207,8 @@ def test_self_provider(tokenizer):
     prompts, sampling = engine.calls[0]
     assert sampling.n == 1 and sampling.temperature == 0.7 and sampling.max_new_tokens == 96
     assert sampling.top_p == 1.0
-    assert len(prompts) == 4 and all(len(pr) <= 256 for pr in prompts)
-    expected_first = render_prompt(tokenizer, hint_request(rows[0]["question"], rows[0]["solution"]))
+    assert len(prompts) == 4 and all(len(pr) <= 896 for pr in prompts)
+    expected_first = render_chat(tokenizer, hint_request(rows[0]["question"], rows[0]["solution"]))
     assert prompts[0] == expected_first
     sent = [tokenizer.decode(pr, skip_special_tokens=True) for pr in prompts]
     assert not any("6+0=?" in s or "1+1+1" in s for s in sent)
@@ -222,12 +222,32 @@ def test_self_provider_nothing_to_send(tokenizer):
     assert p.stats["requested"] == 1
 
 
-def test_self_provider_template_applied(tokenizer):
+def test_self_provider_sends_its_own_chat_not_the_training_template(tokenizer):
     engine = FakeEngine(tokenizer, {"2+2=?": json.dumps({"level_1": "a", "level_2": "b", "level_3": "c"})})
-    p = SelfHintProvider(engine, tokenizer, template="PREFIX {question}")
+    p = SelfHintProvider(engine, tokenizer)
     assert p.hints([{"question": "2+2=?", "answer": "4", "solution": "2+2=4\n\\boxed{4}"}]) == [
         {1: "a", 2: "b", 3: "c"}]
-    assert "PREFIX Write hints for: 2+2=?" in tokenizer.decode(engine.calls[0][0][0], skip_special_tokens=True)
+    sent = tokenizer.decode(engine.calls[0][0][0], skip_special_tokens=False)
+    assert sent.startswith("<|im_start|>system\n" + HINT_SYSTEM_PROMPT + "<|im_end|>\n<|im_start|>user\n")
+    assert "Question: 2+2=?\n\nSolution: 2+2=4" in sent and sent.endswith("<|im_start|>assistant\n")
+
+
+def test_render_chat_without_system_role_or_template():
+    class NoSystem:
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, **kw):
+            if messages[0]["role"] == "system":
+                raise ValueError("System role not supported")
+            return [ord(c) for c in messages[0]["content"]]
+
+    class Plain:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert render_chat(NoSystem(), msgs) == [ord(c) for c in "S\n\nU"]
+    assert render_chat(Plain(), msgs) == [ord(c) for c in "S\n\nU"]
 
 
 # ---------------------------------------------------------------- make_hint_provider

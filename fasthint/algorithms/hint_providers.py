@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fasthint.data import render_prompt
+from fasthint.data import render_chat
 from fasthint.engines.base import SamplingConfig
 from fasthint.hint_json import parse_hint_json  # noqa: F401 - re-exported: the parser of self-written hints
 from fasthint.hint_leak import drop_leaking_levels
@@ -44,14 +44,18 @@ class HintConfig(Options):
                                         "column, solution = reference-solution prefixes; auto = self for sage/"
                                         "sage_light, dataset for guide/hint.")
     hint_temperature: float = option(1.0, "sampling temperature of self-written hints (0 = greedy).")
-    hint_max_new_tokens: int = option(128, "maximum length of a self-written hint answer (JSON).")
+    hint_max_new_tokens: int = option(0, "maximum length of a self-written hint reply (JSON); 0 = auto: 512 "
+                                         "(an olympiad hint set runs to hundreds of tokens), 128 for the toy.")
+    hint_max_prompt_length: int = option(0, "longest hint request (system prompt, question and reference "
+                                            "solution) sent; longer ones are skipped (hint/skipped); 0 = auto: "
+                                            "2048, 896 for the toy.")
     hint_level: int = option(2, "guide/hint: the hint strength (1-3) of a multi-level provider.")
 
     def check(self) -> None:
         one_of("hint_provider", self.hint_provider, HINT_PROVIDERS)
         need(1 <= self.hint_level <= 3, f"--hint_level must be 1, 2 or 3 (got {self.hint_level})")
         need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
-        at_least(self, ("hint_max_new_tokens",), 1)
+        at_least(self, ("hint_max_new_tokens", "hint_max_prompt_length"), 0)
 
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
@@ -98,10 +102,10 @@ class SelfHintProvider(HintProvider):
 
     name = "self"
 
-    def __init__(self, engine, tokenizer, *, template: str = "{question}", temperature: float = 1.0,
-                 max_new_tokens: int = 128, max_prompt_length: int = 1024) -> None:
+    def __init__(self, engine, tokenizer, *, temperature: float = 1.0, max_new_tokens: int = 512,
+                 max_prompt_length: int = 2048) -> None:
         super().__init__()
-        self.engine, self.tokenizer, self.template = engine, tokenizer, template
+        self.engine, self.tokenizer = engine, tokenizer
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.max_prompt_length = max_prompt_length
 
@@ -112,7 +116,7 @@ class SelfHintProvider(HintProvider):
             solution = row.get("solution")
             if not isinstance(solution, str) or not solution.strip():
                 continue
-            ids = render_prompt(self.tokenizer, hint_request(row["question"], solution), self.template)
+            ids = render_chat(self.tokenizer, hint_request(row["question"], solution))
             if len(ids) > self.max_prompt_length:
                 continue
             prompts.append(ids)

@@ -19,12 +19,13 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
+from fasthint.data import render_chat
 from fasthint.hints import hint_request, hinted_question
 from fasthint.toy.task import iter_problems
 
 log = logging.getLogger("fasthint")
 
-TOY_VERSION = 3
+TOY_VERSION = 4  # 4: the hint-writing examples use the hint request's own chat (system prompt)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -76,7 +77,9 @@ def _sft_example(row: dict, rng: random.Random, tokenizer) -> tuple[list[int], l
         level = rng.choice(["level_1", "level_2", "level_3"])
         prompt, target = hinted_question(row["question"], row["_hints"][level]), row["solution"]
     else:
-        prompt, target = hint_request(row["question"], row["solution"]), json.dumps(row["_hints"])
+        p_ids = render_chat(tokenizer, hint_request(row["question"], row["solution"]))
+        t_ids = tokenizer(json.dumps(row["_hints"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return list(p_ids) + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
     p_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                           tokenize=True, return_dict=False)
     t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
