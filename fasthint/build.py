@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from fasthint import dist
-from fasthint.algorithms import SolveTracker, make_algorithm
+from fasthint.algorithms import REGISTRY, SolveTracker, make_algorithm
 from fasthint.algorithms.hint_providers import make_hint_provider
 from fasthint.config import TrainConfig
 from fasthint.data import PromptSampler, render_prompt
@@ -192,9 +192,10 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
     if cfg.beta > 0:
         ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
         ref_model.requires_grad_(False).eval()
-    engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed,
-                         max_model_len=max(cfg.max_prompt_length + cfg.max_new_tokens,
-                                           cfg.hint_max_prompt_length + cfg.hint_max_new_tokens))
+    self_hints = REGISTRY[cfg.algo].hint_provider_default is not None and cfg.hint_provider == "self"
+    longest = max(cfg.max_prompt_length + cfg.max_new_tokens,  # a hint request and its reply, when sent
+                  cfg.hint_max_prompt_length + cfg.hint_max_new_tokens if self_hints else 0)
+    engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed, max_model_len=longest)
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score, close_scorer = reward_batch(cfg, reward_fn)
     algo = make_algorithm(cfg)
