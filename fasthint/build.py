@@ -186,7 +186,7 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
     resume_dir, rows = pre.resume_dir, pre.rows
     attn = pre.attn_implementation or resolve_attn_implementation(cfg.attn_implementation, device,
                                                                   load_model_config(model_path))
-    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn)
+    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn, cfg.gradient_checkpointing)
     model = policy.lm
     ref_model = None
     if cfg.beta > 0:

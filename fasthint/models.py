@@ -34,6 +34,9 @@ class ModelConfig(Options):
                                               "transformers accepts.")
     dtype: str = option("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
                                 "float32 on CPU.")
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
+                                                 "pass (non-reentrant): the policy update keeps one layer's "
+                                                 "activations instead of all, for about a third more compute.")
 
     def check(self) -> None:
         one_of("dtype", self.dtype, DTYPES)
@@ -137,8 +140,27 @@ def check_head(model, tokenizer) -> Optional[str]:
     return None
 
 
-def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "auto"):
-    """(``fasthint.loss.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`.
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' own), and no KV
+    cache in training forwards (it cannot be checkpointed; generation asks for its cache itself)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the older name is deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def checkpoints_activations(model) -> bool:
+    """Whether ``model`` recomputes its layers' activations in backward (either transformers name)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
+
+
+def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "auto",
+                          gradient_checkpointing: bool = False):
+    """(``fasthint.loss.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`;
+    with ``gradient_checkpointing``, :func:`enable_gradient_checkpointing` before wrapping (and sharding).
 
     One process: the model is loaded on ``device``. Under torchrun no rank but 0 ever holds the
     full weights: rank 0 reads the checkpoint on CPU, every rank builds the model on the meta device
@@ -149,6 +171,8 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
         err = check_head(model, tokenizer)
         if err:
             raise ModelError(err)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         return PolicyLoss(model), tokenizer
     full = None
     if dist.rank() == 0:
@@ -157,6 +181,8 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
     if err:
         raise ModelError(err)
     model, tokenizer = load_policy(path, device, attn_implementation, meta=True)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     policy = PolicyLoss(model)
     dist.shard_from_rank0(policy, full, device)
     return policy, tokenizer

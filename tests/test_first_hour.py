@@ -6,6 +6,8 @@ import sys
 import time
 import warnings
 
+import pytest
+
 from conftest import REPO
 
 
@@ -30,14 +32,16 @@ def test_missing_data_file_fails_in_seconds_on_an_empty_cache(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_short_run_raises_no_warning(tmp_path, caplog):
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "algo": "hint"}],
+                         ids=["default", "gradient-checkpointing-hint"])  # hint: no-grad scoring in train mode
+def test_a_short_run_raises_no_warning(tmp_path, caplog, extra):
     """Every warning (DeprecationWarning included) and every WARNING log record during a short toy run
     fails the test: a deprecated API in the hot loop shows up here before it breaks."""
     import fasthint
 
     cfg = fasthint.TrainConfig(max_steps=2, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
                                toy_warmstart_steps=2, toy_train_size=40, eval_max_prompts=8, prompts_per_step=2,
-                               num_generations=4, max_new_tokens=16, progress_bar=False, save_steps=1)
+                               num_generations=4, max_new_tokens=16, progress_bar=False, save_steps=1, **extra)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fasthint.fit(cfg)

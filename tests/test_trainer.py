@@ -216,3 +216,31 @@ def test_mismatch_and_clip_metrics_leave_hinted_tokens_out(toy):
     _, mixed = _grads(model, [Sample(s.prompt_ids, s.completion_ids, s.old_logprobs, 1.0) for s in samples], cfg)
     assert mixed["sampling/logp_diff/max"] > 4.9 and mixed["clip_ratio/high"] > 0.4  # unmarked: all tokens
     assert mixed["entropy"] == pytest.approx(stats["entropy"], rel=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(toy, tmp_path):
+    """--gradient_checkpointing recomputes activations in backward: fp32 gradients equal to 1e-6, and
+    the flag reaches the model through load_trainable_policy."""
+    from fasthint.models import checkpoints_activations, enable_gradient_checkpointing, load_trainable_policy
+
+    model, tok = toy
+    g = torch.Generator().manual_seed(5)
+    samples = []
+    for i in range(3):
+        prompt = render_prompt(tok, f"{i}+2=?")
+        comp = torch.randint(3, len(tok), (5 + 3 * i,), generator=g).tolist()
+        old = (_recompute_logprobs(model, prompt, comp, 1.0) - 0.1).tolist()
+        samples.append(Sample(prompt, comp, old, advantage=(-1.0) ** i))
+    cfg = TrainConfig(micro_batch_size=2, max_grad_norm=0.0).validate()
+    plain, s1 = _grads(model, samples, cfg)
+    ckpt = copy.deepcopy(model)
+    enable_gradient_checkpointing(ckpt)
+    assert checkpoints_activations(ckpt) and not checkpoints_activations(model)
+    checked, s2 = _grads(ckpt, samples, cfg)
+    assert s1["loss"] == pytest.approx(s2["loss"], abs=1e-7)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checked[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    policy, _ = load_trainable_policy(str(tmp_path / "m"), torch.device("cpu"), "eager", gradient_checkpointing=True)
+    assert checkpoints_activations(policy.lm) and not policy.lm.config.use_cache
