@@ -284,7 +284,8 @@ def move_aside(output_dir: str) -> None:
 RESUME_MAY_CHANGE = frozenset({"max_steps", "save_steps", "save_total_limit", "resume", "progress_bar", "report_to",
                                "num_threads", "eval_data", "eval_max_prompts", "eval_samples", "output_dir",
                                "cache_dir", "reward_timeout_s", "generation_batch_size", "micro_batch_size",
-                               "vllm_gpu_memory_utilization", "vllm_sleep_mode", "eval_steps"})
+                               "vllm_gpu_memory_utilization", "vllm_sleep_mode", "eval_steps",
+                               "gradient_checkpointing"})
 
 
 def find_resume(cfg) -> Optional[str]:
