@@ -128,12 +128,7 @@ def load_dataset(path: str, *, check_answers: bool = True) -> list[dict]:
 def render_prompt(tokenizer, question: str, template: str = "{question}") -> list[int]:
     """Token ids of the user turn (chat template when the tokenizer has one) ending in the
     assistant's generation prompt."""
-    text = template.format(question=question)
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=False)
-        return list(ids)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return render_chat(tokenizer, [{"role": "user", "content": template.format(question=question)}])
 
 
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:

@@ -72,16 +72,14 @@ def _sft_example(row: dict, rng: random.Random, tokenizer) -> tuple[list[int], l
     """(input ids, loss mask) of one chat turn: plain (80%), hinted (15%) or hint writing (5%)."""
     u = rng.random()
     if u < 0.80:
-        prompt, target = row["question"], row["solution"]
+        chat, target = [{"role": "user", "content": row["question"]}], row["solution"]
     elif u < 0.95:
         level = rng.choice(["level_1", "level_2", "level_3"])
-        prompt, target = hinted_question(row["question"], row["_hints"][level]), row["solution"]
+        chat = [{"role": "user", "content": hinted_question(row["question"], row["_hints"][level])}]
+        target = row["solution"]
     else:
-        p_ids = render_chat(tokenizer, hint_request(row["question"], row["solution"]))
-        t_ids = tokenizer(json.dumps(row["_hints"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        return list(p_ids) + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
-    p_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
+        chat, target = hint_request(row["question"], row["solution"]), json.dumps(row["_hints"])
+    p_ids = render_chat(tokenizer, chat)
     t_ids = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return list(p_ids) + t_ids, [0] * len(p_ids) + [1] * len(t_ids)
 
