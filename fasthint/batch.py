@@ -27,6 +27,9 @@ class Sample:
     hinted: bool = False  # sampled with a hint: left out of the sampler/trainer mismatch and clip metrics
     token_weights: Optional[list[float]] = None  # truncated importance weights trainer/sampler (TIS), per token:
     #                                               they scale the policy-gradient term only (fasthint.loss)
+    group: int = 0  # index of its prompt's group in the batch: mini-batches keep groups whole
+    keep_old_logprobs: bool = False  # its old log-probs are a behaviour policy in another context (Guide's
+    #                                  hinted completions): the trainer's recompute leaves them alone
 
 
 @dataclass
@@ -45,6 +48,17 @@ class MicroBatch:
     gamma: Optional[torch.Tensor] = None  # [N] Guide's shaping constant (None: no shaped sample)
     is_weights: Optional[torch.Tensor] = None  # [N] TIS weights (None: no sample has them)
     hinted: Optional[torch.Tensor] = None  # [N] 1 on tokens of hinted samples (None: no hinted sample)
+
+
+def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
+    """``n`` mini-batches (one optimiser step each) of whole groups, in order, with group counts as
+    equal as they can be; some are empty when there are fewer than ``n`` groups."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    keys = list(groups)
+    bounds = [round(i * len(keys) / n) for i in range(n + 1)]
+    return [[s for k in keys[bounds[i]:bounds[i + 1]] for s in groups[k]] for i in range(n)]
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,

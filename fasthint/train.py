@@ -35,7 +35,7 @@ from fasthint.errors import FastHintError
 from fasthint.loss import PolicyLoss
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
 from fasthint.reporting import fmt, print_table, step_metrics, sync_algo_state
-from fasthint.update import train_step  # noqa: F401 - part of this module's API (tests import it here)
+from fasthint.update import policy_update, train_step  # noqa: F401 - train_step: tests import it here
 
 log = logging.getLogger("fasthint")
 
@@ -124,7 +124,8 @@ def _fit(run: Run) -> dict:
             # ---- policy update ------------------------------------------------------------------------
             run.engine.sleep()  # vLLM sleep mode frees its memory; the sync below wakes it
             t0 = time.perf_counter()
-            upd = train_step(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model, algo.objective())
+            upd = policy_update(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model, algo.objective(),
+                                algo.before_update)
             run.engine.update_weights(policy.lm)
             t_train = time.perf_counter() - t0
             # ---- metrics (over all ranks) and checkpoint ---------------------------------------------

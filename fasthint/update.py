@@ -7,15 +7,16 @@ zero-weight ones), because each forward/backward of a sharded model is a collect
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from fasthint import dist
-from fasthint.batch import Sample, _collate, make_micro_batches
+from fasthint.batch import Sample, _collate, make_micro_batches, split_mini_batches
 from fasthint.errors import FastHintError
-from fasthint.loss import PolicyLoss, Term, clip_terms, micro_batch_logprobs
+from fasthint.loss import PolicyLoss, Term, clip_terms, micro_batch_logprobs, recompute_logprobs
 from fasthint.options import Options, at_least, need, option
 
 
@@ -34,10 +35,16 @@ class OptimConfig(Options):
     micro_batch_size: int = option(64, "sequences per forward/backward; gradients are accumulated.")
     micro_batch_tokens: int = option(0, "also cap each forward/backward at this many padded tokens (sequences x "
                                         "longest), so long and short rollouts use memory alike (0 = no cap).")
+    steps_per_generation: int = option(1, "optimiser steps per rollout batch: the batch is cut into this many "
+                                          "mini-batches of whole groups, one step each (TRL's name; verl: "
+                                          "train_batch_size / ppo_mini_batch_size).")
+    num_iterations: int = option(1, "passes over each rollout batch (TRL's name; verl's ppo_epochs). With more "
+                                    "than one step per batch the trainer recomputes the old log-probs first, "
+                                    "so the ratio starts at 1 and clipping acts on the later steps.")
 
     def check(self) -> None:
         need(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
-        at_least(self, ("micro_batch_size",), 1)
+        at_least(self, ("micro_batch_size", "steps_per_generation", "num_iterations"), 1)
         at_least(self, ("warmup_steps", "micro_batch_tokens"), 0)
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {self.max_grad_norm})")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1)")
@@ -52,6 +59,76 @@ class OptimConfig(Options):
 
 def _as_policy(model) -> PolicyLoss:
     return model if isinstance(model, PolicyLoss) else PolicyLoss(model)
+
+
+BeforeUpdate = Callable[[list, torch.nn.Module, bool], dict]  # (mini-batch samples, lm, first) -> metrics
+
+
+def policy_update(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None,
+                  terms: Optional[list[Term]] = None, before_update: Optional[BeforeUpdate] = None) -> dict:
+    """The optimiser steps of one rollout batch: ``cfg.num_iterations`` passes over its
+    ``cfg.steps_per_generation`` mini-batches (whole groups), one :func:`train_step` each; metrics
+    are means over the steps (``num_tokens/*`` per pass, ``*/max`` the largest).
+
+    With more than one step, the old log-probs are first recomputed by the trainer (verl's
+    recompute; samples with ``keep_old_logprobs`` keep theirs) so that the first step's ratio is 1
+    and the later steps' ratios measure how far the policy moved: clipping acts there.
+    ``sampling/logp_diff/*`` then compare this recompute with the sampler, and ``policy/logp_diff/*``
+    the steps' log-probs with it (0 on the first step). ``before_update(mini, lm,
+    first)`` runs before each step (HINT's Affinity weights); its metrics are averaged like the rest.
+    With one step and one pass this is exactly ``train_step(samples)``.
+    """
+    policy = _as_policy(model)
+    steps = cfg.steps_per_generation * cfg.num_iterations
+    mismatch = _recompute_old_logprobs(policy, samples, cfg) if steps > 1 else {}
+    minis = split_mini_batches(samples, cfg.steps_per_generation) if cfg.steps_per_generation > 1 else [samples]
+    outs: list[dict] = []
+    for _ in range(cfg.num_iterations):
+        for mini in minis:
+            first = not outs
+            extra = {}
+            if before_update is not None:  # the first step's policy is the old one: no forward needed
+                with contextlib.nullcontext() if first else dist.gathered(policy):
+                    extra = before_update(mini, policy.lm, first)
+            outs.append({**train_step(policy, mini, cfg, optimizer, scheduler, ref_model, terms), **extra})
+    out = _mean_over_steps(outs, cfg.num_iterations)
+    if mismatch:  # the steps' |logp - old| is the policy's own drift since the recompute
+        out["policy/logp_diff/mean"] = out.pop("sampling/logp_diff/mean")
+        out["policy/logp_diff/max"] = out.pop("sampling/logp_diff/max")
+        out.update(mismatch)
+    return out
+
+
+def _mean_over_steps(outs: list[dict], passes: int) -> dict:
+    if len(outs) == 1:
+        return outs[0]
+    out = {}
+    for k in dict.fromkeys(k for o in outs for k in o):
+        vals = [o[k] for o in outs if k in o]
+        if k.startswith("num_tokens/"):
+            out[k] = int(sum(vals) / passes)
+        elif k.endswith("/max"):
+            out[k] = max(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def _recompute_old_logprobs(policy: PolicyLoss, samples: list[Sample], cfg) -> dict:
+    """Replaces each sample's old log-probs (but those with ``keep_old_logprobs``) by the current
+    policy's, in the loss's precision; returns the sampler/trainer mismatch of the unhinted ones."""
+    todo = [s for s in samples if not s.keep_old_logprobs]
+    with dist.gathered(policy):
+        now = recompute_logprobs(policy.lm, todo, cfg) if todo else []
+    diff_sum, n, diff_max = 0.0, 0, 0.0
+    for s, lp in zip(todo, now):
+        if not s.hinted and len(lp):
+            d = (lp - torch.tensor(s.old_logprobs)).abs()
+            diff_sum, n, diff_max = diff_sum + d.sum().item(), n + d.numel(), max(diff_max, d.max().item())
+        s.old_logprobs = lp.tolist()
+    diff_sum, n = dist.all_sum([diff_sum, n])
+    return {"sampling/logp_diff/mean": diff_sum / n if n else float("nan"),
+            "sampling/logp_diff/max": dist.all_max(diff_max)}
 
 
 def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_model=None,

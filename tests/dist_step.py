@@ -1,4 +1,4 @@
-"""One optimizer step of the tiny toy model on a fixed global batch, on however many ranks launched
+"""One rollout batch's update (one optimizer step, or two with ``steps_per_generation`` 2) of the tiny toy model on a fixed global batch, on however many ranks launched
 this script (``python tests/dist_step.py OUT`` or ``torchrun --nproc_per_node=2 tests/dist_step.py OUT``).
 Rank r trains groups r, r+N, ... (whole groups); rank 0 writes the updated parameters and the step's
 metrics to OUT.safetensors / OUT.json. Used by tests/test_distributed.py."""
@@ -14,7 +14,7 @@ from fasthint.config import TrainConfig
 from fasthint.data import render_prompt
 from fasthint.loss import PolicyLoss
 from fasthint.toy.model import build_model, build_tokenizer
-from fasthint.update import train_step
+from fasthint.update import policy_update
 
 GROUPS, G = 5, 4
 
@@ -28,12 +28,12 @@ def global_batch(tok) -> list[list[Sample]]:
         for _ in range(G):
             comp = torch.randint(3, len(tok), (2 + int(torch.randint(0, 7, (), generator=g)),), generator=g).tolist()
             old = (-2.0 - torch.rand(len(comp), generator=g)).tolist()
-            group.append(Sample(prompt, comp, old, advantage=float(torch.randn((), generator=g))))
+            group.append(Sample(prompt, comp, old, advantage=float(torch.randn((), generator=g)), group=i))
         groups.append(group)
     return groups
 
 
-def main(out: str, loss_agg: str) -> None:
+def main(out: str, loss_agg: str, steps: int) -> None:
     dist.init()
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -41,7 +41,8 @@ def main(out: str, loss_agg: str) -> None:
     policy = PolicyLoss(model)
     if dist.world_size() > 1:
         dist.shard(policy)
-    cfg = TrainConfig(micro_batch_size=G, loss_agg=loss_agg, learning_rate=0.5, max_grad_norm=0.5).validate()
+    cfg = TrainConfig(micro_batch_size=G, loss_agg=loss_agg, learning_rate=0.5, max_grad_norm=0.5,
+                      steps_per_generation=steps).validate()
     # SGD: parameters move by lr * gradient, so equal parameters mean equal gradients (Adam's first
     # step, g / (|g| + eps), magnifies fp32 rounding of near-zero gradients)
     opt = torch.optim.SGD(policy.parameters(), lr=cfg.learning_rate)
@@ -49,8 +50,9 @@ def main(out: str, loss_agg: str) -> None:
     with dist.gathered(policy), torch.no_grad():  # as in training: rollouts use the gathered LM first
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2 + 3 * dist.rank(), do_sample=False,
                        synced_gpus=False)
-    mine = [s for group in global_batch(tok)[dist.rank()::dist.world_size()] for s in group]
-    stats = train_step(policy, mine, cfg, opt, sched)
+    groups = global_batch(tok)[:4 if steps > 1 else GROUPS]  # 4 groups: 2 steps x 2 ranks see the same halves
+    mine = [s for group in groups[dist.rank()::dist.world_size()] for s in group]
+    stats = policy_update(policy, mine, cfg, opt, sched)
     sd = dist.full_state_dict(policy) if dist.world_size() > 1 else model.state_dict()
     if dist.rank() == 0:
         from safetensors.torch import save_file
@@ -64,4 +66,4 @@ def main(out: str, loss_agg: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "token-mean")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "token-mean", int(sys.argv[3]) if len(sys.argv) > 3 else 1)

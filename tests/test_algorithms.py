@@ -307,7 +307,8 @@ def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
     model, tok = tiny_model
     groups, ctx, render = _hinted_groups(tok)
     cfg = TrainConfig(algo="hint", aapo_lambda=2.0, dtype="float32").validate()
-    samples, info = make_algorithm(cfg).samples(groups, ctx, model)
+    algo = make_algorithm(cfg)
+    samples, info = algo.samples(groups, ctx, model)
     plain = render(groups[1].row, None)
     lr, advs, masks = [], [], []
     T = max(len(c.token_ids) for c in groups[1].completions)
@@ -325,16 +326,52 @@ def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
     assert info["affinity/sampling"] == pytest.approx(aff.item(), rel=1e-4, abs=1e-6)
     assert info["affinity/sampling/eur"] == pytest.approx(eur.item(), rel=1e-4, abs=1e-6)
     assert info["affinity/sampling/uc"] == pytest.approx(uc.item(), rel=1e-4, abs=1e-6)
-    assert info["affinity"] == 1.0 and info["affinity/eur"] == 1.0 and info["affinity/uc"] == 0.0
-    assert info["affinity/unhinted"] == 1.0
+    first = algo.before_update(samples, model, True)  # the batch's first optimiser step
+    assert first["affinity"] == 1.0 and first["affinity/eur"] == 1.0 and first["affinity/uc"] == 0.0
+    assert first["affinity/unhinted"] == 1.0
     assert all(s.weight == 1.0 for s in samples)  # AAPO: 1 ** lambda
+
+
+def test_hint_affinity_on_a_later_step_uses_the_moved_policy(tiny_model):
+    """With several optimiser steps per batch, a later step's Affinity is HINT's no-hint ratio
+    pi_theta(y|x) / pi_old(y|x) under the moved policy, and the AAPO weight is Affinity ** lambda."""
+    import copy
+
+    model, tok = tiny_model
+    groups, ctx, render = _hinted_groups(tok)
+    cfg = TrainConfig(algo="hint", aapo_lambda=2.0, dtype="float32").validate()
+    algo = make_algorithm(cfg)
+    samples, _ = algo.samples(groups, ctx, model)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    info = algo.before_update(samples, moved, False)
+    plain = render(groups[1].row, None)
+    lr, advs, masks = [], [], []
+    T = max(len(c.token_ids) for c in groups[1].completions)
+    for s, c in zip(samples[4:], groups[1].completions):
+        now = _current_logp(moved, plain, c.token_ids)
+        pad = T - len(now)
+        lr.append(torch.cat([now - torch.tensor(s.old_logprobs, dtype=torch.float64), torch.zeros(pad).double()]))
+        masks.append(torch.cat([torch.ones(len(now)), torch.zeros(pad)]).double())
+        advs.append(s.advantage)
+    aff, eur, uc = affinity(torch.stack(lr), torch.tensor(advs, dtype=torch.float64), torch.stack(masks), eps=0.2)
+    assert 0.0 < aff.item() < 0.99  # the policy moved: the ratio left 1
+    assert info["affinity"] == pytest.approx(aff.item(), rel=1e-4, abs=1e-6)
+    assert info["affinity/uc"] == pytest.approx(uc.item(), rel=1e-4, abs=1e-6)
+    assert "affinity/unhinted" in info and info["affinity/unhinted"] < 1.0
+    assert all(s.weight == pytest.approx(aff.item() ** 2, rel=1e-4) for s in samples[4:])
+    assert all(s.weight == 1.0 for s in samples[:4])  # unhinted groups are never reweighted
 
 
 def test_hint_affinity_leaves_zero_advantage_groups_out_of_the_means(tiny_model):
     model, tok = tiny_model
     groups, ctx, _ = _hinted_groups(tok)
     groups[0].rewards = [1.0] * 4  # the unhinted group now has zero advantages
-    _, info = make_algorithm(TrainConfig(algo="hint", dtype="float32").validate()).samples(groups, ctx, model)
+    algo = make_algorithm(TrainConfig(algo="hint", dtype="float32").validate())
+    samples, _ = algo.samples(groups, ctx, model)
+    info = algo.before_update(samples, model, True)
     assert "affinity/unhinted" not in info and info["affinity"] == 1.0
 
 

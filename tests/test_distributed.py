@@ -24,16 +24,18 @@ def _run(cmd, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum-norm"])
-def test_two_ranks_one_step_equals_one_rank(tmp_path, loss_agg):
+@pytest.mark.parametrize("loss_agg,steps", [("token-mean", 1), ("seq-mean-token-sum-norm", 1), ("token-mean", 2)])
+def test_two_ranks_one_step_equals_one_rank(tmp_path, loss_agg, steps):
     """Same parameters after one SGD step (lr 0.5, gradient clipping) from 5 groups split 3/2 over two
-    ranks (so one rank runs an idle micro-batch) as from one process. Tolerance 1e-7: fp32 sums in
-    another order (the gradient reduction) are the only difference (measured: ~4e-9)."""
+    ranks (so one rank runs an idle micro-batch) as from one process; with ``steps_per_generation`` 2,
+    after two steps on 4 groups (each rank's first half is the global first half), old log-probs
+    recomputed first. Tolerance 1e-7: fp32 sums in another order (the gradient reduction) are the
+    only difference (measured: ~4e-9)."""
     from safetensors.torch import load_file
 
     script = os.path.join(REPO, "tests", "dist_step.py")
-    _run([sys.executable, script, str(tmp_path / "one"), loss_agg])
-    _run(TORCHRUN + [script, str(tmp_path / "two"), loss_agg])
+    _run([sys.executable, script, str(tmp_path / "one"), loss_agg, str(steps)])
+    _run(TORCHRUN + [script, str(tmp_path / "two"), loss_agg, str(steps)])
     one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert one.keys() == two.keys()
     init = {k: v for k, v in _initial().items() if k in one}

@@ -136,11 +136,15 @@ class Algorithm:
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         out = []
-        for g, adv in zip(groups, group_advantages(groups, self.cfg)):
+        for gi, (g, adv) in enumerate(zip(groups, group_advantages(groups, self.cfg))):
             out += [Sample(g.prompt_ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
-                           token_weights=c.is_weights, hinted=g.level > 0)
+                           token_weights=c.is_weights, hinted=g.level > 0, group=gi)
                     for c, a in zip(g.completions, adv)]
         return out, {}
+
+    # ``before_update(mini_batch_samples, lm, first) -> metrics``: called before each optimiser step
+    # (``fasthint.update.policy_update``); None = nothing to do. HINT sets its AAPO weights there.
+    before_update = None
 
     # what this algorithm's ``auto``/unset settings become (TrainConfig.validate resolves them once,
     # so train_config.json records what ran); subclasses override entries

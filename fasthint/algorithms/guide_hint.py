@@ -12,13 +12,15 @@ denominator of the ratio and in the loss of hinted completions:
   least 1e-4); unhinted ones the clipped loss. ``guide_filter`` drops groups whose rewards stay all
   0 or all 1. Metrics: ``guide/ratio_min|mean|max`` over hinted tokens.
 - HINT: ``pi_old`` is recomputed on the no-hint prompt (one no-grad scoring pass; no correction for
-  the sampling shift). Affinity per group (``fasthint.algorithms.affinity``) uses HINT's ratio
-  ``pi_theta(y|x) / pi_old(y|x)``, both without the hint: with one optimizer step per rollout batch
-  they are the same weights, so Affinity is 1 for a group with a non-zero advantage and AAPO
-  (``aapo_lambda > 0``: weight ``Affinity ** lambda``, detached) leaves hinted groups at weight 1, as
-  HINT's code does on its first mini-batch. It is logged for hinted groups and for unhinted groups
-  with a non-zero advantage; ``affinity/sampling*`` logs it from ``pi_theta(y|x) / pi_old(y|x,h)``,
-  the shift the hint itself caused (a diagnostic; it never weights the loss).
+  the sampling shift). Before each optimiser step, Affinity per group (``fasthint.algorithms.affinity``)
+  uses HINT's ratio ``pi_theta(y|x) / pi_old(y|x)``, both without the hint, and AAPO
+  (``aapo_lambda > 0``) weights a hinted group's loss by ``Affinity ** lambda`` (detached). On the
+  first step of a rollout batch the two policies are the same weights, so Affinity is 1 for a group
+  with a non-zero advantage and the weight stays 1, as in HINT's code on its first mini-batch; with
+  ``--steps_per_generation``/``--num_iterations`` > 1 the later steps see the policy move. It is
+  logged (mean over the steps) for hinted groups and for unhinted groups with a non-zero advantage;
+  ``affinity/sampling*`` logs it from ``pi_theta(y|x) / pi_old(y|x,h)``, the shift the hint itself
+  caused (a diagnostic; it never weights the loss).
 """
 from __future__ import annotations
 
@@ -72,13 +74,13 @@ class _HintedResample(Algorithm):
     def _split(self, groups: list[Group], ctx: RolloutContext):
         """Samples in the no-hint context, and the indices of the hinted ones."""
         samples, hinted = [], []
-        for g, adv in zip(groups, group_advantages(groups, self.cfg)):
+        for gi, (g, adv) in enumerate(zip(groups, group_advantages(groups, self.cfg))):
             ids = ctx.render(g.row, None) if g.level > 0 else g.prompt_ids
             for c, a in zip(g.completions, adv):
                 if g.level > 0:
                     hinted.append(len(samples))
                 samples.append(Sample(ids, c.token_ids, c.logprobs, a, truncated=c.truncated,
-                                      token_weights=c.is_weights, hinted=g.level > 0))
+                                      token_weights=c.is_weights, hinted=g.level > 0, group=gi))
         return samples, hinted
 
 
@@ -102,6 +104,7 @@ class Guide(_HintedResample):
             for i, lp in zip(hinted, now):
                 r = torch.exp(lp - torch.tensor(samples[i].old_logprobs))
                 samples[i].gamma = max(float(torch.quantile(r.double(), 0.9)), 1e-4)
+                samples[i].keep_old_logprobs = True  # pi_old(o | q, hint): the behaviour policy of the IS ratio
                 ratios.append(r)
             r = torch.cat(ratios)
             info = {"guide/ratio_min": r.min().item(), "guide/ratio_mean": r.mean().item(),
@@ -115,67 +118,60 @@ class HINT(_HintedResample):
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         samples, hinted = self._split(groups, ctx)
-        sampling_lr: dict[int, torch.Tensor] = {}
+        info: dict = {}
         if hinted:  # pi_old of a hinted completion: one no-grad scoring pass on the NO-hint prompt
             now = recompute_logprobs(model, [samples[i] for i in hinted], self.cfg)
+            shift = []
             for i, lp in zip(hinted, now):
-                sampling_lr[i] = lp - torch.tensor(samples[i].old_logprobs)  # vs the hinted sampling context
+                shift.append(lp.double() - torch.tensor(samples[i].old_logprobs, dtype=torch.float64))
                 samples[i].old_logprobs = lp.tolist()
-        if not groups:
-            return samples, {}
-        # Affinity from HINT's ratio r_t = pi_theta(y_t|x,y_<t) / pi_old(y_t|x,y_<t), both on the no-hint
-        # context. fasthint makes one optimizer step per rollout batch and scores the batch right before it,
-        # so pi_theta IS pi_old here: log r_t = 0 exactly (no forward needed), Affinity = 1 for a group with
-        # a non-zero advantage and AAPO leaves its weight at 1, as HINT's code does on its first mini-batch.
-        per_group = self._affinity_inputs(groups, samples, sampling_lr)
-        aff, eur, uc = self._group_affinity(per_group, use_sampling=False)
-        s_aff, s_eur, s_uc = self._group_affinity(per_group, use_sampling=True)
-        nonzero = torch.tensor([any(a != 0.0 for a in adv) for _, adv, _ in per_group])
+            # diagnostic: the shift the hint itself caused, pi_theta(y|x) / pi_old(y|x,h); never a weight
+            mine = [samples[i] for i in hinted]
+            aff, eur, uc, gids = self._group_affinity(mine, shift)
+            m = torch.tensor([g in {s.group for s in mine if s.advantage != 0.0} for g in gids], dtype=torch.bool)
+            if m.any():
+                info = {"affinity/sampling": aff[m].mean().item(), "affinity/sampling/eur": eur[m].mean().item(),
+                        "affinity/sampling/uc": uc[m].mean().item()}
+        return samples, info
+
+    def before_update(self, samples: list[Sample], model, first: bool) -> dict:
+        """Before each optimiser step: every group's Affinity from HINT's no-hint ratio
+        ``pi_theta(y|x) / pi_old(y|x)`` under the policy about to step, its metrics, and the AAPO weight
+        ``Affinity ** aapo_lambda`` of hinted groups. On the batch's first step the policy is the old
+        one (log r = 0: no forward); later steps (``--steps_per_generation``/``--num_iterations``)
+        score a mini-batch that holds hinted groups with one no-grad forward."""
+        if not first and not any(s.hinted for s in samples):
+            return {}
+        if first:
+            lrs = [torch.zeros(len(s.completion_ids), dtype=torch.float64) for s in samples]
+        else:
+            now = recompute_logprobs(model, samples, self.cfg)
+            lrs = [lp.double() - torch.tensor(s.old_logprobs, dtype=torch.float64) for s, lp in zip(samples, now)]
+        aff, eur, uc, gids = self._group_affinity(samples, lrs)
+        hinted = {s.group for s in samples if s.hinted}
+        nonzero = {s.group for s in samples if s.advantage != 0.0}  # a zero-advantage group's Affinity is 0
         info = {}
-        for tag, sel in (("", [g.level > 0 for g in groups]), ("/unhinted", [g.level == 0 for g in groups])):
-            m = torch.tensor(sel) & nonzero  # a zero-advantage group has Affinity 0 by definition
+        for tag, want in (("", True), ("/unhinted", False)):
+            m = torch.tensor([(g in hinted) == want and g in nonzero for g in gids], dtype=torch.bool)
             if m.any():
                 info[f"affinity{tag}"] = aff[m].mean().item()
                 info[f"affinity/eur{tag}"] = eur[m].mean().item()
                 info[f"affinity/uc{tag}"] = uc[m].mean().item()
-        m = torch.tensor([g.level > 0 for g in groups]) & nonzero
-        if m.any():  # diagnostic: the shift the hint itself caused, pi_theta(y|x) / pi_old(y|x,h)
-            info["affinity/sampling"] = s_aff[m].mean().item()
-            info["affinity/sampling/eur"] = s_eur[m].mean().item()
-            info["affinity/sampling/uc"] = s_uc[m].mean().item()
         if self.cfg.aapo_lambda > 0:
-            k = 0
-            for gi, g in enumerate(groups):
-                for _ in g.completions:
-                    if g.level > 0:
-                        samples[k].weight = float(aff[gi]) ** self.cfg.aapo_lambda
-                    k += 1
-        return samples, info
+            weight = {g: float(a) ** self.cfg.aapo_lambda for g, a in zip(gids, aff.tolist())}
+            for s in samples:
+                if s.hinted:
+                    s.weight = weight[s.group]
+        return info
 
-    @staticmethod
-    def _affinity_inputs(groups: list[Group], samples: list[Sample], sampling_lr: dict) -> list:
-        """Per group: (no-hint log-ratios, advantages, sampling-context log-ratios), one entry per completion."""
-        out, k = [], 0
-        for g in groups:
-            lr, adv, slr = [], [], []
-            for _ in g.completions:
-                n = len(samples[k].completion_ids)
-                lr.append(torch.zeros(n, dtype=torch.float64))
-                adv.append(samples[k].advantage)
-                slr.append(sampling_lr[k].double() if k in sampling_lr else torch.zeros(n, dtype=torch.float64))
-                k += 1
-            out.append((lr, adv, slr))
-        return out
-
-    def _group_affinity(self, per_group: list, use_sampling: bool):
-        """``group_affinity`` over every group (``eps = --eps_low``), from the no-hint or the sampling ratio."""
-        lr, adv, gid = [], [], []
-        for gi, (nohint, a, sampling) in enumerate(per_group):
-            for x, ai in zip(sampling if use_sampling else nohint, a):
-                lr.append(x)
-                adv.append(torch.full((len(x),), ai, dtype=torch.float64))
-                gid.append(torch.full((len(x),), gi, dtype=torch.long))
+    def _group_affinity(self, samples: list[Sample], log_ratios: list[torch.Tensor]):
+        """``group_affinity`` (``eps = --eps_low``) of the samples' groups: (affinity, eur, uc, group ids)."""
+        if not samples:
+            e = torch.zeros(0, dtype=torch.float64)
+            return e, e, e, []
+        adv = [torch.full((len(x),), s.advantage, dtype=torch.float64) for s, x in zip(samples, log_ratios)]
+        gid = [torch.full((len(x),), s.group, dtype=torch.long) for s, x in zip(samples, log_ratios)]
         gids = torch.cat(gid)
-        vals = group_affinity(torch.cat(lr), torch.cat(adv), torch.ones(len(gids)), gids, eps=self.cfg.eps_low)
-        return tuple(torch.zeros(len(per_group), dtype=torch.float64).index_copy_(0, torch.unique(gids), v.double())
-                     for v in vals)
+        aff, eur, uc = group_affinity(torch.cat(log_ratios).double(), torch.cat(adv), torch.ones(len(gids)), gids,
+                                      eps=self.cfg.eps_low)
+        return aff.double(), eur.double(), uc.double(), torch.unique(gids).tolist()
