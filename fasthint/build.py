@@ -186,11 +186,13 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
     resume_dir, rows = pre.resume_dir, pre.rows
     attn = pre.attn_implementation or resolve_attn_implementation(cfg.attn_implementation, device,
                                                                   load_model_config(model_path))
-    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn, cfg.gradient_checkpointing)
+    policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn, cfg.gradient_checkpointing,
+                                              bf16=cfg.bf16)
     model = policy.lm
     ref_model = None
     if cfg.beta > 0:
-        ref_model, _ = load_policy(model_path, device, attn_implementation=attn)
+        ref_model, _ = load_policy(model_path, device, attn_implementation=attn,  # frozen: bf16 is enough
+                                   dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         ref_model.requires_grad_(False).eval()
     self_hints = REGISTRY[cfg.algo].hint_provider_default is not None and cfg.hint_provider == "self"
     longest = max(cfg.max_prompt_length + cfg.max_new_tokens,  # a hint request and its reply, when sent

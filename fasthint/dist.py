@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def world_size() -> int:
@@ -89,15 +89,21 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def shard(policy: torch.nn.Module, lazy_init: bool = True) -> None:
+def shard(policy: torch.nn.Module, lazy_init: bool = True, bf16: bool = False) -> None:
     """FSDP2: each decoder layer is one unit, the root holds the rest. FSDP averages gradients over
     ranks; :func:`fasthint.update.train_step` multiplies each rank's loss by the world size, so the
-    result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks)."""
+    result is their sum (a divide factor of 1 would need PREMUL_SUM, which gloo lacks).
+
+    ``bf16``: ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: the sharded parameters,
+    their gradients and the optimiser states stay fp32; each unit's all-gather and compute are bf16
+    (also inside :func:`gathered`: rollouts run the bf16 copy), gradients are reduced in fp32."""
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
     base = getattr(policy.lm, policy.lm.base_model_prefix)
     for layer in base.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(policy, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(policy, mesh=mesh, mp_policy=mp)
     if not lazy_init:
         return
     # FSDP initialises lazily on the first forward through the root; rollouts call the LM directly,
@@ -107,12 +113,14 @@ def shard(policy: torch.nn.Module, lazy_init: bool = True) -> None:
 
 
 @torch.no_grad()
-def shard_from_rank0(policy: torch.nn.Module, full: Optional[torch.nn.Module], device: torch.device) -> None:
+def shard_from_rank0(policy: torch.nn.Module, full: Optional[torch.nn.Module], device: torch.device,
+                     bf16: bool = False) -> None:
     """Shards ``policy`` (built on the meta device on every rank) without a full copy on any rank but
     rank 0: the shards are allocated on ``device`` and filled from rank 0's ``full`` model (loaded
     on CPU; None on the other ranks) by ``set_model_state_dict(..., broadcast_from_rank0=True)``;
-    buffers outside the state dict (rotary frequencies) are broadcast from rank 0 as well."""
-    shard(policy, lazy_init=False)
+    buffers outside the state dict (rotary frequencies) are broadcast from rank 0 as well. ``bf16``:
+    as in :func:`shard`."""
+    shard(policy, lazy_init=False, bf16=bf16)
     policy.to_empty(device=device)
     sd = {f"lm.{k}": v for k, v in full.state_dict().items()} if rank() == 0 else {}
     set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fasthint import ops
+from fasthint import dist, ops
 from fasthint.batch import Sample, _collate
 from fasthint.head import head_transform
 from fasthint.options import Options, need, one_of, option
@@ -333,8 +333,9 @@ class PolicyLoss(torch.nn.Module):
     parameters (embeddings, final norm, head) are gathered and their gradients reduced like any
     layer's. ``forward(input_ids, attention_mask, score_index, targets, autocast, **loss_kwargs)``
     returns (loss, stats) on the hidden states at ``score_index`` (the LM body under bfloat16 autocast
-    when ``autocast``), applying the model's logit transform (``fasthint.head``: Gemma-2's soft-cap,
-    Cohere/Granite scales) so the loss sees the logits the model samples from."""
+    when ``autocast``, see :func:`autocast_bf16`), applying the model's logit transform
+    (``fasthint.head``: Gemma-2's soft-cap, Cohere/Granite scales) so the loss sees the logits the
+    model samples from."""
 
     def __init__(self, lm: torch.nn.Module):
         super().__init__()
@@ -344,7 +345,7 @@ class PolicyLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
         base = getattr(self.lm, self.lm.base_model_prefix)
         head = self.lm.get_output_embeddings()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if targets is None:  # hidden states only
             return hidden
@@ -353,11 +354,19 @@ class PolicyLoss(torch.nn.Module):
         return fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
 
 
+def autocast_bf16(cfg) -> bool:
+    """Whether the trainer's forwards autocast to bfloat16: ``--bf16`` in one process. Under FSDP
+    ``--bf16`` is FSDP's mixed precision instead (``fasthint.dist.shard``): the parameters themselves
+    are bf16 during forward and backward, so nothing autocasts. The two differ where autocast keeps
+    fp32: the residual stream, norms and the head stay fp32 under autocast, bf16 under FSDP."""
+    return bool(cfg.bf16) and dist.world_size() == 1
+
+
 @torch.no_grad()
 def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Tensor:
     """``lm``'s log-probs of ``mb``'s packed completion tokens, without gradient (the KL reference,
     Guide's and HINT's no-hint numerators)."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = getattr(lm, lm.base_model_prefix)(
             input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
     head = lm.get_output_embeddings()
@@ -370,7 +379,7 @@ def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
     """Current-policy log-probs of each sample's completion in its ``prompt_ids`` context (fp32 CPU
     tensors, one per sample): Guide's and HINT's no-hint numerators before the update."""
     device = next(model.parameters()).device
-    autocast = device.type == "cuda" and cfg.dtype != "float32"
+    autocast = autocast_bf16(cfg)
     out: list[torch.Tensor] = []
     for s in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[s:s + cfg.micro_batch_size]

@@ -15,11 +15,10 @@ from fasthint.data import render_prompt
 from fasthint.errors import ModelError
 from fasthint.head import head_transform
 from fasthint.loss import PolicyLoss
-from fasthint.options import Options, one_of, option
+from fasthint.options import Options, option
 from fasthint.toy.model import ensure_toy_model
 
 log = logging.getLogger("fasthint")
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -32,14 +31,18 @@ class ModelConfig(Options):
     attn_implementation: str = option("auto", "attention kernel of the trainer's model: auto = flash_attention_2 "
                                               "when flash-attn is importable on CUDA, else sdpa; or any value "
                                               "transformers accepts.")
-    dtype: str = option("auto", f"compute dtype, one of {DTYPES}; auto = bfloat16 autocast on CUDA, "
-                                "float32 on CPU.")
+    bf16: Optional[bool] = option(None, "bfloat16 compute with fp32 master weights: under torchrun FSDP2's "
+                                        "MixedPrecisionPolicy (bf16 parameters for forward/backward and for the "
+                                        "rollout gathers, fp32 gradient reduction, sharded fp32 weights and AdamW "
+                                        "states); in one process bf16 autocast. Unset = on where CUDA has bf16, "
+                                        "off on CPU.")
     gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward "
                                                  "pass (non-reentrant): the policy update keeps one layer's "
                                                  "activations instead of all, for about a third more compute.")
 
     def check(self) -> None:
-        one_of("dtype", self.dtype, DTYPES)
+        if self.bf16 is None:  # resolved once, so train_config.json records what ran
+            self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
 def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: int) -> str:
@@ -100,11 +103,12 @@ def check_attn_implementation(config, attn: str) -> None:
                          "--attn_implementation auto (picks one the model supports), sdpa or eager") from None
 
 
-def load_policy(path: str, device: torch.device, attn_implementation: str = "auto", meta: bool = False):
-    """(model in float32 on ``device``, tokenizer) from a checkpoint directory or hub id. ``meta``:
-    the architecture only, on the meta device, no weights read (filled later by
-    :func:`fasthint.dist.shard_from_rank0`). ``auto`` attention: what :func:`resolve_attn_implementation`
-    picks for this model."""
+def load_policy(path: str, device: torch.device, attn_implementation: str = "auto", meta: bool = False,
+                dtype: torch.dtype = torch.float32):
+    """(model in ``dtype`` on ``device``, tokenizer) from a checkpoint directory or hub id; float32 for
+    the trainable master weights. ``meta``: the architecture only, on the meta device, no weights read
+    (filled later by :func:`fasthint.dist.shard_from_rank0`). ``auto`` attention: what
+    :func:`resolve_attn_implementation` picks for this model."""
     if attn_implementation == "auto":
         attn_implementation = resolve_attn_implementation("auto", device, load_model_config(path))
     try:
@@ -114,8 +118,7 @@ def load_policy(path: str, device: torch.device, attn_implementation: str = "aut
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
                                                          attn_implementation=attn_implementation)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                         attn_implementation=attn_implementation)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot load model {path!r} ({first[:200]}): pass a local checkpoint "
@@ -158,9 +161,10 @@ def checkpoints_activations(model) -> bool:
 
 
 def load_trainable_policy(path: str, device: torch.device, attn_implementation: str = "auto",
-                          gradient_checkpointing: bool = False):
+                          gradient_checkpointing: bool = False, bf16: bool = False):
     """(``fasthint.loss.PolicyLoss`` around the model, tokenizer), checked with :func:`check_head`;
-    with ``gradient_checkpointing``, :func:`enable_gradient_checkpointing` before wrapping (and sharding).
+    with ``gradient_checkpointing``, :func:`enable_gradient_checkpointing` before wrapping (and sharding);
+    ``bf16``: FSDP2 mixed precision when sharded (one process: the loss autocasts, ``fasthint.update``).
 
     One process: the model is loaded on ``device``. Under torchrun no rank but 0 ever holds the
     full weights: rank 0 reads the checkpoint on CPU, every rank builds the model on the meta device
@@ -184,5 +188,5 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     policy = PolicyLoss(model)
-    dist.shard_from_rank0(policy, full, device)
+    dist.shard_from_rank0(policy, full, device, bf16=bf16)
     return policy, tokenizer

@@ -16,7 +16,7 @@ import torch
 from fasthint import dist
 from fasthint.batch import Sample, _collate, make_micro_batches, split_mini_batches
 from fasthint.errors import FastHintError
-from fasthint.loss import PolicyLoss, Term, clip_terms, micro_batch_logprobs, recompute_logprobs
+from fasthint.loss import PolicyLoss, Term, autocast_bf16, clip_terms, micro_batch_logprobs, recompute_logprobs
 from fasthint.options import Options, at_least, need, option
 
 
@@ -158,7 +158,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     device = next(lm.parameters()).device
     mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device, max_tokens=cfg.micro_batch_tokens)
     n_mb = int(dist.all_max(len(mbs)))
-    autocast = cfg.dtype != "float32" and device.type == "cuda"
+    autocast = autocast_bf16(cfg)
     acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
            "logp_diff_sum": 0.0, "tokens": 0.0, "tokens_unhinted": 0.0}
     diff_max = 0.0

@@ -1,7 +1,9 @@
-"""One rollout batch's update (one optimizer step, or two with ``steps_per_generation`` 2) of the tiny toy model on a fixed global batch, on however many ranks launched
-this script (``python tests/dist_step.py OUT`` or ``torchrun --nproc_per_node=2 tests/dist_step.py OUT``).
-Rank r trains groups r, r+N, ... (whole groups); rank 0 writes the updated parameters and the step's
-metrics to OUT.safetensors / OUT.json. Used by tests/test_distributed.py."""
+"""One rollout batch's update of the tiny toy model on a fixed global batch (one optimizer step; two
+with ``steps_per_generation`` 2), on however many ranks launched this script (``python
+tests/dist_step.py OUT [LOSS_AGG STEPS BF16]`` or ``torchrun --nproc_per_node=2 tests/dist_step.py OUT
+...``). Rank r trains groups r, r+N, ... (whole groups); rank 0 writes the updated parameters and the
+metrics to OUT.safetensors / OUT.json. ``BF16`` 1: ``--bf16`` (autocast in one process, FSDP2 mixed
+precision on several). Used by tests/test_distributed.py."""
 import json
 import os
 import sys
@@ -33,16 +35,16 @@ def global_batch(tok) -> list[list[Sample]]:
     return groups
 
 
-def main(out: str, loss_agg: str, steps: int) -> None:
+def main(out: str, loss_agg: str, steps: int, bf16: bool) -> None:
     dist.init()
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok, seed=0)
     policy = PolicyLoss(model)
     if dist.world_size() > 1:
-        dist.shard(policy)
+        dist.shard(policy, bf16=bf16)
     cfg = TrainConfig(micro_batch_size=G, loss_agg=loss_agg, learning_rate=0.5, max_grad_norm=0.5,
-                      steps_per_generation=steps).validate()
+                      steps_per_generation=steps, bf16=bf16).validate()
     # SGD: parameters move by lr * gradient, so equal parameters mean equal gradients (Adam's first
     # step, g / (|g| + eps), magnifies fp32 rounding of near-zero gradients)
     opt = torch.optim.SGD(policy.parameters(), lr=cfg.learning_rate)
@@ -66,4 +68,5 @@ def main(out: str, loss_agg: str, steps: int) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "token-mean", int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    args = sys.argv[1:] + ["token-mean", "1", "0"][len(sys.argv) - 2:]
+    main(args[0], args[1], int(args[2]), args[3] == "1")

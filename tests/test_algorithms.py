@@ -278,7 +278,7 @@ def _current_logp(model, prompt, completion):
 def test_guide_samples_no_hint_numerator_hinted_denominator_gamma(tiny_model):
     model, tok = tiny_model
     groups, ctx, render = _hinted_groups(tok)
-    cfg = TrainConfig(algo="guide", dtype="float32").validate()
+    cfg = TrainConfig(algo="guide", bf16=False).validate()
     samples, info = make_algorithm(cfg).samples(groups, ctx, model)
     plain = render(groups[1].row, None)
     ratios = []
@@ -306,7 +306,7 @@ def test_hint_recomputes_old_logp_and_weights_by_affinity(tiny_model):
     AAPO weight stays 1; the hinted-context shift is only the affinity/sampling diagnostic."""
     model, tok = tiny_model
     groups, ctx, render = _hinted_groups(tok)
-    cfg = TrainConfig(algo="hint", aapo_lambda=2.0, dtype="float32").validate()
+    cfg = TrainConfig(algo="hint", aapo_lambda=2.0, bf16=False).validate()
     algo = make_algorithm(cfg)
     samples, info = algo.samples(groups, ctx, model)
     plain = render(groups[1].row, None)
@@ -339,7 +339,7 @@ def test_hint_affinity_on_a_later_step_uses_the_moved_policy(tiny_model):
 
     model, tok = tiny_model
     groups, ctx, render = _hinted_groups(tok)
-    cfg = TrainConfig(algo="hint", aapo_lambda=2.0, dtype="float32").validate()
+    cfg = TrainConfig(algo="hint", aapo_lambda=2.0, bf16=False).validate()
     algo = make_algorithm(cfg)
     samples, _ = algo.samples(groups, ctx, model)
     moved = copy.deepcopy(model)
@@ -369,7 +369,7 @@ def test_hint_affinity_leaves_zero_advantage_groups_out_of_the_means(tiny_model)
     model, tok = tiny_model
     groups, ctx, _ = _hinted_groups(tok)
     groups[0].rewards = [1.0] * 4  # the unhinted group now has zero advantages
-    algo = make_algorithm(TrainConfig(algo="hint", dtype="float32").validate())
+    algo = make_algorithm(TrainConfig(algo="hint", bf16=False).validate())
     samples, _ = algo.samples(groups, ctx, model)
     info = algo.before_update(samples, model, True)
     assert "affinity/unhinted" not in info and info["affinity"] == 1.0
