@@ -2,11 +2,13 @@
 
 A :class:`Sample` is one completion in its training context: ``prompt_ids`` (the context the loss
 conditions on; hint tokens, when any, are part of it and never scored) followed by the completion.
-Micro-batches are right-padded, length-sorted groups of samples; the loss sees only the packed
-``[N]`` stream of completion tokens (padding and prompt tokens cost no loss work).
+Micro-batches are right-padded, length-sorted groups of samples, or (``--padding_free``) one row of
+concatenated sequences without padding (``fasthint.packing``); either way the loss sees only the
+packed ``[N]`` stream of completion tokens (padding and prompt tokens cost no loss work).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +50,18 @@ class MicroBatch:
     gamma: Optional[torch.Tensor] = None  # [N] Guide's shaping constant (None: no shaped sample)
     is_weights: Optional[torch.Tensor] = None  # [N] TIS weights (None: no sample has them)
     hinted: Optional[torch.Tensor] = None  # [N] 1 on tokens of hinted samples (None: no hinted sample)
+    position_ids: Optional[torch.Tensor] = None  # packed (padding-free): [1, T], restarting per sequence
+    cu_seq_lens: Optional[torch.Tensor] = None   # packed: [S + 1] sequence boundaries in the row
+    max_length: int = 0                          # packed: the longest sequence
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+    @property
+    def num_input_tokens(self) -> int:
+        """Tokens the model runs on, padding included."""
+        return self.input_ids.numel()
 
 
 def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
@@ -62,13 +76,32 @@ def split_mini_batches(samples: list[Sample], n: int) -> list[list[Sample]]:
 
 
 def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int,
-                       device: Optional[torch.device] = None, max_tokens: int = 0) -> list[MicroBatch]:
-    """Sorts samples by length and cuts them into micro-batches of at most ``micro_batch_size``
-    sequences and, when ``max_tokens > 0``, at most ``max_tokens`` padded tokens (sequences x the
-    longest; a sequence longer than the budget gets a micro-batch of its own)."""
+                       device: Optional[torch.device] = None, max_tokens: int = 0,
+                       packed: bool = False) -> list[MicroBatch]:
+    """Micro-batches of at most ``micro_batch_size`` sequences and, when ``max_tokens > 0``, at most
+    ``max_tokens`` tokens (a sequence longer than the budget gets a micro-batch of its own).
+
+    Padded (default): samples sorted by length, cut in order; the budget counts padded tokens
+    (sequences x the longest). ``packed``: each micro-batch is one row without padding
+    (:func:`_collate_packed`); the budget counts real tokens and the sequences are placed first-fit
+    decreasing, so the micro-batches come out full and few."""
     def length(s: Sample) -> int:
         return len(s.prompt_ids) + len(s.completion_ids)
 
+    if packed:
+        bins: list[list[Sample]] = []
+        room: list[int] = []
+        for s in sorted(samples, key=length, reverse=True):
+            n = length(s)
+            k = next((i for i, r in enumerate(room) if len(bins[i]) < micro_batch_size
+                      and (max_tokens <= 0 or n <= r)), None)
+            if k is None:
+                bins.append([])
+                room.append(max_tokens)
+                k = len(bins) - 1
+            bins[k].append(s)
+            room[k] -= n
+        return [_collate_packed(b, device) for b in bins]
     out, group = [], []
     for s in sorted(samples, key=length):  # ascending: the newest sample is the longest of its group
         full = len(group) == micro_batch_size or (max_tokens > 0 and (len(group) + 1) * length(s) > max_tokens)
@@ -81,8 +114,26 @@ def make_micro_batches(samples: list[Sample], micro_batch_size: int, pad_id: int
     return out
 
 
-def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -> MicroBatch:
+def _collate_packed(group: list[Sample], device: Optional[torch.device]) -> MicroBatch:
+    """``group`` as one row ``[1, T]`` with restarting positions and boundaries (no padding); the
+    per-token fields as in :func:`_collate`, sequence ``b`` starting at ``cu_seq_lens[b]``."""
+    lens = [len(x.prompt_ids) + len(x.completion_ids) for x in group]
+    cu = [0, *itertools.accumulate(lens)]
+    mb = _collate(group, 0, device, row_start=cu.__getitem__)
+    mb.input_ids = torch.tensor([[t for x in group for t in x.prompt_ids + x.completion_ids]], device=device)
+    mb.attention_mask = None
+    mb.position_ids = torch.tensor([[p for n in lens for p in range(n)]], device=device)
+    mb.cu_seq_lens = torch.tensor(cu, device=device)
+    mb.max_length = max(lens)
+    return mb
+
+
+def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device],
+             row_start=None) -> MicroBatch:
+    """Right-padded ``[B, L]``; ``row_start(b)``: where sequence ``b`` starts in the flat input
+    (default ``b * L``; the packed layout passes its own)."""
     L = max(len(x.prompt_ids) + len(x.completion_ids) for x in group)
+    start = row_start or (lambda b: b * L)
     ids = torch.full((len(group), L), pad_id, dtype=torch.long)
     attn = torch.zeros((len(group), L), dtype=torch.long)
     index, targets, old, adv, w, sid, gam, isw, hin = [], [], [], [], [], [], [], [], []
@@ -91,7 +142,7 @@ def _collate(group: list[Sample], pad_id: int, device: Optional[torch.device]) -
         ids[b, :len(seq)] = torch.tensor(seq)
         attn[b, :len(seq)] = 1
         p, c = len(x.prompt_ids), len(x.completion_ids)
-        index.extend(b * L + p - 1 + j for j in range(c))  # hidden at p-1+j predicts completion token j
+        index.extend(start(b) + p - 1 + j for j in range(c))  # hidden at p-1+j predicts completion token j
         targets.extend(x.completion_ids)
         old.extend(x.old_logprobs)
         adv.extend([x.advantage] * c)

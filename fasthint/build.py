@@ -28,6 +28,7 @@ from fasthint.models import (
     load_trainable_policy,
     resolve_attn_implementation,
     resolve_model_path,
+    trainer_attention,
 )
 from fasthint.preflight import preflight
 from fasthint.rewards import RewardScorer
@@ -184,8 +185,8 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
     if dist.rank() == 0:
         dist.barrier()
     resume_dir, rows = pre.resume_dir, pre.rows
-    attn = pre.attn_implementation or resolve_attn_implementation(cfg.attn_implementation, device,
-                                                                  load_model_config(model_path))
+    attn = pre.attn_implementation or trainer_attention(
+        resolve_attn_implementation(cfg.attn_implementation, device, load_model_config(model_path)), cfg.padding_free)
     policy, tokenizer = load_trainable_policy(resume_dir or model_path, device, attn, cfg.gradient_checkpointing,
                                               bf16=cfg.bf16)
     model = policy.lm

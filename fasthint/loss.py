@@ -27,8 +27,9 @@ from typing import Optional, Sequence
 import torch
 
 from fasthint import dist, ops
-from fasthint.batch import Sample, _collate
+from fasthint.batch import Sample, _collate, _collate_packed
 from fasthint.head import head_transform
+from fasthint.packing import packed_model_kwargs
 from fasthint.options import Options, need, one_of, option
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -342,16 +343,26 @@ class PolicyLoss(torch.nn.Module):
         self.lm = lm
         self.head_transform = head_transform(lm.config)
 
-    def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False, **loss_kwargs):
+    def forward(self, input_ids, attention_mask, score_index, targets, autocast: bool = False,
+                model_kwargs: Optional[dict] = None, **loss_kwargs):
         base = getattr(self.lm, self.lm.base_model_prefix)
         head = self.lm.get_output_embeddings()
+        inputs = model_kwargs if model_kwargs is not None else {"attention_mask": attention_mask}
         with torch.autocast(input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = base(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
         if targets is None:  # hidden states only
             return hidden
         h = hidden.flatten(0, 1).index_select(0, score_index)
         loss_kwargs.update(self.head_transform.loss_kwargs(loss_kwargs.pop("temperature", 1.0)))
         return fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
+
+
+def model_inputs(lm, mb) -> dict:
+    """The model's keyword inputs for micro-batch ``mb`` besides ``input_ids``: the attention mask of
+    a padded one; positions, boundaries and what ``lm``'s attention needs of a packed one."""
+    if mb.packed:
+        return packed_model_kwargs(mb.position_ids, mb.cu_seq_lens, mb.max_length, lm.config._attn_implementation)
+    return {"attention_mask": mb.attention_mask}
 
 
 def autocast_bf16(cfg) -> bool:
@@ -367,8 +378,8 @@ def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Te
     """``lm``'s log-probs of ``mb``'s packed completion tokens, without gradient (the KL reference,
     Guide's and HINT's no-hint numerators)."""
     with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        hidden = getattr(lm, lm.base_model_prefix)(
-            input_ids=mb.input_ids, attention_mask=mb.attention_mask).last_hidden_state
+        hidden = getattr(lm, lm.base_model_prefix)(input_ids=mb.input_ids, use_cache=False,
+                                                   **model_inputs(lm, mb)).last_hidden_state
     head = lm.get_output_embeddings()
     return ops.linear_logprobs(hidden.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
                                bias=head.bias, **head_transform(lm.config).loss_kwargs(temperature))
@@ -383,7 +394,8 @@ def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
     for s in range(0, len(samples), cfg.micro_batch_size):
         chunk = samples[s:s + cfg.micro_batch_size]
-        mb = _collate(chunk, model.config.pad_token_id or 0, device)
+        mb = _collate_packed(chunk, device) if getattr(cfg, "padding_free", False) else \
+            _collate(chunk, model.config.pad_token_id or 0, device)
         lp = micro_batch_logprobs(model, mb, cfg.temperature, autocast)
         out += list(lp.float().cpu().split([len(x.completion_ids) for x in chunk]))
     return out

@@ -16,6 +16,7 @@ from fasthint.errors import ModelError
 from fasthint.head import head_transform
 from fasthint.loss import PolicyLoss
 from fasthint.options import Options, option
+from fasthint.packing import packed_attention_implementation
 from fasthint.toy.model import ensure_toy_model
 
 log = logging.getLogger("fasthint")
@@ -89,6 +90,18 @@ def resolve_attn_implementation(value: str, device: torch.device, config=None) -
     if cls is not None:
         check_attn_implementation(config, value)
     return value
+
+
+def trainer_attention(attn: str, padding_free: bool) -> str:
+    """The attention the trainer's model loads with: ``attn``, or its packing variant with
+    ``--padding_free`` (``fasthint.packing``); a model that cannot pack gets a ModelError."""
+    if not padding_free:
+        return attn
+    try:
+        return packed_attention_implementation(attn)
+    except ValueError:
+        raise ModelError(f"--padding_free needs flash-attn or sdpa attention, and this model runs {attn}: "
+                         "pass --padding_free false (or install flash-attn on CUDA)") from None
 
 
 def check_attn_implementation(config, attn: str) -> None:

@@ -17,7 +17,7 @@ from fasthint.config import TrainConfig
 from fasthint.data import load_dataset, render_prompt
 from fasthint.errors import ConfigError, DataError, ModelError
 from fasthint.head import head_transform
-from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path
+from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path, trainer_attention
 from fasthint.toy.model import build_tokenizer
 from fasthint.toy.task import ensure_toy_data
 
@@ -138,7 +138,8 @@ def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
         path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
         config = load_model_config(path)
         head_transform(config)  # a logit transform the fused loss cannot apply is refused here
-        attn = resolve_attn_implementation(cfg.attn_implementation, device, config)
+        attn = trainer_attention(resolve_attn_implementation(cfg.attn_implementation, device, config),
+                                 cfg.padding_free)
         tokenizer = _tokenizer(cfg, path)
         check_tokenizer_fits(tokenizer, config, path)
     prompts = render_prompts(cfg, tokenizer, rows, train_path)

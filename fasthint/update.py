@@ -16,7 +16,8 @@ import torch
 from fasthint import dist
 from fasthint.batch import Sample, _collate, make_micro_batches, split_mini_batches
 from fasthint.errors import FastHintError
-from fasthint.loss import PolicyLoss, Term, autocast_bf16, clip_terms, micro_batch_logprobs, recompute_logprobs
+from fasthint.loss import (PolicyLoss, Term, autocast_bf16, clip_terms, micro_batch_logprobs, model_inputs,
+                           recompute_logprobs)
 from fasthint.options import Options, at_least, need, option
 
 
@@ -35,6 +36,10 @@ class OptimConfig(Options):
     micro_batch_size: int = option(64, "sequences per forward/backward; gradients are accumulated.")
     micro_batch_tokens: int = option(0, "also cap each forward/backward at this many padded tokens (sequences x "
                                         "longest), so long and short rollouts use memory alike (0 = no cap).")
+    padding_free: bool = option(False, "pack each micro-batch's sequences into one row without padding "
+                                       "(positions restart per sequence; flash-attn's variable-length kernels "
+                                       "on CUDA, per-sequence SDPA elsewhere); --micro_batch_tokens then counts "
+                                       "real tokens and micro-batches are filled first-fit.")
     steps_per_generation: int = option(1, "optimiser steps per rollout batch: the batch is cut into this many "
                                           "mini-batches of whole groups, one step each (TRL's name; verl: "
                                           "train_batch_size / ppo_mini_batch_size).")
@@ -68,7 +73,7 @@ def policy_update(model, samples: list[Sample], cfg, optimizer, scheduler, ref_m
                   terms: Optional[list[Term]] = None, before_update: Optional[BeforeUpdate] = None) -> dict:
     """The optimiser steps of one rollout batch: ``cfg.num_iterations`` passes over its
     ``cfg.steps_per_generation`` mini-batches (whole groups), one :func:`train_step` each; metrics
-    are means over the steps (``num_tokens/*`` per pass, ``*/max`` the largest).
+    are means over the steps (token counts per pass, ``*/max`` the largest).
 
     With more than one step, the old log-probs are first recomputed by the trainer (verl's
     recompute; samples with ``keep_old_logprobs`` keep theirs) so that the first step's ratio is 1
@@ -105,7 +110,7 @@ def _mean_over_steps(outs: list[dict], passes: int) -> dict:
     out = {}
     for k in dict.fromkeys(k for o in outs for k in o):
         vals = [o[k] for o in outs if k in o]
-        if k.startswith("num_tokens/"):
+        if k in ("num_tokens/trained", "num_tokens/hinted"):
             out[k] = int(sum(vals) / passes)
         elif k.endswith("/max"):
             out[k] = max(vals)
@@ -156,11 +161,12 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
     pad = lm.config.pad_token_id or 0
     device = next(lm.parameters()).device
-    mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device, max_tokens=cfg.micro_batch_tokens)
+    mbs = make_micro_batches(samples, cfg.micro_batch_size, pad, device=device, max_tokens=cfg.micro_batch_tokens,
+                             packed=cfg.padding_free)
     n_mb = int(dist.all_max(len(mbs)))
     autocast = autocast_bf16(cfg)
     acc = {"loss": 0.0, "clip_ratio/low": 0.0, "clip_ratio/high": 0.0, "entropy": 0.0, "kl": 0.0,
-           "logp_diff_sum": 0.0, "tokens": 0.0, "tokens_unhinted": 0.0}
+           "logp_diff_sum": 0.0, "tokens": 0.0, "tokens_unhinted": 0.0, "input_tokens": 0.0, "real_tokens": 0.0}
     diff_max = 0.0
     scale = float(dist.world_size())  # FSDP averages gradients over ranks; the sum is wanted
     optimizer.zero_grad(set_to_none=True)
@@ -170,6 +176,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         ref_logp = micro_batch_logprobs(ref_model, mb, cfg.temperature, autocast) if ref_model is not None else None
         loss, stats = policy(
             mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
+            model_kwargs=model_inputs(lm, mb) if mb.packed else None,
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
             temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
             num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
@@ -185,6 +192,8 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         unhinted = mb.hinted == 0 if mb.hinted is not None else None
         k_u = int(unhinted.sum().item()) if unhinted is not None else k
         acc["loss"] += loss.item()
+        acc["input_tokens"] += mb.num_input_tokens
+        acc["real_tokens"] += mb.num_input_tokens if mb.packed else mb.attention_mask.sum().item()
         for key in ("clip_ratio/low", "clip_ratio/high"):
             acc[key] += stats[key].item() * k_u
         acc["kl"] += stats["kl"].item() * k
@@ -202,7 +211,8 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     out = {"loss": acc["loss"], "grad_norm": gn, "entropy": acc["entropy"] / n,
            "clip_ratio/low": acc["clip_ratio/low"] / nu, "clip_ratio/high": acc["clip_ratio/high"] / nu,
            "sampling/logp_diff/mean": acc["logp_diff_sum"] / nu, "sampling/logp_diff/max": dist.all_max(diff_max),
-           "num_tokens/trained": int(acc["tokens"]), "num_tokens/hinted": int(acc["tokens"] - acc["tokens_unhinted"])}
+           "num_tokens/trained": int(acc["tokens"]), "num_tokens/hinted": int(acc["tokens"] - acc["tokens_unhinted"]),
+           "num_tokens/padding_frac": 1.0 - acc["real_tokens"] / acc["input_tokens"] if acc["input_tokens"] else 0.0}
     if ref_model is not None:
         out["kl"] = acc["kl"] / n
     return out
