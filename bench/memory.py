@@ -39,7 +39,7 @@ from _results import append_rows, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "memory.csv")
-FIELDS = ["time", "commit", "device", "torch", "preset", "params_m", "config", "seqs", "min_len", "max_len",
+FIELDS = ["time", "commit", "device", "torch", "triton", "preset", "params_m", "config", "seqs", "min_len", "max_len",
           "micro_batch_tokens", "step_s", "tokens_per_s", "peak_mib", "act_mib", "padding_frac", "mfu", "loss", "note"]
 PRESETS = {  # hidden, intermediate, layers, heads, kv heads, tied embeddings
     "100m": (512, 1536, 8, 8, 2, True),
