@@ -16,3 +16,8 @@ python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -1
 python3 -m fasthint.train --max_steps 20 --cache_dir /tmp/fh-cache --output_dir "$OUT/run" --resume none \
   --progress_bar false "$@" 2>&1 | grep -v -i warn | tail -25
 cp "$OUT/run/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null || true
+# Issue 17: one policy update of a random Qwen2.5-1.5B-shaped model (no download) per trainer option:
+# tokens/s, peak memory, activation memory, MFU; rows appended to bench/results/memory.csv (copied to $OUT).
+timeout 240 python3 bench/memory.py --preset qwen2-1.5b --seqs 32 --min_len 256 --max_len 2048 \
+  --micro_batch_tokens 16384 --repeat 2 2>&1 | tail -12
+cp bench/results/memory.csv "$OUT/memory.csv" 2>/dev/null || true
