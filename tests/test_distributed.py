@@ -180,3 +180,37 @@ def test_two_ranks_load_from_rank0_without_full_copies(tmp_path):
     assert set(ref) <= set(sd) | {k for k in ref if "lm_head" in k}
     for k, v in sd.items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_c10d_rendezvous_equal_one_process(tmp_path):
+    """Multi-node torchrun as on two machines: two launchers of one process each (``--nnodes 2``)
+    meet through the c10d rendezvous on an endpoint (here localhost); the step equals one process's
+    with the same global batch (1e-7, as two ranks on one launcher). A node's rank is assigned by the
+    rendezvous, so either launcher may be rank 0; both name the same output and rank 0 writes it."""
+    from safetensors.torch import load_file
+
+    script = os.path.join(REPO, "tests", "dist_step.py")
+    _run([sys.executable, script, str(tmp_path / "one"), "token-mean", "1"])
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{_free_port()}", "--rdzv_id=fasthint-test",
+            script, str(tmp_path / "two"), "token-mean", "1"]
+    procs = [subprocess.Popen(node, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert one.keys() == two.keys()
+    init = {k: v for k, v in _initial().items() if k in one}
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 5e-5
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-7, msg=k)
