@@ -83,6 +83,7 @@ class TimedEngine:
 
     def __init__(self, engine, timings: dict, key: Optional[str] = "generate"):
         self.engine, self.timings, self.key = engine, timings, key
+        self.runs_policy = getattr(engine, "runs_policy", True)
 
     def generate(self, prompts, sampling):
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ completion lengths) without collective calls.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from typing import Any, Iterator, Optional
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 def world_size() -> int:
@@ -136,10 +138,10 @@ def _fsdp_modules(module: torch.nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def gathered(policy: torch.nn.Module) -> Iterator[None]:
+def gathered(policy: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
     """Whole parameters on every rank for forward-only work (rollouts, evaluation, log-prob
-    recomputation); a no-op without FSDP. Resharded on exit."""
-    mods = _fsdp_modules(policy)
+    recomputation); a no-op without FSDP or when not ``enabled``. Resharded on exit."""
+    mods = _fsdp_modules(policy) if enabled else []
     if not mods:
         yield
         return
@@ -152,6 +154,49 @@ def gathered(policy: torch.nn.Module) -> Iterator[None]:
         for m in mods:
             m.reshard()
             m.set_reshard_after_forward(True)
+
+
+@torch.no_grad()
+def full_parameters(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module``'s parameters and persistent buffers, whole, named as in its state dict (a tied
+    weight once), each a fresh tensor in ``dtype`` (default: as held): what an inference engine
+    loads. Under FSDP2 one unit at a time: each decoder layer is all-gathered once (in bf16 under
+    ``--bf16``: the mixed-precision gather), its tensors yielded, then resharded, so at most one
+    layer is whole; parameters owned by a unit above ``module`` (the root's embeddings and head when
+    ``module`` is the LM) are gathered one tensor each. Collective: every rank runs the iteration to
+    its end, in the same order."""
+    def fresh(t: torch.Tensor) -> torch.Tensor:  # a copy: FSDP frees the unsharded storage on reshard
+        return t.detach().to(dtype or t.dtype, copy=True)
+
+    done: set[str] = set()
+    for prefix, m in module.named_modules():
+        if not isinstance(m, FSDPModule):
+            continue
+        m.unshard()
+        try:
+            for name, p in m.named_parameters(prefix=prefix, remove_duplicate=False):
+                if not isinstance(p, DTensor) and name not in done:
+                    done.add(name)
+                    yield name, fresh(p)
+        finally:
+            m.reshard()
+    rest = [(n, p) for n, p in module.named_parameters(remove_duplicate=False) if n not in done]
+    uses = collections.Counter(id(p) for _, p in rest)
+    whole: dict[int, torch.Tensor] = {}  # a tied weight (embeddings = head) is gathered once
+    for name, p in rest:
+        t = whole.get(id(p))
+        if t is None:
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+        uses[id(p)] -= 1
+        if uses[id(p)]:
+            whole[id(p)] = t
+        else:
+            whole.pop(id(p), None)
+        yield name, fresh(t)
+    persistent = module.state_dict().keys()
+    for name, b in module.named_buffers():
+        if name in persistent:
+            yield name, fresh(b.full_tensor() if isinstance(b, DTensor) else b)
 
 
 def full_state_dict(policy: torch.nn.Module) -> dict:

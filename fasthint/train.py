@@ -115,12 +115,15 @@ def _fit(run: Run) -> dict:
             t_step = time.perf_counter()
             timings.clear()
             batch = [run.rows[i] for i in next(sampler)][rank::world]  # whole prompts (groups) per rank
-            with dist.gathered(policy):
+            # the whole policy on every rank: for rollouts when the engine runs it (hf), else (vllm: its
+            # own weights) only for the algorithm's forward passes
+            with dist.gathered(policy, enabled=engine.runs_policy):
                 # ---- rollout (+ hints) and score: groups keyed by prompt uid ------------------------
                 groups, info = algo.rollout(batch, ctx)
-                # ---- advantages and training contexts (the algorithm decides) ----------------------
-                policy.train()
-                samples, info_train = algo.samples(groups, ctx, policy.lm)
+                with dist.gathered(policy, enabled=not engine.runs_policy):
+                    # ---- advantages and training contexts (the algorithm decides) ------------------
+                    policy.train()
+                    samples, info_train = algo.samples(groups, ctx, policy.lm)
             # ---- policy update ------------------------------------------------------------------------
             run.engine.sleep()  # vLLM sleep mode frees its memory; the sync below wakes it
             t0 = time.perf_counter()

@@ -22,7 +22,9 @@ download). What is counted (``P`` parameters, ``n`` GPUs, ``c`` the compute dtyp
   rank, plus the KV cache of one generate call (this rank's sequences, at most
   ``--generation_batch_size``; ``2 kv`` per token per layer, in ``c``).
 * **Rollouts, vLLM colocated**: the engine's bf16 weights and the KV cache the rank's sequences need
-  (vLLM reserves ``--vllm_gpu_memory_utilization`` of the GPU up front; this counts what it uses).
+  (vLLM reserves ``--vllm_gpu_memory_utilization`` of the GPU up front; this counts what it uses);
+  the policy is not gathered for vLLM rollouts. The engine keeps both through training too, unless
+  ``--sleep_mode`` (``--vllm_sleep_mode``: freed during the update).
 
 Not counted: CUDA context and NCCL buffers (~1-2 GB, in ``--reserve_gb``), allocator fragmentation
 (the 10% margin of "fits"), optimiser offload (fasthint has none). The activation formula is checked
@@ -88,7 +90,7 @@ PRESETS = {  # from the models' config.json files
 
 def plan(m: Dims, gpus: int, prompts: int, group: int, prompt_len: int, completion: int,
          micro_batch_tokens: int, bf16: bool, gc: bool, engine: str, kl: bool,
-         generation_batch_size: int = 256) -> dict[str, dict[str, float]]:
+         generation_batch_size: int = 256, sleep_mode: bool = False) -> dict[str, dict[str, float]]:
     """Bytes per GPU by phase and component (worst case: every completion at full length)."""
     c = 2 if bf16 else 4
     P, L, d = m.params(), m.layer_params(), m.hidden
@@ -112,6 +114,8 @@ def plan(m: Dims, gpus: int, prompts: int, group: int, prompt_len: int, completi
     kv_cache = seqs * (prompt_len + completion) * m.layers * 2 * m.kv_heads * m.head_dim * c
     if engine == "vllm":
         roll = {"vLLM weights bf16": 2 * P, "KV cache (this rank's sequences, bf16)": kv_cache / c * 2}
+        if not sleep_mode:  # the engine holds its memory through the update too
+            train.update({f"{k} (vLLM, awake)": v for k, v in roll.items()})
     else:
         roll = {f"policy gathered ({'bf16' if bf16 else 'fp32'})": c * P, "KV cache": kv_cache}
     return {"states": states, "training": train, "rollouts": roll}
@@ -132,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf")
     p.add_argument("--generation_batch_size", type=int, default=256, help="hf engine: sequences per generate call")
+    p.add_argument("--sleep_mode", action="store_true", help="vllm: --vllm_sleep_mode (freed during the update)")
     p.add_argument("--kl", action="store_true", help="beta > 0: a reference model is loaded")
     p.add_argument("--reserve_gb", type=float, default=2.0, help="CUDA context, NCCL buffers")
     a = p.parse_args(argv)
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         m, name = PRESETS[a.model], a.model
     parts = plan(m, a.gpus, a.prompts, a.group, a.prompt_len, a.completion, a.micro_batch_tokens, a.bf16,
-                 a.gradient_checkpointing, a.engine, a.kl, a.generation_batch_size)
+                 a.gradient_checkpointing, a.engine, a.kl, a.generation_batch_size,
+                 a.sleep_mode)
     print(f"{name}: {m.params() / 1e9:.2f}B parameters; {a.gpus} x {a.gpu_gb:g} GB; {a.prompts} prompts x "
           f"G={a.group}, prompt {a.prompt_len} + completion {a.completion} tokens; micro-batch "
           f"{a.micro_batch_tokens} tokens; bf16 {a.bf16}; gradient checkpointing {a.gradient_checkpointing}; "

@@ -214,3 +214,25 @@ def test_two_nodes_c10d_rendezvous_equal_one_process(tmp_path):
     assert max((one[k] - init[k]).abs().max().item() for k in one) > 5e-5
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True])
+def test_weight_stream_one_layer_at_a_time_in_the_engine_dtype(tmp_path, bf16):
+    """What the vLLM engine receives after each step (``dist.full_parameters``) on two FSDP2 ranks:
+    every parameter of the LM once under each of its Hugging Face names (the tied head too), whole, cast to
+    bf16 on the trainer's side, exactly the one-process weights cast to bf16 (the mixed-precision
+    gather casts the same fp32 values), with never more than one decoder layer unsharded."""
+    from safetensors.torch import load_file
+
+    from fasthint.toy.model import build_model, build_tokenizer
+
+    _run(TORCHRUN + [os.path.join(REPO, "tests", "dist_params.py"), str(tmp_path / "s"), str(int(bf16))])
+    got, info = load_file(tmp_path / "s.safetensors"), json.load(open(tmp_path / "s.json"))
+    want = dict(build_model(build_tokenizer(), seed=0).named_parameters(remove_duplicate=False))
+    assert "lm_head.weight" in want  # tied to the embeddings: sent under both names (vLLM's CPU loader needs both)
+    assert sorted(info["order"]) == sorted(want)  # each once
+    for name, p in want.items():
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], p.detach().to(torch.bfloat16)), name
+    assert info["most_whole_layers"] == 1

@@ -81,6 +81,8 @@ class RolloutConfig(Options):
 class RolloutEngine(Protocol):
     """Generates completions; returns ``len(prompts) * sampling.n`` completions, prompt-major."""
 
+    runs_policy: bool  # generate() runs the trainer's module (so the trainer gathers it for rollouts)
+
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         ...
 

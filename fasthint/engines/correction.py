@@ -48,6 +48,8 @@ class ISCorrectedEngine:
     ``stats`` accumulates, until :meth:`pop_stats`, the mismatch and ratio metrics of every call.
     """
 
+    runs_policy = True  # recomputes the trainer's log-probs of every rollout
+
     def __init__(self, engine, model, cfg):
         self.engine, self.model, self.cfg = engine, model, cfg
         self._reset()

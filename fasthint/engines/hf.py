@@ -18,6 +18,8 @@ from fasthint.engines.base import Completion, SamplingConfig
 class HFEngine:
     """Samples from ``model`` with its own decode loop; ``batch_size`` bounds the sequences per call."""
 
+    runs_policy = True  # samples from the trainer's module: rollouts run inside ``dist.gathered``
+
     def __init__(self, model, tokenizer, batch_size: int = 256):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None

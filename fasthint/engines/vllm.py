@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from fasthint import dist
 from fasthint.engines.base import Completion, SamplingConfig
 from fasthint.errors import ConfigError
 
@@ -30,6 +31,8 @@ SUPPORTED_VLLM = "0.32"
 
 class VLLMEngine:
     """``generate`` with vLLM; ``update_weights(model)`` streams the trainer's parameters into it."""
+
+    runs_policy = False  # samples from its own copy of the weights: rollouts need no gathered policy
 
     def __init__(self, model_path: str, tokenizer, *, seed: int = 0, gpu_memory_utilization: float = 0.5,
                  max_model_len: int = 4096, sleep_mode: bool = False, dtype: str = "auto"):
@@ -52,6 +55,7 @@ class VLLMEngine:
                        enable_sleep_mode=self.sleep_mode, enforce_eager=not torch.cuda.is_available(),
                        logprobs_mode="processed_logprobs", **kw)
         self.tokenizer = tokenizer
+        self.dtype = self.llm.llm_engine.model_config.dtype  # what the engine computes in ("auto": the model's)
 
     def _runner(self):
         return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner
@@ -87,17 +91,14 @@ class VLLMEngine:
 
     @torch.no_grad()
     def update_weights(self, model) -> None:
-        """Streams ``model``'s parameters into the engine one tensor at a time (an FSDP-sharded
-        parameter is gathered alone: a collective that every rank runs in the same order), then
-        drops the prefix cache, whose keys and values came from the old weights."""
+        """Streams ``model``'s weights into the engine, cast to the engine's dtype on the trainer's
+        side, one FSDP unit (decoder layer) per all-gather (:func:`fasthint.dist.full_parameters`:
+        collective, every rank in the same order; at most one layer whole at a time), then drops the
+        prefix cache, whose keys and values came from the old weights. With sleep mode the weights are
+        woken first and the KV cache last."""
         if self.sleep_mode:
             self.llm.wake_up(tags=["weights"])
-        def stream():
-            for name, tensor in model.state_dict().items():
-                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                yield name, full.detach()
-
-        self._runner().reload_weights(weights_iterator=stream())
+        self._runner().reload_weights(weights_iterator=dist.full_parameters(model, self.dtype))
         self.llm.reset_prefix_cache()
         if self.sleep_mode:
             self.llm.wake_up(tags=["kv_cache"])
