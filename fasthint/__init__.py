@@ -2,11 +2,15 @@
 
 Library use::
 
-    import fasthint
-    cfg = fasthint.TrainConfig(max_steps=20, output_dir="outputs/lib")
-    results = fasthint.fit(cfg)                       # math-verify reward
-    results = fasthint.fit(cfg, reward_fn=my_reward)  # my_reward(completion: str, row: dict) -> float
+    from fasthint import TrainConfig, train
+    cfg = TrainConfig(max_steps=20, output_dir="outputs/lib")
+    results = train(cfg)                                  # --reward_funcs (default: the math check)
+    results = train(cfg, reward_funcs=["math", brevity])  # brevity(prompts, completions, **columns), as in TRL
+
+``fasthint.fit(cfg, reward_fn=...)`` is the same with the original ``reward_fn(completion, row) -> float``.
 """
+import importlib
+
 from fasthint.errors import FastHintError
 from fasthint.rewards import math_reward
 
@@ -16,6 +20,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``TrainConfig`` and ``parse_args`` on first use: the package root stays import-light, because
     every math-verify worker process imports ``fasthint.rewards`` (and so this file)."""
+    if name == "train":  # the callable module fasthint/train.py (``train(config, reward_funcs=...)``)
+        return importlib.import_module("fasthint.train")
     if name in ("TrainConfig", "parse_args"):
         from fasthint import config  # lazy: the config pulls in torch, transformers and every component
 
@@ -23,12 +29,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fasthint' has no attribute {name!r}")
 
 
-def fit(config, reward_fn=None) -> dict:
+def fit(config, reward_fn=None, reward_funcs=None) -> dict:
     """Trains with ``config`` (a ``TrainConfig``; see ``fasthint.train.fit``); returns final and
     evaluation metrics."""
     from fasthint.train import fit as _fit  # lazy: importing it here would make `python -m fasthint.train` warn
 
-    return _fit(config, reward_fn)
+    return _fit(config, reward_fn, reward_funcs)
 
 
-__all__ = ["TrainConfig", "parse_args", "fit", "math_reward", "FastHintError", "__version__"]
+__all__ = ["TrainConfig", "parse_args", "fit", "train", "math_reward", "FastHintError", "__version__"]

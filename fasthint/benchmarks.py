@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from fasthint.data import QUESTION_COLUMNS, _answer_str, _read_rows
+from fasthint.data import QUESTION_COLUMNS, _answer_str
+from fasthint.tables import read_table
 from fasthint.errors import DataError
 from fasthint.options import Options, at_least, option
 from fasthint.rewards import last_boxed
@@ -58,7 +59,7 @@ def _gold(row: dict) -> tuple[Optional[str], str]:
 
 def load_benchmark(path: str) -> list[dict]:
     """Rows ``{uid, question, answer, ...}`` of one benchmark file (every other column kept)."""
-    raw = _read_rows(path)
+    raw = read_table(path)
     if not raw:
         raise DataError(f"benchmark file {path!r} has no rows")
     rows = []

@@ -3,7 +3,6 @@ over ranks), the rollout engine, reward, algorithm, hint provider and optimizer,
 wrappers the loop uses to time engine calls and render hinted prompts."""
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,6 @@ from fasthint.algorithms.hint_providers import make_hint_provider
 from fasthint.config import TrainConfig
 from fasthint.data import PromptSampler, render_prompt
 from fasthint.engines import make_engine
-from fasthint.errors import FastHintError
 from fasthint.eval import evaluate_accuracy
 from fasthint.hints import hinted_question
 from fasthint.loss import PolicyLoss
@@ -31,7 +29,7 @@ from fasthint.models import (
     trainer_attention,
 )
 from fasthint.preflight import preflight
-from fasthint.rewards import RewardScorer
+from fasthint.reward_funcs import Rewards
 from fasthint.update import OptimConfig
 
 RewardFn = Callable[[str, dict], float]
@@ -46,20 +44,6 @@ def setup(cfg: TrainConfig) -> torch.device:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     return device
-
-
-def reward_batch(cfg: TrainConfig, reward_fn: Optional[RewardFn]):
-    """A batch reward function ``(texts, rows) -> rewards``: the math verifier or the user's."""
-    if reward_fn is None:
-        scorer = RewardScorer(timeout_s=cfg.reward_timeout_s)
-        return (lambda texts, rows: scorer.score(texts, [r["answer"] for r in rows])), scorer.close
-
-    def user(texts, rows):
-        out = [float(reward_fn(t, r)) for t, r in zip(texts, rows)]
-        if not all(math.isfinite(x) for x in out):
-            raise FastHintError("the reward function returned a non-finite value: return a finite float")
-        return out
-    return user, (lambda: None)
 
 
 def evaluate_no_hint(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> dict:
@@ -172,14 +156,15 @@ class Run:
     prompts: dict
     timings: dict = field(default_factory=dict)
     tracker: SolveTracker = field(default_factory=SolveTracker)
+    skipped_rows: int = 0  # training rows left out by the data checks
 
 
-def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
+def build(cfg: TrainConfig, reward_fn: Optional[RewardFn], reward_funcs: Optional[list] = None) -> Run:
     """Device, data, model (sharded over ranks), engine, reward, algorithm, optimizer. Everything that
     can be checked without weights is checked first (``fasthint.preflight``), before anything is
     built or written."""
     device = setup(cfg)
-    pre = preflight(cfg, device)  # every rank, in seconds: data, resume point, packages, model config
+    pre = preflight(cfg, device, reward_fn, reward_funcs)  # every rank, in seconds: data, rewards, model config
     if dist.rank() != 0:  # rank 0 builds the toy model first
         dist.barrier()
     model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
@@ -201,12 +186,12 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn]) -> Run:
                   cfg.hint_max_prompt_length + cfg.hint_max_new_tokens if self_hints else 0)
     engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed, max_model_len=longest)
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
-    score, close_scorer = reward_batch(cfg, reward_fn)
+    score = Rewards(pre.reward_funcs, cfg, tokenizer, cfg.max_new_tokens)
     algo = make_algorithm(cfg)
     timings: dict = {}
     hints = hint_provider(cfg, algo, engine, tokenizer, timings)
     optimizer, scheduler = OptimConfig.build(cfg, policy.parameters())
     return Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
-                engine, score, close_scorer, algo, hints, optimizer, scheduler,
+                engine, score, score.close, algo, hints, optimizer, scheduler,
                 PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),
-                pre.prompts, timings)
+                pre.prompts, timings, skipped_rows=pre.skipped_rows)

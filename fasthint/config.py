@@ -8,6 +8,7 @@ Each component owns its settings in its own module (``fasthint.options`` explain
 | the run | :class:`TrainConfig` (its own fields) | ``fasthint.config`` |
 | model | ``ModelConfig`` | ``fasthint.models`` |
 | data | ``DataConfig`` | ``fasthint.data`` |
+| rewards | ``RewardConfig`` | ``fasthint.reward_funcs`` |
 | rollouts and engine | ``RolloutConfig`` | ``fasthint.engines.base`` |
 | advantages and loss | ``LossConfig`` | ``fasthint.loss`` |
 | optimisation | ``OptimConfig`` | ``fasthint.update`` |
@@ -42,6 +43,7 @@ from fasthint.algorithms import REGISTRY, algorithm_options
 from fasthint.benchmarks import EvaluationConfig
 from fasthint.checkpoint import CheckpointConfig
 from fasthint.data import DataConfig
+from fasthint.reward_funcs import RewardConfig
 from fasthint.engines.base import RolloutConfig
 from fasthint.errors import ConfigError
 from fasthint.loss import LossConfig
@@ -53,7 +55,7 @@ from fasthint.update import OptimConfig
 
 ALGOS = tuple(REGISTRY)
 # the components in --help order (TrainConfig's own fields come first); each algorithm brings its own
-COMPONENTS = ((ModelConfig, DataConfig, RolloutConfig, LossConfig, OptimConfig) + algorithm_options()
+COMPONENTS = ((ModelConfig, DataConfig, RewardConfig, RolloutConfig, LossConfig, OptimConfig) + algorithm_options()
               + (EvaluationConfig, CheckpointConfig, LoggingConfig, ToyConfig))
 
 
@@ -68,7 +70,6 @@ class TrainConfig(*reversed(COMPONENTS)):
     seed: int = option(0, "random seed (data order, sampling, toy construction).")
     cache_dir: str = option("~/.cache/fasthint", "cache for the toy model, tokenizer, data and warm start.")
     num_threads: int = option(0, "torch CPU threads (0 = torch's default: one per physical core).")
-    reward_timeout_s: float = option(5.0, "per-completion time limit of the math verifier.")
 
     def validate(self) -> "TrainConfig":
         """Resolves the algorithm's ``auto`` settings, then checks every component once; raises
@@ -87,7 +88,6 @@ class TrainConfig(*reversed(COMPONENTS)):
             component.check(self)
         at_least(self, ("prompts_per_step", "max_steps"), 1)
         at_least(self, ("num_threads",), 0)
-        need(self.reward_timeout_s > 0, f"--reward_timeout_s must be > 0 (got {self.reward_timeout_s})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")
         return self

@@ -1,13 +1,13 @@
-"""Datasets: loading and validation of JSONL/Parquet files, prompt rendering, uids, prompt order.
+"""Datasets: validation of the rows ``fasthint.tables`` reads, prompt rendering, uids, prompt order.
 
-A row needs a question (column ``question`` or ``problem``) and a gold ``answer``; ``solution``,
-``hint`` and ``level`` are optional and every other column is kept (user reward functions see the
-whole row). Each row gets a ``uid`` (its row index) that keys its group everywhere downstream.
+A row needs a question (column ``question`` or ``problem``, or ``--question_column``) and a gold
+answer (``--answer_column``); a solution, hints and ``level`` are optional and every other column is
+kept (reward functions see the whole row). A row that cannot be used is skipped and counted (or an
+error with ``--strict_data``). Each row gets a ``uid`` (its row index) that keys its group everywhere
+downstream.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -16,6 +16,7 @@ from fasthint.errors import DataError
 from fasthint.hints import as_hint_levels
 from fasthint.options import Options, need, option
 from fasthint.rewards import check_gold
+from fasthint.tables import read_table
 
 QUESTION_COLUMNS = ("question", "problem")
 
@@ -25,45 +26,33 @@ class DataConfig(Options):
     """The training and evaluation sets and how a question becomes a prompt."""
 
     GROUP = "data"
-    data: str = option("toy", "training set: JSONL or Parquet with question|problem, answer, optional "
-                              "solution and hint columns; 'toy' generates the synthetic arithmetic set.")
-    eval_data: str = option("toy", "no-hint evaluation set run before and after training "
+    data: str = option("toy", "training set: a JSONL/JSON, Parquet, CSV or Arrow file, a save_to_disk folder or "
+                              "a hub id (name or name:config); 'toy' generates the synthetic arithmetic set.")
+    data_split: str = option("train", "split of --data when it has several (a hub id, a DatasetDict folder).")
+    eval_data: str = option("toy", "no-hint evaluation set run before and after training, any --data form "
                                    "('toy' = held-out toy problems; '' = skip).")
+    eval_data_split: str = option("test", "split of --eval_data when it has several.")
+    question_column: str = option("", "column holding the question ('' = 'question', else 'problem').")
+    answer_column: str = option("answer", "column holding the gold answer (checked with math-verify).")
+    solution_column: str = option("solution", "column holding a reference solution (optional; hints cut from "
+                                              "it).")
+    hint_column: str = option("hint", "column holding hints (optional: a text, 3 texts or level_1..3).")
+    strict_data: bool = option(False, "stop at the first bad row (no question or answer, unparseable answer, "
+                                      "prompt over --max_prompt_length) instead of skipping and counting it "
+                                      "(data/skipped_rows).")
     prompt_template: str = option("{question}", "user-turn text; {question} is replaced by the question "
                                                 "(e.g. add 'put your final answer within \\boxed{}').")
-    max_prompt_length: int = option(512, "prompts longer than this (in tokens) are a data error.")
+    max_prompt_length: int = option(512, "prompts longer than this (in tokens) are skipped (an error with "
+                                         "--strict_data).")
+
+    @property
+    def columns(self) -> "Columns":
+        return Columns(self.question_column, self.answer_column, self.solution_column, self.hint_column)
 
     def check(self) -> None:
         need(self.max_prompt_length >= 1, f"--max_prompt_length must be >= 1 (got {self.max_prompt_length})")
         need("{question}" in self.prompt_template,
              f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
-
-
-def _read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise DataError(f"data file {path!r} not found: pass --data PATH to a JSONL or Parquet file")
-    if os.path.isdir(path):
-        raise DataError(f"data path {path!r} is a directory: pass --data PATH to one JSONL or Parquet file")
-    if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq  # lazy: pyarrow is heavy and only Parquet files need it
-
-            return pq.read_table(path).to_pylist()
-        except Exception as e:  # noqa: BLE001 - any reader failure is a data error
-            raise DataError(f"cannot read Parquet file {path!r} ({type(e).__name__}): check the file") from None
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i} is not valid JSON ({e.msg}): fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {i} is not a JSON object: each line must be one row object")
-            rows.append(row)
-    return rows
 
 
 def _answer_str(value: Any) -> Optional[str]:
@@ -83,46 +72,103 @@ def _valid_hint(value) -> bool:
     return as_hint_levels(value) is not None
 
 
-def load_dataset(path: str, *, check_answers: bool = True) -> list[dict]:
-    """Reads and validates a dataset; returns rows with ``uid``, ``question``, ``answer`` and extras.
+class Rows(list):
+    """A dataset's usable rows; ``skipped`` lists ``(row number, reason)`` of the rows left out."""
 
-    Raises DataError naming the row and the fix for: a missing file, a row without a question or
-    answer, an answer of the wrong type, a gold answer math-verify cannot parse, an empty file.
+    skipped: list[tuple[int, str]]
+    total: int
+
+
+def _row_problem(r: dict, cols: "Columns", check_answers: bool) -> tuple[Optional[str], Optional[dict]]:
+    """(why the row cannot be used, None) or (None, the row with canonical columns)."""
+    q_col = cols.question or next((c for c in QUESTION_COLUMNS if r.get(c) is not None), QUESTION_COLUMNS[0])
+    question = r.get(q_col)
+    if not isinstance(question, str) or not question.strip():
+        return f"empty or missing question ({q_col!r})", None
+    answer = _answer_str(r.get(cols.answer))
+    if not answer:
+        return f"empty, missing or non-scalar answer ({cols.answer!r}: {str(r.get(cols.answer))[:40]!r})", None
+    if check_answers:
+        problem = check_gold(answer)
+        if problem:
+            return f"gold answer {answer!r} cannot be parsed ({problem})", None
+    solution, hint = r.get(cols.solution), r.get(cols.hint)
+    if solution is not None and not isinstance(solution, str):
+        return f"column {cols.solution!r} must be text, got {type(solution).__name__}", None
+    if not _valid_hint(hint):
+        return (f"column {cols.hint!r} must be a text, a list of 3 texts (levels 1-3) or an object with keys "
+                f"level_1, level_2, level_3; got {str(hint)[:80]!r}"), None
+    row = dict(r)
+    row.update(question=question, answer=answer, solution=solution, hint=hint)
+    return None, row
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which source column holds each field ('' question: 'question' or else 'problem')."""
+
+    question: str = ""
+    answer: str = "answer"
+    solution: str = "solution"
+    hint: str = "hint"
+
+
+def _check_columns(rows: list[dict], cols: Columns, path: str) -> None:
+    """A field whose column no row has is a flag problem, not a bad row: one line naming the flag."""
+    present = set().union(*(r.keys() for r in rows))
+    wanted = [("question_column", cols.question or None, QUESTION_COLUMNS), ("answer_column", cols.answer, None)]
+    for flag, name, alternatives in wanted:
+        names = (name,) if name else alternatives
+        if not present & set(names):
+            shown = " or ".join(repr(n) for n in names)
+            raise DataError(f"{path} has no {shown} column (its columns: {sorted(present)}): pass --{flag} "
+                            "naming the column that holds it")
+
+
+def load_dataset(path: str, *, split: str = "train", columns: Optional[Columns] = None, check_answers: bool = True,
+                 strict: bool = False) -> Rows:
+    """Reads (:func:`fasthint.tables.read_table`) and validates a dataset; returns rows with ``uid``,
+    ``question``, ``answer``, ``solution``, ``hint`` and every source column.
+
+    A row without a question or answer, with a gold answer math-verify cannot parse, or a malformed
+    solution/hint is skipped and listed in ``rows.skipped`` (``strict``: a DataError naming the row
+    instead). Always a DataError: a missing source, a column no row has (the flag to pass is named),
+    no rows, every row skipped, duplicate uids.
     """
-    raw = _read_rows(path)
+    cols = columns or Columns()
+    raw = read_table(path, split)
     if not raw:
         raise DataError(f"data file {path!r} has no rows: pass a dataset with at least one row")
-    rows = []
+    _check_columns(raw, cols, path)
+    rows, skipped = Rows(), []
     for i, r in enumerate(raw):
-        q_col = next((c for c in QUESTION_COLUMNS if c in r), None)
-        if q_col is None:
-            raise DataError(f"{path}: row {i} has no 'question' or 'problem' column: add one to every row")
-        if "answer" not in r:
-            raise DataError(f"{path}: row {i} has no 'answer' column: add the gold answer to every row")
-        question = r[q_col]
-        if not isinstance(question, str) or not question.strip():
-            raise DataError(f"{path}: row {i} has an empty or non-text {q_col!r}: give every row a question")
-        answer = _answer_str(r["answer"])
-        if not answer:
-            raise DataError(f"{path}: row {i} has an empty or non-scalar answer {r['answer']!r}: "
-                            "give a number or LaTeX string")
-        if check_answers:
-            problem = check_gold(answer)
-            if problem:
-                raise DataError(f"{path}: row {i}: gold answer {answer!r} cannot be parsed ({problem}): "
-                                "fix or drop the row")
-        row = dict(r)
-        row.update(uid=str(r.get("uid", i)), question=question, answer=answer)
-        if row.get("solution") is not None and not isinstance(row["solution"], str):
-            raise DataError(f"{path}: row {i}: column 'solution' must be text, got {type(row['solution']).__name__}")
-        if not _valid_hint(row.get("hint")):
-            raise DataError(f"{path}: row {i}: column 'hint' must be a text, a list of 3 texts (levels 1-3) or "
-                            f"an object with keys level_1, level_2, level_3; got {str(row['hint'])[:80]!r}")
+        problem, row = _row_problem(r, cols, check_answers)
+        if problem:
+            if strict:
+                raise DataError(f"{path}: row {i}: {problem}: fix or drop the row (or leave out --strict_data "
+                                "to skip such rows)")
+            skipped.append((i, problem))
+            continue
+        row["uid"] = str(r.get("uid", i))
         rows.append(row)
+    rows.skipped, rows.total = skipped, len(raw)
+    if not rows:
+        raise DataError(f"{path}: all {len(raw)} rows were skipped (row {skipped[0][0]}: {skipped[0][1]}): fix the "
+                        "data or the column flags (--question_column, --answer_column)")
     uids = [r["uid"] for r in rows]
     if len(set(uids)) != len(uids):
         raise DataError(f"{path}: the 'uid' column has duplicates: make uids unique or drop the column")
     return rows
+
+
+def skipped_summary(path: str, rows: Rows, limit: int = 3) -> Optional[str]:
+    """One line: how many rows of ``path`` were skipped, the first few and why; None if none."""
+    if not rows.skipped:
+        return None
+    first = "; ".join(f"row {i}: {why}" for i, why in rows.skipped[:limit])
+    more = f"; and {len(rows.skipped) - limit} more" if len(rows.skipped) > limit else ""
+    return (f"{path}: skipped {len(rows.skipped)} of {rows.total} rows ({first}{more}); --strict_data makes "
+            "a bad row an error")
 
 
 def render_prompt(tokenizer, question: str, template: str = "{question}") -> list[int]:

@@ -46,6 +46,7 @@ def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[
     comps = engine.generate(prompts, SamplingConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens))
     texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
     rewards = reward_fn(texts, [rows[c.prompt_index] for c in comps])
+    rewards = getattr(rewards, "correct", rewards)  # fasthint.reward_funcs.Scores: correctness, not the total
     by_level: dict = defaultdict(list)
     for c, r in zip(comps, rewards):
         by_level[rows[c.prompt_index].get("level")].append(r)

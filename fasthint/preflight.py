@@ -4,19 +4,22 @@ mismatch stops the run within seconds, with one line naming the problem and the 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from transformers import AutoTokenizer
 
+from fasthint import dist
 from fasthint.algorithms import REGISTRY
 from fasthint.checkpoint import find_resume
 from fasthint.config import TrainConfig
-from fasthint.data import load_dataset, render_prompt
+from fasthint.data import Rows, load_dataset, render_prompt, skipped_summary
 from fasthint.errors import ConfigError, DataError, ModelError
 from fasthint.head import head_transform
+from fasthint.reward_funcs import RewardFunc, legacy_reward, resolve
 from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path, trainer_attention
 from fasthint.toy.model import build_tokenizer
 from fasthint.toy.task import ensure_toy_data
@@ -35,6 +38,18 @@ class Checked:
     resume_dir: Optional[str]
     attn_implementation: Optional[str]  # None for the toy until it is built (a Qwen2: sdpa)
     prompts: dict  # uid -> prompt ids, rendered with the run's tokenizer (the toy's is built in-process)
+    skipped_rows: int = 0  # training rows left out (data/skipped_rows)
+    reward_funcs: list = field(default_factory=list)  # fasthint.reward_funcs.RewardFunc, imported
+
+
+def reward_functions(cfg: TrainConfig, reward_fn: Optional[Callable] = None,
+                     reward_funcs: Optional[list] = None) -> list[RewardFunc]:
+    """The run's rewards: ``reward_funcs`` (API) or ``--reward_funcs``, import paths imported now; the
+    original ``reward_fn(completion, row)`` replaces them when given."""
+    if reward_fn is not None:
+        name = getattr(reward_fn, "__name__", "reward").strip("<>") or "reward"
+        return [RewardFunc(name, 1.0, fn=legacy_reward(reward_fn))]
+    return resolve(cfg, reward_funcs)
 
 
 def data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
@@ -88,16 +103,26 @@ def _tokenizer(cfg: TrainConfig, path: Optional[str]):
                          "its tokenizer files (save the tokenizer with save_pretrained next to the model)") from None
 
 
-def render_prompts(cfg: TrainConfig, tokenizer, rows: list[dict], path: str) -> dict:
-    """Every training prompt's ids by uid (rendered once, here), each within ``--max_prompt_length``."""
+def render_prompts(cfg: TrainConfig, tokenizer, rows: Rows, path: str) -> tuple[Rows, dict]:
+    """Every training prompt's ids by uid (rendered once, here); rows whose prompt is longer than
+    ``--max_prompt_length`` are skipped (added to ``rows.skipped``) or, with ``--strict_data``, an error."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: set eos_token in its tokenizer_config.json")
     prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
     too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
-    if too_long:
-        raise DataError(f"{path}: {len(too_long)} prompts (first uid {too_long[0]}) are longer than "
+    if too_long and (cfg.strict_data or len(too_long) == len(rows)):
+        raise DataError(f"{path}: {len(too_long)} of {len(rows)} prompts (first uid {too_long[0]}) are longer than "
                         f"--max_prompt_length {cfg.max_prompt_length}: raise it or drop those rows")
-    return prompts
+    if too_long:
+        long = set(too_long)
+        kept = Rows(r for r in rows if r["uid"] not in long)
+        kept.total = rows.total
+        kept.skipped = rows.skipped + [(r["uid"], f"prompt of {len(prompts[r['uid']])} tokens is over "
+                                              f"--max_prompt_length {cfg.max_prompt_length}")
+                                       for r in rows if r["uid"] in long]
+        rows = kept
+        prompts = {u: p for u, p in prompts.items() if u not in long}
+    return rows, prompts
 
 
 def check_output_dir(path: str) -> None:
@@ -121,12 +146,18 @@ def check_tokenizer_fits(tokenizer, config, path: str) -> None:
                          "next to it)")
 
 
-def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
+def preflight(cfg: TrainConfig, device: torch.device, reward_fn: Optional[Callable] = None,
+              reward_funcs: Optional[list] = None) -> Checked:
     """Reads and checks the data, the resume point, optional packages and (for a real model) the
     config and tokenizer of the checkpoint; raises a FastHintError before any expensive work."""
+    rewards = reward_functions(cfg, reward_fn, reward_funcs)
     train_path, eval_path = data_paths(cfg)
-    rows = load_dataset(train_path)
-    eval_rows = spread(load_dataset(eval_path), cfg.eval_max_prompts) if eval_path else []
+    rows = load_dataset(train_path, split=cfg.data_split, columns=cfg.columns, strict=cfg.strict_data)
+    eval_rows = []
+    if eval_path:
+        full_eval = load_dataset(eval_path, split=cfg.eval_data_split, columns=cfg.columns, strict=cfg.strict_data)
+        _log_skipped(eval_path, full_eval)
+        eval_rows = spread(full_eval, cfg.eval_max_prompts)
     resume_dir = find_resume(cfg)
     check_output_dir(cfg.output_dir)
     check_hint_data(cfg, rows)
@@ -142,5 +173,12 @@ def preflight(cfg: TrainConfig, device: torch.device) -> Checked:
                                  cfg.padding_free)
         tokenizer = _tokenizer(cfg, path)
         check_tokenizer_fits(tokenizer, config, path)
-    prompts = render_prompts(cfg, tokenizer, rows, train_path)
-    return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn, prompts)
+    rows, prompts = render_prompts(cfg, tokenizer, rows, train_path)
+    _log_skipped(train_path, rows)
+    return Checked(train_path, eval_path, rows, eval_rows, resume_dir, attn, prompts, len(rows.skipped), rewards)
+
+
+def _log_skipped(path: str, rows: Rows) -> None:
+    line = skipped_summary(path, rows)
+    if line and dist.rank() == 0:
+        logging.getLogger("fasthint").warning(line)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Optional
 
 import torch
 
@@ -24,26 +25,28 @@ def sync_algo_state(algo, local_uids: list[str]) -> None:
 SUMMED_INFO = ("hint/requested", "sampled_tokens", "hint/truncated")
 
 
-def _reward_stats(rewards: list, suffix: str = "") -> dict:
-    t = torch.tensor(rewards)
+def _reward_stats(rewards: list, hits: list, suffix: str = "") -> dict:
+    t, h = torch.tensor(rewards), torch.tensor(hits)
     return {f"reward/mean{suffix}": t.mean().item() if len(t) else float("nan"),
             f"reward/std{suffix}": t.std().item() if len(t) > 1 else float("nan"),
-            f"accuracy{suffix}": (t >= 1.0).float().mean().item() if len(t) else float("nan")}
+            f"accuracy{suffix}": (h >= 1.0).float().mean().item() if len(h) else float("nan")}
 
 
-def reward_metrics(groups: list, sampled: list) -> dict:
+def reward_metrics(groups: list, sampled: list, sampled_hits: Optional[list] = None) -> dict:
     """``reward/*`` and ``accuracy`` over the no-hint rollouts (a hinted group's no-hint rewards are its
     ``pre_hint_rewards``), comparable with GRPO; ``reward/hinted`` over the hinted ones. With ``sampled``
     (DAPO: the rewards of every group it sampled, kept or not) the headline figures are over those, and
     ``.../kept`` over the groups that trained."""
     plain = [r for g in groups for r in (g.rewards if g.level == 0 else g.pre_hint_rewards or [])]
-    out = _reward_stats(sampled) if sampled else _reward_stats(plain)
+    plain_hits = [r for g in groups for r in (g.hits if g.level == 0 else g.pre_hint_correct or g.pre_hint_rewards
+                                              or [])]
+    out = _reward_stats(sampled, sampled_hits or sampled) if sampled else _reward_stats(plain, plain_hits)
     if sampled:
-        out.update(_reward_stats(plain, "/kept"))
+        out.update(_reward_stats(plain, plain_hits, "/kept"))
     hinted = [r for g in groups if g.level > 0 for r in g.rewards]
     if hinted:
         out["reward/hinted"] = sum(hinted) / len(hinted)
-        out["accuracy/hinted"] = sum(r >= 1.0 for r in hinted) / len(hinted)
+        out["accuracy/hinted"] = sum(r >= 1.0 for g in groups if g.level > 0 for r in g.hits) / len(hinted)
     return out
 
 
@@ -61,7 +64,8 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
     lens = [n for _, ls, _ in light for n in ls] or [0]
     truncs = [t for _, _, ts in light for t in ts]
     sampled = [r for i in infos for r in i.pop("_sampled_rewards", None) or []]  # DAPO: every sampled group
-    out = {**reward_metrics(gs, sampled), **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
+    sampled_hits = [r for i in infos for r in i.pop("_sampled_hits", None) or []]
+    out = {**reward_metrics(gs, sampled, sampled_hits), **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
            "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
            "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),
            "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),

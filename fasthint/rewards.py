@@ -109,9 +109,10 @@ def _serve(fd: int) -> None:
         except (EOFError, OSError):
             return
         try:
-            value = float(worker_fn(pred, gold))
-        except BaseException:
-            value = 0.0
+            value = worker_fn(pred, gold)
+            value = None if value is None else float(value)
+        except BaseException as e:  # reported to the parent, which decides (math: 0.0; a plug-in: an error)
+            value = ("error", f"{type(e).__name__}: {str(e).strip()[:200]}")
         conn.send(value)
 
 
@@ -194,16 +195,28 @@ class RewardScorer:
             else:
                 pending.append((i, _strip(pred), _strip(gold)))
         if pending:
-            with self._lock:
-                try:
-                    self._run(pending, results)
-                except BaseException:  # e.g. KeyboardInterrupt: never leave a worker mid-item
-                    for w in [w for w in self._workers if w.item is not None or not w.ready]:
-                        self._drop(w)
-                    raise
+            self._score_pending(pending, results)
+        return [r if isinstance(r, float) else 0.0 for r in results]  # a failed check scores 0
+
+    def call(self, items: list[tuple[Any, Any]]) -> list[Any]:
+        """``worker_fn(a, b)`` for each item in the workers, each within the deadline: a float, None,
+        ``("error", message)`` when it raised, or 0.0 when it overran (the worker is replaced)."""
+        results: list[Any] = [0.0] * len(items)
+        pending = deque((i, a, b) for i, (a, b) in enumerate(items))
+        if pending:
+            self._score_pending(pending, results)
         return results
 
-    def _run(self, pending: deque[tuple[int, str, str]], results: list[float]) -> None:
+    def _score_pending(self, pending: deque, results: list) -> None:
+        with self._lock:
+            try:
+                self._run(pending, results)
+            except BaseException:  # e.g. KeyboardInterrupt: never leave a worker mid-item
+                for w in [w for w in self._workers if w.item is not None or not w.ready]:
+                    self._drop(w)
+                raise
+
+    def _run(self, pending: deque, results: list) -> None:
         if os.getpid() != self._pid:  # forked copy: those workers are not ours
             self._workers, self._pid = [], os.getpid()
         may_start, starts_left = True, self.num_workers + len(pending)  # bounds restarts per batch
@@ -246,7 +259,7 @@ class RewardScorer:
                     if msg == "ready":
                         w.ready = True
                     else:
-                        results[w.item] = float(msg)  # type: ignore[index]
+                        results[w.item] = msg  # type: ignore[index]
                         w.item = None
                 elif time.monotonic() >= w.deadline:
                     may_start = may_start and w.ready  # a start that timed out: give up this batch

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+import types
 from typing import Callable, Optional
 
 import transformers
@@ -40,14 +41,16 @@ from fasthint.update import policy_update, train_step  # noqa: F401 - train_step
 log = logging.getLogger("fasthint")
 
 
-def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None) -> dict:
+def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None, reward_funcs: Optional[list] = None) -> dict:
     """Trains with ``cfg``; returns the final metrics (incl. ``eval/...`` before and after).
 
-    ``reward_fn(completion_text, row) -> float`` replaces the math verifier when given.
+    ``reward_funcs``: built-in names, ``module:function`` paths or callables with TRL's signature
+    (``fasthint.reward_funcs``), replacing ``cfg.reward_funcs``. ``reward_fn(completion_text, row) ->
+    float``, the original form, replaces both when given.
     """
     cfg.validate()
     try:
-        run = build(cfg, reward_fn)
+        run = build(cfg, reward_fn, reward_funcs)
         try:
             return _fit(run)
         finally:
@@ -113,6 +116,7 @@ def _fit(run: Run) -> dict:
     try:
         for step in bar:
             t_step = time.perf_counter()
+            run.score.pop_stats()  # this step's rewards only (not an evaluation's)
             timings.clear()
             batch = [run.rows[i] for i in next(sampler)][rank::world]  # whole prompts (groups) per rank
             # the whole policy on every rank: for rollouts when the engine runs it (hf), else (vllm: its
@@ -135,9 +139,11 @@ def _fit(run: Run) -> dict:
             if world > 1:
                 sync_algo_state(algo, [r["uid"] for r in batch])
             last = {"step": step, **step_metrics(groups, tracker, {**info, **info_train}, timings),
-                    **upd, "lr": run.scheduler.get_last_lr()[0], "time/train_s": t_train}
+                    **upd, "lr": run.scheduler.get_last_lr()[0], "time/train_s": t_train,
+                    "data/skipped_rows": run.skipped_rows}
             if isinstance(engine, ISCorrectedEngine):  # the sampler-trainer mismatch, measured at rollout
                 last.update(merge_stats(dist.all_gather(engine.pop_stats())))
+            last.update(reward_means(dist.all_gather(run.score.pop_stats())))
             last["time/step_s"] = time.perf_counter() - t_step
             last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:  # the last: _finish
@@ -183,6 +189,17 @@ def _full_state(policy: PolicyLoss) -> Optional[dict]:
     return dist.full_state_dict(policy) if dist.world_size() > 1 else None
 
 
+def reward_means(parts: list[dict]) -> dict:
+    """``rewards/<name>/mean`` over every rank's ``Rewards.pop_stats()`` (applicable values only)."""
+    sums: dict[str, list[float]] = {}
+    for part in parts:
+        for name, (total, count) in part.items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += total
+            acc[1] += count
+    return {f"rewards/{n}/mean": (t / c if c else float("nan")) for n, (t, c) in sums.items()}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """CLI entry point: returns the exit status (2 for bad input, with one line on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -196,6 +213,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """``fasthint.train(config, reward_funcs=[...])`` is :func:`fit`: this module is callable, so the
+    Python API and ``torchrun -m fasthint.train`` share one name."""
+
+    def __call__(self, config: TrainConfig, reward_funcs: Optional[list] = None,
+                 reward_fn: Optional[RewardFn] = None) -> dict:
+        return fit(config, reward_fn, reward_funcs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

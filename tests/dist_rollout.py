@@ -36,7 +36,7 @@ def main(out: str) -> None:
     cfg.validate()
     sampler = PromptSampler(len(rows), cfg.prompts_per_step, seed=1)
     ctx = RolloutContext(engine=Scripted(), tokenizer=Tok(), sampling=SamplingConfig(n=4),
-                         score=lambda texts, rs: [reward(t, r) for t, r in zip(texts, rs)],
+                         score=lambda texts, rs, *ids: [reward(t, r) for t, r in zip(texts, rs)],
                          render=lambda row, hint: [int(row["uid"])],
                          next_rows=lambda: [rows[i] for i in next(sampler)])
     algo = make_algorithm(cfg)

@@ -56,7 +56,7 @@ def _ctx(rows, engine=None, hints=None, next_rows=None):
     def render(row, hint):
         return [100 * index[row["uid"]] + (int(hint[1]) if hint else 0)]
 
-    def score(texts, rs):
+    def score(texts, rs, prompt_ids=None, completion_ids=None):
         out = []
         for j, (t, r) in enumerate(zip(texts, rs)):
             lvl = int(t) % 100

@@ -10,7 +10,7 @@ from conftest import REPO
 LAYERS = {
     "fasthint_kernels": 0,                       # kernels: math on tensors, nothing from fasthint
     "fasthint.errors": 1, "fasthint.options": 1, "fasthint.hints": 1, "fasthint.hint_json": 1, "fasthint.hint_leak": 1,
-    "fasthint.batch": 1, "fasthint.rewards": 1, "fasthint.packing": 1,
+    "fasthint.batch": 1, "fasthint.rewards": 1, "fasthint.packing": 1, "fasthint.tables": 1, "fasthint.reward_funcs": 1,
     "fasthint.head": 1, "fasthint.data": 1, "fasthint.dist": 1, "fasthint.engines.base": 1,
     "fasthint.toy.task": 1,                      # foundation: types, data, verifier, collectives
     "fasthint.autoselect": 2, "fasthint.ops": 2,  # ops: dispatch over the kernels

@@ -54,10 +54,10 @@ def test_hint_column_forms_reach_the_dataset_provider(tmp_path):
 
 
 @pytest.mark.parametrize("rows,match", [
-    ([{"question": "q"}], "row 0 has no 'answer'"),
-    ([{"answer": "1", "question": "q"}, {"answer": "1"}], "row 1 has no 'question' or 'problem'"),
-    ([{"question": "q", "answer": None}], "row 0 has an empty"),
-    ([{"question": "q", "answer": [1, 2]}], "row 0 has an empty or non-scalar"),
+    ([{"question": "q"}], "no 'answer' column .*pass --answer_column"),
+    ([{"answer": "1", "question": "q"}, {"answer": "1"}], "row 1: empty or missing question"),
+    ([{"question": "q", "answer": None}], "row 0: empty, missing or non-scalar answer"),
+    ([{"question": "q", "answer": [1, 2]}], "row 0: empty, missing or non-scalar"),
     ([{"question": "q", "answer": "\\frac{"}], "cannot be parsed"),
     ([{"question": "q", "answer": "1", "hint": 3}], "'hint' must be a text, a list of 3 texts"),
     ([{"question": "q", "answer": "1", "hint": ["a", "b"]}], "row 0: column 'hint' must be"),
@@ -65,8 +65,16 @@ def test_hint_column_forms_reach_the_dataset_provider(tmp_path):
     ([{"question": "q", "answer": "1", "solution": 5}], "'solution' must be text"),
 ])
 def test_data_errors_name_the_row(tmp_path, rows, match):
+    """With --strict_data a bad row stops the run naming the row; without, it is skipped (every row
+    bad is an error naming the first)."""
+    path = _jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataError, match=match):
-        load_dataset(_jsonl(tmp_path / "d.jsonl", rows))
+        load_dataset(path, strict=True)
+    if len(rows) > 1:  # the good row stays, the bad one is counted
+        assert [i for i, _ in load_dataset(path).skipped] == [1]
+        return
+    with pytest.raises(DataError, match="no 'answer' column" if "column .*" in match else "rows were skipped"):
+        load_dataset(path)
 
 
 def test_missing_and_empty_and_bad_json(tmp_path):

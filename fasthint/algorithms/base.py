@@ -22,7 +22,9 @@ from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
 from fasthint.loss import Term, clip_terms
 
-ScoreFn = Callable[[list[str], list[dict]], list[float]]
+# (texts, rows, prompt_ids, completion_ids) -> rewards (fasthint.reward_funcs.Rewards: a Scores list that
+# also carries each completion's correctness)
+ScoreFn = Callable[[list[str], list[dict], list[list[int]], list[list[int]]], list[float]]
 
 
 @dataclass
@@ -37,18 +39,25 @@ class Group:
     level: int = 0
     hint: Optional[str] = None
     pre_hint_rewards: Optional[list[float]] = None  # rewards of the no-hint group this one replaced
+    correct: Optional[list[float]] = None  # the correct-reward's values (--correct_reward); None: the rewards
+    pre_hint_correct: Optional[list[float]] = None  # the same for the replaced no-hint group
+
+    @property
+    def hits(self) -> list[float]:
+        """What decides correctness: >= 1 is correct (the ``math`` reward by default)."""
+        return self.correct if self.correct is not None else self.rewards
 
     @property
     def all_zero(self) -> bool:
-        return max(self.rewards) <= 0.0
+        return max(self.hits) <= 0.0
 
     @property
     def solved(self) -> bool:
-        return max(self.rewards) >= 1.0
+        return max(self.hits) >= 1.0
 
     @property
     def accuracy(self) -> float:
-        return sum(r >= 1.0 for r in self.rewards) / len(self.rewards)
+        return sum(r >= 1.0 for r in self.hits) / len(self.hits)
 
 
 @dataclass
@@ -76,13 +85,16 @@ def sample_groups(ctx: RolloutContext, rows: list[dict], hints: Optional[list[Op
     prompts = [ctx.render(r, h) for r, h in zip(rows, hints)]
     comps = ctx.engine.generate(prompts, ctx.sampling)
     texts = ctx.tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-    rewards = ctx.score(texts, [rows[c.prompt_index] for c in comps])
+    rewards = ctx.score(texts, [rows[c.prompt_index] for c in comps], [prompts[c.prompt_index] for c in comps],
+                        [c.token_ids for c in comps])
+    correct = getattr(rewards, "correct", None)  # fasthint.reward_funcs.Scores; a plain list: rewards decide
     by_prompt: list[list[int]] = [[] for _ in rows]
     for i, c in enumerate(comps):
         by_prompt[c.prompt_index].append(i)
     return [Group(uid=rows[p]["uid"], row=rows[p], prompt_ids=prompts[p], completions=[comps[i] for i in idx],
                   rewards=[float(rewards[i]) for i in idx], level=levels[p] if hints[p] is not None else 0,
-                  hint=hints[p]) for p, idx in enumerate(by_prompt)]
+                  hint=hints[p], correct=None if correct is None else [float(correct[i]) for i in idx])
+            for p, idx in enumerate(by_prompt)]
 
 
 def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
@@ -205,7 +217,8 @@ class SolveTracker:
     def update(self, groups: list[Group]) -> float:
         for g in groups:
             self.seen.add(g.uid)
-            if g.solved or (g.pre_hint_rewards and max(g.pre_hint_rewards) >= 1.0):
+            before = g.pre_hint_correct or g.pre_hint_rewards
+            if g.solved or (before and max(before) >= 1.0):
                 self.solved.add(g.uid)
         return 1.0 - len(self.solved) / max(1, len(self.seen))
 

@@ -47,10 +47,12 @@ class DAPO(Algorithm):
         kept: list[Group] = []
         sampled = rounds = 0
         all_rewards: list[float] = []
+        all_hits: list[float] = []
         while True:
             groups = sample_groups(ctx, rows)
             sampled += len(groups)
             all_rewards += [r for g in groups for r in g.rewards]
+            all_hits += [r for g in groups for r in g.hits]
             rounds += 1
             kept += [g for g in groups if max(g.rewards) > min(g.rewards)]
             n_kept = int(dist.all_sum([len(kept)])[0])
@@ -60,5 +62,5 @@ class DAPO(Algorithm):
         before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
         total = int(dist.all_sum([sampled])[0])
         info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total),
-                "_sampled_rewards": all_rewards}  # reward/accuracy over every sampled group (reporting)
+                "_sampled_rewards": all_rewards, "_sampled_hits": all_hits}  # reward/accuracy over every sampled group
         return kept[:max(0, want - before)], info

@@ -68,6 +68,7 @@ class _HintedResample(Algorithm):
                                  [lv for _, lv, _ in todo])
             for (old, _, _), new in zip(todo, redo):
                 new.pre_hint_rewards = old.rewards
+                new.pre_hint_correct = old.hits
                 groups[new.uid] = new
         return [groups[r["uid"]] for r in rows], info
 
