@@ -18,7 +18,6 @@ from fasthint.config import TrainConfig
 from fasthint.data import PromptSampler, render_prompt
 from fasthint.engines import make_engine
 from fasthint.eval import evaluate_accuracy
-from fasthint.hints import hinted_question
 from fasthint.loss import PolicyLoss
 from fasthint.models import (
     load_model_config,
@@ -50,7 +49,7 @@ def evaluate_no_hint(engine, tokenizer, rows: list[dict], score, cfg: TrainConfi
     """No-hint greedy accuracy (and avg@k and pass@k of sampled completions) overall and per level."""
     if not rows:
         return {}
-    kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_template)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_format)
     out = evaluate_accuracy(engine, tokenizer, rows, score, **kw)
     if cfg.eval_samples:
         k = cfg.eval_samples
@@ -100,7 +99,7 @@ def renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Calla
     def render(row: dict, hint: Optional[str]) -> list[int]:
         if hint is None:
             return prompts[row["uid"]]
-        ids = render_prompt(tokenizer, hinted_question(row["question"], hint), cfg.prompt_template)
+        ids = render_prompt(tokenizer, row["question"], cfg.prompt_format, hint=hint)
         if len(ids) <= cfg.max_prompt_length:
             return ids
         timings["hint_truncated"] = timings.get("hint_truncated", 0) + 1
@@ -108,7 +107,7 @@ def renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Calla
         keep = len(hint_ids) - (len(ids) - cfg.max_prompt_length)
         while True:  # token boundaries may merge differently after the cut: shrink until it fits
             text = tokenizer.decode(hint_ids[:max(0, keep)], skip_special_tokens=True)
-            ids = render_prompt(tokenizer, hinted_question(row["question"], text), cfg.prompt_template)
+            ids = render_prompt(tokenizer, row["question"], cfg.prompt_format, hint=text)
             if len(ids) <= cfg.max_prompt_length or keep <= 0:
                 return ids
             keep -= len(ids) - cfg.max_prompt_length

@@ -8,13 +8,14 @@ downstream.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from fasthint.errors import DataError
-from fasthint.hints import as_hint_levels
-from fasthint.options import Options, need, option
+from fasthint.hints import as_hint_levels, hinted_question
+from fasthint.options import Options, need, one_of, option
 from fasthint.rewards import check_gold
 from fasthint.tables import read_table
 
@@ -40,10 +41,22 @@ class DataConfig(Options):
     strict_data: bool = option(False, "stop at the first bad row (no question or answer, unparseable answer, "
                                       "prompt over --max_prompt_length) instead of skipping and counting it "
                                       "(data/skipped_rows).")
+    system_prompt: str = option("", "system turn of every training and evaluation prompt ('' = none).")
+    chat_template: str = option("auto", "'auto': the tokenizer's chat template (plain text if it has none); "
+                                        "'none': plain text for base models (system, then the user turn).")
+    chat_template_kwargs: str = option("", "JSON object passed to apply_chat_template, e.g. "
+                                           "'{\"enable_thinking\": false}' (Qwen3).")
+    hint_position: str = option("question", "where a hint goes: 'question' (after it, 'Hint: ...') or 'system' "
+                                            "(at the end of the system turn).")
     prompt_template: str = option("{question}", "user-turn text; {question} is replaced by the question "
                                                 "(e.g. add 'put your final answer within \\boxed{}').")
     max_prompt_length: int = option(512, "prompts longer than this (in tokens) are skipped (an error with "
                                          "--strict_data).")
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_template, self.system_prompt, self.chat_template, self.chat_template_kwargs,
+                            self.hint_position)
 
     @property
     def columns(self) -> "Columns":
@@ -53,6 +66,15 @@ class DataConfig(Options):
         need(self.max_prompt_length >= 1, f"--max_prompt_length must be >= 1 (got {self.max_prompt_length})")
         need("{question}" in self.prompt_template,
              f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
+        one_of("chat_template", self.chat_template, ("auto", "none"))
+        one_of("hint_position", self.hint_position, ("question", "system"))
+        if self.chat_template_kwargs:
+            try:
+                ok = isinstance(json.loads(self.chat_template_kwargs), dict)
+            except json.JSONDecodeError:
+                ok = False
+            need(ok, f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}' "
+                     f"(got {self.chat_template_kwargs!r})")
 
 
 def _answer_str(value: Any) -> Optional[str]:
@@ -171,26 +193,51 @@ def skipped_summary(path: str, rows: Rows, limit: int = 3) -> Optional[str]:
             "a bad row an error")
 
 
-def render_prompt(tokenizer, question: str, template: str = "{question}") -> list[int]:
-    """Token ids of the user turn (chat template when the tokenizer has one) ending in the
-    assistant's generation prompt."""
-    return render_chat(tokenizer, [{"role": "user", "content": template.format(question=question)}])
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question (and a hint) becomes the prompt: ``DataConfig.prompt_format``."""
+
+    template: str = "{question}"
+    system_prompt: str = ""
+    chat_template: str = "auto"  # "none": plain text for base models
+    chat_template_kwargs: str = ""  # JSON object for apply_chat_template
+    hint_position: str = "question"  # or "system"
+
+    def messages(self, question: str, hint: Optional[str] = None) -> list[dict]:
+        """The chat: an optional system turn, then the user turn; a hint after the question or at the
+        end of the system turn."""
+        user = self.template.format(question=hinted_question(question, hint) if hint and
+                                    self.hint_position == "question" else question)
+        system = self.system_prompt
+        if hint and self.hint_position == "system":
+            system = f"{system}\n\nHint: {hint}" if system else f"Hint: {hint}"
+        return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+def render_prompt(tokenizer, question: str, fmt: "PromptFormat | str" = "{question}",
+                  hint: Optional[str] = None) -> list[int]:
+    """Token ids of the prompt for ``question`` (and ``hint``) in format ``fmt`` (a
+    :class:`PromptFormat`, or a user-turn template), ending in the assistant's generation prompt."""
+    fmt = PromptFormat(template=fmt) if isinstance(fmt, str) else fmt
+    kwargs = json.loads(fmt.chat_template_kwargs) if fmt.chat_template_kwargs else {}
+    return render_chat(tokenizer, fmt.messages(question, hint), plain=fmt.chat_template == "none", **kwargs)
+
+
+def render_chat(tokenizer, messages: list[dict], plain: bool = False, **template_kwargs) -> list[int]:
     """Token ids of ``messages`` ending in the assistant's generation prompt. A chat template that
     refuses a system turn (Gemma) gets the system text at the top of the first user turn; a tokenizer
-    without a chat template gets the contents joined by blank lines."""
-    if not getattr(tokenizer, "chat_template", None):
+    without a chat template, or ``plain``, gets the contents joined by blank lines (the tokenizer's
+    BOS only). ``template_kwargs`` go to ``apply_chat_template`` (e.g. ``enable_thinking``)."""
+    if plain or not getattr(tokenizer, "chat_template", None):
         return list(tokenizer("\n\n".join(m["content"] for m in messages), add_special_tokens=True)["input_ids"])
+    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=False, **template_kwargs)
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(messages, **kw)
     except Exception:  # noqa: BLE001 - jinja raises TemplateError (e.g. "System role not supported")
         if messages[0]["role"] != "system":
             raise
         merged = [{**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
-        ids = tokenizer.apply_chat_template(merged + messages[2:], add_generation_prompt=True, tokenize=True,
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(merged + messages[2:], **kw)
     return list(ids)
 
 

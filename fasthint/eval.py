@@ -26,7 +26,7 @@ from fasthint import dist
 from fasthint.benchmarks import load_benchmarks
 from fasthint.checkpoint import write_json_atomic
 from fasthint.config import parse_args
-from fasthint.data import render_prompt
+from fasthint.data import PromptFormat, render_prompt
 from fasthint.engines import make_engine
 from fasthint.engines.base import RolloutConfig, SamplingConfig
 from fasthint.errors import FastHintError
@@ -37,7 +37,8 @@ from fasthint.rewards import RewardScorer
 
 
 def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[list[str], list[dict]], list[float]],
-                      *, max_new_tokens: int, prompt_template: str = "{question}", temperature: float = 0.0,
+                      *, max_new_tokens: int, prompt_template: "PromptFormat | str" = "{question}",
+                      temperature: float = 0.0,
                       n: int = 1) -> dict:
     """Mean reward of ``n`` samples per prompt (greedy by default): ``eval/accuracy`` and, when
     rows carry a ``level``, ``eval/accuracy_level_{L}``; with ``n > 1`` also the unbiased
@@ -133,6 +134,9 @@ class EvalConfig:
     top_p: float = option(0.95, "nucleus sampling.")
     max_new_tokens: int = option(1024, "maximum completion length.")
     prompt_template: str = option("{question}", "user-turn text, as in training; {question} is replaced.")
+    system_prompt: str = option("", "system turn, as in training ('' = none).")
+    chat_template: str = option("auto", "as in training: 'auto' (the tokenizer's) or 'none' (plain text).")
+    chat_template_kwargs: str = option("", "as in training: JSON object for apply_chat_template.")
     solved_threshold: float = option(0.5, "--compare: a problem is solved at pass@1 when pass@1 >= this.")
     max_problems: int = option(0, "evaluate only the first N problems of each benchmark (0 = all).")
     engine: str = option("hf", "hf (the model's own decode loop) or vllm.")
@@ -154,7 +158,12 @@ class EvalConfig:
         need(self.max_problems >= 0, f"--max_problems must be >= 0 (got {self.max_problems})")
         need(self.engine in ("hf", "vllm"), f"--engine {self.engine!r}: use hf or vllm")
         need("{question}" in self.prompt_template, "--prompt_template must contain {question}")
+        need(self.chat_template in ("auto", "none"), f"--chat_template {self.chat_template!r}: use auto or none")
         return self
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.prompt_template, self.system_prompt, self.chat_template, self.chat_template_kwargs)
 
 
 def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dict]], score) -> dict[str, dict]:
@@ -162,7 +171,7 @@ def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dic
     device = dist.init()
     model, tok = load_policy(model_path, device)
     model.eval()
-    longest = max(len(render_prompt(tok, r["question"], cfg.prompt_template))
+    longest = max(len(render_prompt(tok, r["question"], cfg.prompt_format))
                   for rows in benches.values() for r in rows)
     rollout = RolloutConfig(engine=cfg.engine, generation_batch_size=cfg.generation_batch_size,
                             vllm_gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
@@ -173,7 +182,7 @@ def correct_counts(cfg: EvalConfig, model_path: str, benches: dict[str, list[dic
     out: dict[str, dict] = {}
     try:
         for name, rows in benches.items():
-            prompts = [render_prompt(tok, r["question"], cfg.prompt_template) for r in rows]
+            prompts = [render_prompt(tok, r["question"], cfg.prompt_format) for r in rows]
             comps = engine.generate(prompts, sampling)
             texts = tok.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
             rewards = score(texts, [rows[c.prompt_index] for c in comps])

@@ -7,10 +7,13 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from rich.console import Console
+from rich.table import Table
+
 from fasthint.errors import ConfigError
 from fasthint.options import Options, need, one_of, option
 
-REPORT_TO = ("none", "tensorboard")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -19,12 +22,26 @@ class LoggingConfig(Options):
 
     GROUP = "output and logging"
     output_dir: str = option("outputs/default", "where metrics.jsonl, the plot and the final checkpoint go.")
-    report_to: str = option("none", f"extra metric sink, one of {REPORT_TO}; metrics.jsonl is always written.")
+    report_to: str = option("none", f"extra metric sinks, comma-separated, of {REPORT_TO} (wandb: project "
+                                    "$WANDB_PROJECT or 'fasthint'; WANDB_MODE=offline works without a network); "
+                                    "metrics.jsonl is always written.")
     progress_bar: bool = option(True, "show a progress bar with reward and accuracy.")
+    log_completions: bool = option(False, "every --logging_steps steps write completions/step_<n>.jsonl (prompt, "
+                                          "hint level, completion, each reward, advantage) and print a few.")
+    logging_steps: int = option(1, "how often --log_completions writes (metrics are logged every step).")
+    num_completions_to_print: int = option(4, "completions shown in the console table (0 = none).")
+
+    @property
+    def report_sinks(self) -> list[str]:
+        return [x.strip() for x in self.report_to.split(",") if x.strip() and x.strip() != "none"]
 
     def check(self) -> None:
-        one_of("report_to", self.report_to, REPORT_TO)
+        for sink in self.report_to.split(","):
+            one_of("report_to", sink.strip(), REPORT_TO)
         need(bool(self.output_dir), "--output_dir must not be empty")
+        need(self.logging_steps >= 1, f"--logging_steps must be >= 1 (got {self.logging_steps})")
+        need(self.num_completions_to_print >= 0,
+             f"--num_completions_to_print must be >= 0 (got {self.num_completions_to_print})")
 
 PLOT_KEYS = ("reward/mean", "frac_reward_zero_std", "prompts/never_solved", "entropy", "completion_len/mean",
              "grad_norm", "time/step_s")
@@ -34,12 +51,21 @@ class MetricsLogger:
     """Appends one JSON object per step to ``OUTPUT_DIR/metrics.jsonl`` (flushed each line, so a
     crash loses at most the step in progress) and mirrors scalars to TensorBoard when asked."""
 
-    def __init__(self, output_dir: str, report_to: str = "none"):
+    def __init__(self, output_dir: str, report_to: str = "none", config: Optional[dict] = None):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._fh = open(self.path, "a", encoding="utf-8")
-        self._tb = None
-        if report_to == "tensorboard":
+        self._tb = self._wandb = None
+        sinks = [x.strip() for x in report_to.split(",")]
+        if "wandb" in sinks:
+            try:
+                import wandb  # lazy: optional package (--report_to wandb)
+            except ImportError:
+                raise ConfigError("--report_to wandb needs the wandb package: "
+                                  "pip install -c constraints.txt 'fasthint[wandb]'") from None
+            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fasthint"), dir=output_dir,
+                                     config=config, name=os.path.basename(os.path.abspath(output_dir)))
+        if "tensorboard" in sinks:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # lazy: optional package (--report_to)
             except ImportError:
@@ -56,11 +82,38 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if k != "step"}, step=int(metrics.get("step", 0)))
 
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def write_completions(output_dir: str, step: int, records: list[dict], show: int = 4) -> str:
+    """``OUTPUT_DIR/completions/step_<step>.jsonl`` (one record per completion, written atomically)
+    and a short table of the first ``show`` records on the console, as TRL prints them."""
+    folder = os.path.join(output_dir, "completions")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step}.jsonl")
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(path + ".tmp", path)
+    if show and records:
+        names = [k for k in records[0]["rewards"]]
+        table = Table(title=f"step {step}: {min(show, len(records))} of {len(records)} completions", show_lines=True)
+        for col in ["prompt", "completion", "level", *names, "advantage"]:
+            table.add_column(col, overflow="fold", max_width=60 if col in ("prompt", "completion") else 10)
+        for r in records[:show]:
+            vals = [r["rewards"][n] for n in names] + [r["advantage"]]
+            table.add_row(r["prompt"][-300:], r["completion"][:300], str(r["hint_level"]),
+                          *("-" if v is None else f"{v:.3f}" for v in vals))
+        Console(width=160).print(table)
+    return path
 
 
 def read_metrics(path: str) -> list[dict]:

