@@ -253,6 +253,27 @@ class Objective:
         on = self.tokens.mask[s:e].bool()
         return torch.where(on, tok * self.weights[s:e], torch.zeros_like(tok))  # NaN/inf off the mask stay out
 
+    def lower(self) -> Optional[ops.PGSpec]:
+        """The objective as per-token tensors and switches for the kernels' epilogue
+        (``ops.fused_linear_loss(pg_spec=...)``), or None when a term is not one of the built-in four
+        (the kernels then get ``token_loss`` as a closure)."""
+        pg, rest = self.terms[0], self.terms[1:]
+        shaped = isinstance(pg, ShapedRatio)
+        clip = pg.base if shaped else pg
+        if type(clip) is not ClippedSurrogate or (not shaped and type(pg) is not ClippedSurrogate):
+            return None
+        kl = [t for t in rest if type(t) is KLPenalty]
+        ent = [t for t in rest if type(t) is EntropyBonus]
+        if len(kl) + len(ent) != len(rest) or len(kl) > 1 or len(ent) > 1:
+            return None
+        t = self.tokens
+        use_kl = bool(kl) and kl[0].beta > 0 and t.ref_logp is not None
+        iw = t.fields.get("is_weight")
+        return ops.PGSpec(t.old_logp, t.advantages, torch.where(t.mask.bool(), self.weights, 0.0), clip.eps_low,
+                          clip.eps_high, clip.dual_clip, is_weights=iw if torch.is_tensor(iw) else None,
+                          gamma=t.fields.get("gamma") if shaped else None, ref_logp=t.ref_logp if use_kl else None,
+                          beta=kl[0].beta if use_kl else 0.0, entropy_coef=ent[0].coef if ent else 0.0)
+
     @torch.no_grad()
     def stats(self, logp: torch.Tensor, sampler_mask: Optional[torch.Tensor] = None) -> dict:
         """Each term's stats as means over the trained tokens (0-dim tensors); the stats of terms with
@@ -321,7 +342,7 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
     loss, logp, ent = ops.fused_linear_loss(hidden, weight, targets, obj.token_loss, bias=bias,
                                             temperature=temperature, return_entropy=return_entropy, impl=impl,
-                                            softcap=softcap, uses_entropy=obj.uses_entropy)
+                                            softcap=softcap, uses_entropy=obj.uses_entropy, pg_spec=obj.lower())
     stats = obj.stats(logp, sampler_mask)
     stats["logp"] = logp
     if ent is not None:

@@ -26,7 +26,7 @@ import torch
 from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
 from fasthint_kernels.fused_loss import TokenLoss, fused_linear_loss_chunked
 from fasthint_kernels.native import usable
-from fasthint_kernels.reference import check_softcap, group_advantages_ref, linear_logprobs_ref
+from fasthint_kernels.reference import PGSpec, check_softcap, group_advantages_ref, linear_logprobs_ref
 
 from fasthint import autoselect
 
@@ -113,7 +113,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_loss: TokenLoss, *,
                       bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
-                      impl: str = "auto", softcap: Optional[float] = None, uses_entropy: bool = False):
+                      impl: str = "auto", softcap: Optional[float] = None, uses_entropy: bool = False,
+                      pg_spec: Optional[PGSpec] = None):
     """``sum_t token_loss(logp)_t`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
     ``token_loss(logp_rows, start, stop)`` gives the per-token losses of rows ``start:stop``, each a
@@ -125,7 +126,10 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     log-sum-exp) with ``token_loss`` under autograd. Returns ``(loss, logp, entropy)``; ``logp`` and
     ``entropy`` (None unless ``return_entropy``) detached. ``softcap``: as in ``linear_logprobs``.
     ``uses_entropy``: the loss also reads each token's entropy, ``token_loss(logp, start, stop, entropy)``
-    (an entropy bonus); its gradient reaches the logits on every path.
+    (an entropy bonus); its gradient reaches the logits on every path. ``pg_spec``: the same objective
+    as per-token tensors and switches (``fasthint.loss`` lowers its terms when it can); the Triton path
+    then runs it in the kernel's epilogue (``fasthint_kernels.fused_pg``: one forward, one backward that
+    recomputes each logit tile once) instead of composing ``linear_logprobs`` with ``token_loss``.
     """
     softcap = check_softcap(softcap)
     impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
@@ -133,6 +137,12 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         return fused_linear_loss_chunked(hidden, weight, targets, token_loss, bias=bias, temperature=temperature,
                                          return_entropy=return_entropy, native=impl == "native", softcap=softcap,
                                          uses_entropy=uses_entropy)
+    if impl == "triton" and pg_spec is not None:
+        from fasthint_kernels.fused_pg import fused_pg_loss  # lazy: imports triton
+
+        loss, logp, entropy = fused_pg_loss(hidden, weight, targets, pg_spec, bias=bias, temperature=temperature,
+                                            impl="triton")
+        return loss, logp, entropy if return_entropy else None
     want_entropy = return_entropy or uses_entropy
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                           return_entropy=want_entropy, impl=impl, softcap=softcap)

@@ -121,6 +121,7 @@ def test_the_rule_catches_an_upward_import():
 # Imports inside a function hide the real graph; they are kept only for optional or heavy packages
 # (and the package root's two, which keep ``import fasthint`` light), each with its reason on the line.
 LAZY_OK = ("vllm", "fasthint.engines.vllm", "fasthint_kernels.advantages", "fasthint_kernels.logprobs",
+           "fasthint_kernels.fused_pg",
            "torch.utils.tensorboard", "torch.utils", "pyarrow", "wandb", "matplotlib", "ninja", "liger_kernel",
            "flash_attn", "fasthint.train", "fasthint")
 

@@ -75,3 +75,40 @@ def test_triton_linear_logprobs_cuda_against_float64(dtype):
         tol = (1e-5 + torch.finfo(dtype).eps + tf32_slack) * scale
         err_f, err_c = (a - f.double()).abs(), (a - c.double()).abs()
         assert bool((err_f <= err_c + tol).all()), f"{name}: {err_f.max().item():.3g} vs {err_c.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_pg_loss_cuda_against_float64(dtype):
+    """The policy-gradient kernel with its objective in the epilogue (every part on) on a real GPU,
+    bf16 and fp32, at a Qwen2.5-1.5B head width, against float64 with the rule of the CPU tests."""
+    from fasthint_kernels.fused_pg import fused_pg_loss
+    from fasthint_kernels.reference import PGSpec, pg_loss_torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n, d, v, temp = 2048, 1536, 32003, 0.7
+    h = (torch.randn(n, d, device="cuda", generator=g) * 0.5).to(dtype)
+    w = (torch.randn(v, d, device="cuda", generator=g) / math.sqrt(d)).to(dtype)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    with torch.no_grad():
+        lp = torch.log_softmax(h.double() @ w.double().T / temp, -1).gather(-1, y[:, None]).squeeze(-1)
+    rnd = lambda: torch.randn(n, device="cuda", generator=g, dtype=torch.float64)  # noqa: E731
+    mask = (torch.rand(n, device="cuda", generator=g) > 0.2).double()
+    spec = dict(old_logp=lp + 0.4 * rnd(), advantages=rnd(), weights=mask / mask.sum(), dual_clip=3.0,
+                gamma=torch.where(rnd() > 0, 1.0, 0.0), ref_logp=lp + 0.3 * rnd(), beta=0.1, entropy_coef=0.01,
+                is_weights=rnd().abs())
+
+    def run(fn, dt, spec_dt):
+        hh, ww = h.detach().to(dt).requires_grad_(), w.detach().to(dt).requires_grad_()
+        s = PGSpec(**{k: (x.to(spec_dt) if torch.is_tensor(x) else x) for k, x in spec.items()})
+        loss, lp_, ent = fn(hh, ww, y, s, temperature=temp)
+        (0.7 * loss).backward()
+        return loss.detach(), lp_, ent, hh.grad, ww.grad
+
+    gt = run(pg_loss_torch, torch.float64, torch.float64)
+    same = run(pg_loss_torch, dtype, torch.float32)
+    fast = run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton"), dtype, torch.float32)
+    eps = torch.finfo(dtype).eps
+    for name, a, b, c in zip(("loss", "logp", "entropy", "dh", "dw"), gt, fast, same):
+        tol = (1e-5 + eps) * a.abs().max().item()
+        err_fast, err_same = (a - b.double()).abs(), (a - c.double()).abs()
+        assert bool((err_fast <= err_same + tol).all()), f"{name}: {err_fast.max()} vs {err_same.max()}"

@@ -8,6 +8,7 @@ the temperature.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -135,3 +136,50 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                    else torch.zeros((), dtype=m.dtype, device=m.device)),
         }
     return loss, stats
+
+
+@dataclass
+class PGSpec:
+    """The per-token objective: tensors ``[N]`` (fp32) and scalars; ``None`` switches a part off."""
+
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    weights: torch.Tensor  # aggregation weight x mask (0 off the mask)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: Optional[float] = None
+    is_weights: Optional[torch.Tensor] = None  # truncated importance weights (policy-gradient term only)
+    gamma: Optional[torch.Tensor] = None  # > 0: shaped ratio on that token
+    ref_logp: Optional[torch.Tensor] = None
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+
+
+def pg_loss_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
+                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0):
+    """The policy-gradient loss of :class:`PGSpec` with materialised logits, in ``hidden``'s dtype
+    (the float64 oracle of ``fused_pg``; the formulas are at the top of ``fused_pg.py``):
+    ``(loss, logp, entropy)``, the last two detached."""
+    z = hidden @ weight.T
+    if bias is not None:
+        z = z + bias
+    logq = torch.log_softmax(z / temperature, dim=-1)
+    lp = logq.gather(-1, targets.long()[:, None]).squeeze(-1)
+    ent = -(logq.exp() * logq).sum(-1)
+    dt = lp.dtype
+    old, adv, w = (x.to(dt) for x in (spec.old_logp, spec.advantages, spec.weights))
+    r = torch.exp(lp - old)
+    o = torch.minimum(r * adv, torch.clamp(r, 1 - spec.eps_low, 1 + spec.eps_high) * adv)
+    if spec.dual_clip is not None:
+        o = torch.where(adv < 0, torch.maximum(o, spec.dual_clip * adv), o)
+    if spec.gamma is not None:
+        gam = spec.gamma.to(dt)
+        o = torch.where(gam > 0, adv * r / (r + torch.where(gam > 0, gam, 1.0)), o)
+    loss = -o * (spec.is_weights.to(dt) if spec.is_weights is not None else 1.0)
+    if spec.ref_logp is not None and spec.beta > 0:
+        dd = spec.ref_logp.to(dt) - lp
+        loss = loss + spec.beta * (torch.exp(dd) - dd - 1)
+    if spec.entropy_coef > 0:
+        loss = loss - spec.entropy_coef * ent
+    tok = torch.where(w != 0, w * loss, torch.zeros_like(loss))
+    return tok.sum(), lp.detach(), ent.detach()

@@ -1,0 +1,270 @@
+"""Triton kernels: the hint-masked policy-gradient loss of a linear head, objective in the kernel.
+
+Per trained token t (N of them; hint and prompt tokens never reach the head) with
+z = (h_t W^T + b) / T, p = softmax(z), logp_t = z_y - lse_t, H_t = -sum_v p_v log p_v:
+
+    r = exp(logp - old)
+    clip:    o = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+    dual:    o = max(o, c A) where A < 0                     (DUAL_CLIP, c > 1)
+    shaped:  o = A r / (r + gamma) where gamma > 0           (SHAPED: Guide's hinted tokens)
+    loss_t = w_t [ -iw_t o + beta (e^(ref - logp) - (ref - logp) - 1) - coef H_t ]
+    L = sum_t loss_t                                     (w_t: aggregation weight, 0 off the mask;
+                                                          iw_t: truncated importance weight)
+
+The epilogue of the forward kernel, once a token's vocabulary sweep has given ``logp`` and ``H``,
+computes ``loss_t`` and the two coefficients the backward needs (torch's gradient conventions:
+min/max split a tie evenly; the clip passes gradient inside its range):
+
+    g_t = dL/dlogp = w [ -iw do/dlogp + beta (1 - e^(ref - logp)) ],   e_t = dL/dH = -w coef
+    do/dlogp: r A where the unclipped branch is taken, 0 on a clipped or dual-clipped one,
+              A gamma r / (r + gamma)^2 on a shaped token
+
+The objective is a set of per-token tensors and constexpr switches (``PGSpec``), never an
+algorithm's name: ``fasthint.loss`` lowers its terms to it.
+
+Backward (one kernel, grid = token tiles x vocab tiles): each program recomputes its logit tile
+once (2 BN BV D), forms ``dz = g (1[v=y] - p) - e p (log p + H)`` scaled by the upstream gradient
+and 1/T, and adds ``dz W`` into its rows of dH and ``dz^T H`` into its rows of dW with fp32 atomics
+(Cut Cross-Entropy's accumulation), so the logits are recomputed once in all:
+FLOPs 2NDV forward + 6NDV backward = 8NDV (the current ``logprobs.py`` design: 10NDV, two
+recomputing backward kernels and a read-modify-write of a dH block per vocabulary tile). Bytes: the
+forward streams W once per token tile (N/BN passes; launch order keeps programs of neighbouring
+token tiles on the same W tiles), the backward reads each (token tile, vocab tile) pair's H and W
+slices once and issues N D V / BV + V D N / BN fp32 atomic adds. Memory beyond inputs and
+gradients: fp32 dH and dW accumulators (N D + V D floats; cast to the input dtype at the end) and
+O(N) vectors; never ``[N, V]``. Atomics make the summation order vary: results are deterministic
+up to fp32 rounding. Works on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there: the
+interpreter's bf16 ``tl.dot`` is wrong).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fasthint_kernels.logprobs import _dz_tile, _logit_tile
+from fasthint_kernels.reference import PGSpec, pg_loss_torch
+
+
+@triton.jit
+def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, beta, coef,
+               DUAL: tl.constexpr, SHAPED: tl.constexpr, KL: tl.constexpr, ENT: tl.constexpr):
+    """(loss_t, dL/dlogp, dL/dH) of one block of tokens (the formulas above)."""
+    r = tl.exp(lp - old)
+    lo = 1.0 - eps_low
+    hi = 1.0 + eps_high
+    rc = tl.minimum(tl.maximum(r, lo), hi)
+    un = r * adv
+    cl = rc * adv
+    o = tl.minimum(un, cl)
+    inside = (r >= lo) & (r <= hi)
+    d_un = r * adv
+    d_cl = tl.where(inside, r * adv, 0.0)
+    do = tl.where(un < cl, d_un, tl.where(un > cl, d_cl, 0.5 * (d_un + d_cl)))
+    if DUAL:
+        floor = dual_c * adv
+        neg = adv < 0
+        do = tl.where(neg & (o < floor), 0.0, tl.where(neg & (o == floor), 0.5 * do, do))
+        o = tl.where(neg, tl.maximum(o, floor), o)
+    if SHAPED:
+        shaped = gam > 0
+        gs = tl.where(shaped, gam, 1.0)
+        o = tl.where(shaped, adv * r / (r + gs), o)
+        do = tl.where(shaped, adv * gs * r / ((r + gs) * (r + gs)), do)
+    loss = -iw * o
+    g = -iw * do
+    if KL:
+        d = ref - lp
+        ed = tl.exp(d)
+        loss += beta * (ed - d - 1.0)
+        g += beta * (1.0 - ed)
+    e = tl.zeros_like(g)
+    if ENT:
+        loss -= coef * ent
+        e = -coef * w
+    on = w != 0
+    return tl.where(on, w * loss, 0.0), tl.where(on, w * g, 0.0), e
+
+
+@triton.jit
+def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
+         N, V, D, stride_hn, stride_wv, inv_t, eps_low, eps_high, dual_c, beta, coef,
+         HAS_BIAS: tl.constexpr, HAS_IW: tl.constexpr, DUAL: tl.constexpr, SHAPED: tl.constexpr,
+         KL: tl.constexpr, ENT: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    y = tl.load(Y + offs_n, mask=mask_n, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    q = tl.zeros((BLOCK_N,), tl.float32)
+    zy = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        zc = z - m_new[:, None]
+        p = tl.exp(zc)
+        shift = s * tl.where(s > 0, m - m_new, 0.0)
+        q = alpha * (q + shift) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), axis=1)
+        s = alpha * s + tl.sum(p, axis=1)
+        m = m_new
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    lse = m + tl.log(s)
+    lp = zy - lse
+    ent = tl.log(s) - q / s
+    # ---- epilogue: the per-token objective and the backward's coefficients ----
+    old = tl.load(OLD + offs_n, mask=mask_n, other=0.0)
+    adv = tl.load(ADV + offs_n, mask=mask_n, other=0.0)
+    w = tl.load(WT + offs_n, mask=mask_n, other=0.0)
+    iw = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if HAS_IW:
+        iw = tl.load(IW + offs_n, mask=mask_n, other=1.0)
+    gam = w
+    if SHAPED:
+        gam = tl.load(GAM + offs_n, mask=mask_n, other=0.0)
+    ref = w
+    if KL:
+        ref = tl.load(REF + offs_n, mask=mask_n, other=0.0)
+    loss, g, e = _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, beta, coef,
+                            DUAL, SHAPED, KL, ENT)
+    tl.store(LOGP + offs_n, lp, mask=mask_n)
+    tl.store(LSE + offs_n, lse, mask=mask_n)
+    tl.store(ENTR + offs_n, ent, mask=mask_n)
+    tl.store(LOSS + offs_n, loss, mask=mask_n)
+    tl.store(G + offs_n, g, mask=mask_n)
+    tl.store(GE + offs_n, e, mask=mask_n)
+
+
+@triton.jit
+def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv, inv_t, scale,
+         HAS_BIAS: tl.constexpr, ENT: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+         NEED_DB: tl.constexpr, GROUP_N: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    # grouped launch order: GROUP_N consecutive token tiles walk the vocabulary tiles together, so the
+    # W tiles they share stay in L2
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    v_tiles = tl.cdiv(V, BLOCK_V)
+    per_group = GROUP_N * v_tiles
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_tiles - first, GROUP_N)
+    pid_n = first + (pid % per_group) % size
+    pid_v = (pid % per_group) // size
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_n = offs_n < N
+    mask_v = offs_v < V
+    y = tl.load(Y + offs_n, mask=mask_n, other=0)
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0) * scale
+    e = g
+    ent = g
+    if ENT:
+        e = tl.load(GE + offs_n, mask=mask_n, other=0.0) * scale
+        ent = tl.load(ENTR + offs_n, mask=mask_n, other=0.0)
+    z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+    dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT)
+    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
+    if NEED_DB:
+        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if NEED_DH:
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+                        other=0.0)
+            tl.atomic_add(DH + offs_n[:, None] * D + offs_d[None, :],
+                          tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :])
+        if NEED_DW:
+            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+            tl.atomic_add(DW + offs_v[:, None] * D + offs_d[None, :],
+                          tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC),
+                          mask=mask_v[:, None] & mask_d[None, :])
+
+
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes, warps' worth of work and dot precision. Under the interpreter every tile iteration
+    costs the same, so tiles are large there; on a GPU 64 x 128 x 64 (a Hopper/Ampere-safe default
+    until autotuning lands). fp32 inputs follow torch's TF32 setting."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
+        and not torch.backends.cuda.matmul.allow_tf32
+    return dict(BLOCK_N=64 if interpret else 64, BLOCK_V=1024 if interpret else 128,
+                BLOCK_D=64 if d >= 64 else max(16, triton.next_power_of_2(d)),
+                DOT_PREC="ieee" if fp32_exact else "tf32")
+
+
+def _vec(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like if x is None else x.detach().float().contiguous()
+
+
+class TritonFusedPGLoss(torch.autograd.Function):
+    """The summed loss (0-dim), with per-token log-probs and entropies (no gradient) beside it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        targets = targets.contiguous().long()
+        n, d = hidden.shape
+        v = weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
+        old = _vec(spec.old_logp, lse)
+        bl = _config(d, hidden.dtype)
+        flags = dict(HAS_BIAS=bias is not None, HAS_IW=spec.is_weights is not None, DUAL=spec.dual_clip is not None,
+                     SHAPED=spec.gamma is not None, KL=spec.ref_logp is not None and spec.beta > 0,
+                     ENT=spec.entropy_coef > 0)
+        _fwd[(triton.cdiv(n, bl["BLOCK_N"]),)](
+            hidden, weight, bias if bias is not None else lse, targets, old, _vec(spec.advantages, lse),
+            _vec(spec.weights, lse), _vec(spec.is_weights, lse), _vec(spec.gamma, lse), _vec(spec.ref_logp, lse),
+            logp, lse, ent, loss, g, ge, n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
+            float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.beta),
+            float(spec.entropy_coef), **flags, **bl)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
+        ctx.temperature, ctx.ent = temperature, flags["ENT"]
+        ctx.mark_non_differentiable(logp, ent)
+        return loss.sum(), logp, ent
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp=None, _grad_ent=None):
+        hidden, weight, bias, targets, lse, ent, g, ge = ctx.saved_tensors
+        n, d = hidden.shape
+        v = weight.shape[0]
+        bl = _config(d, hidden.dtype)
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_db = bias is not None and ctx.needs_input_grad[2]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        dh = torch.zeros((n, d), **f32) if need_dh else lse
+        dw = torch.zeros((v, d), **f32) if need_dw else lse
+        db = torch.zeros(v, **f32) if need_db else lse
+        grid = (triton.cdiv(n, bl["BLOCK_N"]) * triton.cdiv(v, bl["BLOCK_V"]),)
+        _bwd[grid](hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge, dh, dw, db,
+                   n, v, d, hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature, float(grad_loss),
+                   HAS_BIAS=bias is not None, ENT=ctx.ent, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
+                   GROUP_N=8, **bl)
+        return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
+                db.to(bias.dtype) if need_db else None, None, None, None)
+
+
+def fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
+                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto"):
+    """``(loss, logp, entropy)``: the summed per-token objective of ``spec`` over ``[N, D]`` hidden
+    states of trained tokens, with per-token log-probs and entropies (no gradient). ``impl``:
+    ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch`` (materialised logits:
+    ``fasthint_kernels.reference.pg_loss_torch``) or ``auto`` (triton on CUDA, else torch)."""
+    if impl == "auto":
+        impl = "triton" if hidden.is_cuda else "torch"
+    if impl == "triton":
+        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature))
+    if impl == "torch":
+        return pg_loss_torch(hidden, weight, targets, spec, bias=bias, temperature=temperature)
+    raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")

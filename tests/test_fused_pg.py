@@ -1,0 +1,155 @@
+"""The policy-gradient loss with its objective in the Triton kernel (fasthint_kernels.fused_pg),
+under the interpreter on CPU: loss, log-probs, entropies and the gradients of hidden states, weight
+and bias against float64 ground truth with Cut Cross-Entropy's rule |ref64 - fast| <= |ref64 -
+torch_fp32| + tol, for every epilogue variant, masked tokens, ragged shapes, temperature != 1, a
+random upstream gradient and one real vocabulary size."""
+import pytest
+import torch
+
+from fasthint_kernels.fused_pg import fused_pg_loss
+from fasthint_kernels.reference import PGSpec, pg_loss_torch
+
+
+def _case(n, d, v, seed=0, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64) * 0.5
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) * (1.0 / d ** 0.5)
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.1 if bias else None
+    y = torch.randint(0, v, (n,), generator=g)
+    return h, w, b, y, g
+
+
+def _spec(h, w, b, y, g, temperature, variant):
+    with torch.no_grad():  # old log-probs near the current ones, so ratios straddle the clip range
+        z = h @ w.T + (b if b is not None else 0)
+        lp = torch.log_softmax(z / temperature, -1).gather(-1, y[:, None]).squeeze(-1)
+    n = len(y)
+    old = lp + 0.4 * torch.randn(n, generator=g, dtype=torch.float64)
+    adv = torch.randn(n, generator=g, dtype=torch.float64)
+    mask = (torch.rand(n, generator=g) > 0.2).double()
+    weights = mask / mask.sum()
+    kw = dict(old_logp=old, advantages=adv, weights=weights, eps_low=0.2, eps_high=0.28)
+    if variant in ("dual", "all"):
+        kw["dual_clip"] = 1.5
+    if variant in ("shaped", "all"):
+        kw["gamma"] = torch.where(torch.rand(n, generator=g) > 0.5, 0.5 + torch.rand(n, generator=g), 0.0).double()
+    if variant in ("kl", "all"):
+        kw.update(ref_logp=lp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64),
+                  beta=1.0 if variant == "kl" else 0.05)  # alone, large enough to dominate the gradient
+    if variant in ("entropy", "all"):
+        kw["entropy_coef"] = 0.5 if variant == "entropy" else 0.01
+    if variant in ("is", "all"):
+        kw["is_weights"] = torch.rand(n, generator=g, dtype=torch.float64) * 2
+    return PGSpec(**kw)
+
+
+def _cast(spec, dtype):
+    out = PGSpec(**{k: (v.to(dtype) if torch.is_tensor(v) else v) for k, v in vars(spec).items()})
+    return out
+
+
+def _run(fn, h, w, b, y, spec, temperature, up, dtype):
+    hh = h.detach().to(dtype).clone().requires_grad_()
+    ww = w.detach().to(dtype).clone().requires_grad_()
+    bb = b.detach().to(dtype).clone().requires_grad_() if b is not None else None
+    loss, lp, ent = fn(hh, ww, y, _cast(spec, dtype if dtype == torch.float64 else torch.float32), bias=bb,
+                       temperature=temperature)
+    (loss * up).backward()
+    out = {"loss": loss.detach(), "logp": lp, "ent": ent, "dh": hh.grad, "dw": ww.grad}
+    if b is not None:
+        out["db"] = bb.grad
+    return {k: v.double() for k, v in out.items()}
+
+
+def _check(h, w, b, y, spec, temperature, tol=1e-5):
+    up = 0.7  # a random upstream gradient: the loss is scaled before backward
+    ref = _run(pg_loss_torch, h, w, b, y, spec, temperature, up, torch.float64)
+    same = _run(pg_loss_torch, h, w, b, y, spec, temperature, up, torch.float32)
+    fast = _run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton"), h, w, b, y, spec, temperature, up,
+                torch.float32)
+    for k in ref:
+        err, base = (ref[k] - fast[k]).abs(), (ref[k] - same[k]).abs()
+        scale = ref[k].abs().max().item() + 1e-12
+        assert (err <= base + tol * scale).all(), (k, (err - base).max().item(), scale)
+    assert ref["dh"].abs().max() > 1e-4 and ref["dw"].abs().max() > 1e-4  # the gradient is not trivially 0
+
+
+@pytest.mark.parametrize("variant", ["clip", "dual", "shaped", "kl", "entropy", "is", "all"])
+def test_every_epilogue_variant_against_float64(variant):
+    h, w, b, y, g = _case(70, 72, 2100, seed=1, bias=True)  # 2 token tiles, 2 D tiles, 3 vocab tiles, ragged
+    _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, variant), 0.7)
+
+
+@pytest.mark.parametrize("d", [896, 1536])
+def test_model_widths(d):
+    h, w, b, y, g = _case(20, d, 300, seed=2)
+    _check(h, w, b, y, _spec(h, w, b, y, g, 1.0, "all"), 1.0)
+
+
+@pytest.mark.slow
+def test_real_vocabulary_size():
+    h, w, b, y, g = _case(8, 64, 151936, seed=3)  # Qwen2's vocabulary, not a multiple of the tile
+    _check(h, w, b, y, _spec(h, w, b, y, g, 1.0, "all"), 1.0)
+
+
+def test_masked_tokens_give_no_gradient_and_clip_acts():
+    h, w, b, y, g = _case(16, 32, 500, seed=4)
+    spec = _spec(h, w, b, y, g, 1.0, "clip")
+    spec.weights[:8] = 0.0  # the first half trains nothing
+    hh = h.float().requires_grad_()
+    loss, lp, _ = fused_pg_loss(hh, w.float(), y, _cast(spec, torch.float32), impl="triton")
+    loss.backward()
+    assert hh.grad[:8].abs().max() == 0 and hh.grad[8:].abs().max() > 0
+    r = torch.exp(lp.double() - spec.old_logp)
+    assert ((r < 0.8) | (r > 1.28)).any()  # some tokens are clipped: their branch gives no gradient
+
+
+@pytest.mark.parametrize("terms", ["grpo", "guide_kl_entropy_tis"])
+def test_policy_loss_lowered_to_the_kernel_equals_the_closure_path(terms, monkeypatch):
+    """fasthint.loss lowers its objective (terms, aggregation, mask, importance weights) to the
+    kernel's spec: the Triton path in fp32 agrees with the float64 torch path under the rule above, and
+    a custom term is not lowered (the closure path then runs)."""
+    from fasthint.loss import ClippedSurrogate, EntropyBonus, KLPenalty, ShapedRatio, Term, fused_policy_loss, \
+        make_objective
+
+    h, w, _, y, g = _case(40, 48, 1500, seed=5)
+    n = len(y)
+    spec = _spec(h, w, None, y, g, 0.8, "all")
+    mask = (torch.rand(n, generator=g) > 0.25).float()
+    seq = torch.arange(n) // 8
+    if terms == "grpo":
+        kw = dict(terms=[ClippedSurrogate(0.2, 0.28, 3.0)], loss_agg="token-mean")
+    else:
+        kw = dict(terms=[ShapedRatio(ClippedSurrogate(0.2, 0.28)), KLPenalty(0.1), EntropyBonus(0.05)],
+                  ref_logp=spec.ref_logp, shaped_gamma=spec.gamma, token_fields={"is_weight": spec.is_weights},
+                  loss_agg="seq-mean-token-mean", seq_ids=seq)
+    from fasthint import ops
+
+    def composed(*a, **k):
+        raise AssertionError("the Triton path composed linear_logprobs instead of running the fused kernel")
+
+    monkeypatch.setattr(ops, "linear_logprobs", composed)  # the torch path does not use it either
+    outs = {}
+    for name, dtype, impl in (("ref", torch.float64, "torch"), ("same", torch.float32, "torch"),
+                              ("fast", torch.float32, "triton")):
+        hh = h.detach().to(dtype).clone().requires_grad_()
+        ww = w.detach().to(dtype).clone().requires_grad_()
+        loss, stats = fused_policy_loss(hh, ww, y, spec.advantages, mask, spec.old_logp, temperature=0.8,
+                                        return_entropy=True, impl=impl, **kw)
+        loss.backward()
+        outs[name] = {"loss": loss.detach().double(), "dh": hh.grad.double(), "dw": ww.grad.double(),
+                      "clip": stats["clip_ratio/high"].double(), "ent": stats["entropy"].double()}
+    for k in outs["ref"]:
+        err = (outs["ref"][k] - outs["fast"][k]).abs()
+        base = (outs["ref"][k] - outs["same"][k]).abs()
+        assert (err <= base + 1e-5 * (outs["ref"][k].abs().max() + 1e-12)).all(), k
+    assert outs["ref"]["dh"].abs().max() > 1e-4
+
+    class Custom(Term):
+        def loss(self, logp, t):
+            return -logp
+
+    obj = make_objective(spec.old_logp.float(), spec.advantages.float(), mask, terms=[Custom()])
+    assert obj.lower() is None
+    assert make_objective(spec.old_logp.float(), spec.advantages.float(), mask, **{
+        k: v for k, v in kw.items() if k not in ("seq_ids", "loss_agg")}).lower() is not None
