@@ -8,7 +8,8 @@ Ops (``--ops``): ``logprobs``: ``ops.linear_logprobs`` with entropy at T=0.7 und
 gradient (backward must recompute the logits); ``policy_loss``: the clipped GRPO loss of the head
 (``fasthint.loss.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
 in its forward pass.
-Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU), chunked (impl
+Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU), triton (impl triton:
+for policy_loss the kernel with the objective in its epilogue, fused_pg.py), chunked (impl
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
 torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
@@ -47,7 +48,7 @@ def _rss_mib() -> float:
 
 SEQS = 16  # policy_loss: the N tokens form SEQS sequences of N / SEQS tokens
 # fasthint's providers: impl auto, the chunked torch path, and that path with the native C++ row kernels
-FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native"}
+FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native", "triton": "triton"}
 
 
 def _make_step(op: str, provider: str, h, w, y, up):
@@ -202,7 +203,8 @@ def main() -> None:
     logits_mib = n * v * 4 / 2**20
     for op in args.ops.split(","):
         for prov in args.providers.split(","):
-            if (prov == "matmuls" and op != "logprobs") or (prov == "liger" and op != "policy_loss"):
+            first = args.ops.split(",")[0]
+            if (prov == "matmuls" and op != first) or (prov == "liger" and op != "policy_loss"):
                 continue  # the matmul floor is op-independent: measured once
             out = _run_provider(op, prov, args)
             if out is None:
