@@ -153,3 +153,34 @@ def test_policy_loss_lowered_to_the_kernel_equals_the_closure_path(terms, monkey
     assert obj.lower() is None
     assert make_objective(spec.old_logp.float(), spec.advantages.float(), mask, **{
         k: v for k, v in kw.items() if k not in ("seq_ids", "loss_agg")}).lower() is not None
+
+
+def test_gradient_filtering_error_within_its_bound():
+    """filter_eps skips the dH/dW/db work of vocabulary tiles where every probability is below it
+    and no target lies: the change is within sum over skippable (token, column) pairs of |dz| times
+    |W| (dH), |H| (dW) or 1 (db), with dz the exact float64 logit gradient; and tiles were skipped."""
+    h, w, b, y, g = _case(64, 48, 4200, seed=6, bias=True)
+    b[:1024] += 8.0  # the first vocabulary tile holds almost all the probability; targets live there
+    y = torch.randint(0, 1024, (64,), generator=g)
+    spec = _spec(h, w, b, y, g, 1.0, "all")
+    eps = 2.0 ** -12
+
+    def fast(filter_eps):
+        hh, ww, bb = (x.detach().float().clone().requires_grad_() for x in (h, w, b))
+        loss, _, _ = fused_pg_loss(hh, ww, y, _cast(spec, torch.float32), bias=bb, impl="triton",
+                                   filter_eps=filter_eps)
+        loss.backward()
+        return [x.grad.double() for x in (hh, ww, bb)]
+
+    z = (h @ w.T + b).detach().requires_grad_()  # the exact dz: the loss of logits z through an identity head
+    pg_loss_torch(z, torch.eye(z.shape[1], dtype=torch.float64), y, spec)[0].backward()
+    p = torch.softmax(z.detach(), -1)
+    skippable = (p < eps) & (torch.arange(z.shape[1])[None, :] != y[:, None])
+    dz = z.grad.abs() * skippable
+    bounds = [dz @ w.abs(), dz.T @ h.abs(), dz.sum(0)]
+    exact, filtered = fast(None), fast(eps)
+    for name, a, f, bound in zip(("dh", "dw", "db"), exact, filtered, bounds):
+        tol = 1e-6 * a.abs().max()  # fp32 atomics in another order
+        assert ((a - f).abs() <= bound + tol).all(), name
+    assert (exact[1] - filtered[1]).abs().max() > 0  # tiles were skipped: dW rows of those columns kept 0
+    assert filtered[1][1024:].abs().max() == 0 and filtered[1][:1024].abs().max() > 0

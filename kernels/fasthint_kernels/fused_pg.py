@@ -33,8 +33,10 @@ token tiles on the same W tiles), the backward reads each (token tile, vocab til
 slices once and issues N D V / BV + V D N / BN fp32 atomic adds. Memory beyond inputs and
 gradients: fp32 dH and dW accumulators (N D + V D floats; cast to the input dtype at the end) and
 O(N) vectors; never ``[N, V]``. Atomics make the summation order vary: results are deterministic
-up to fp32 rounding. Works on CPU tensors under ``TRITON_INTERPRET=1`` (fp32/fp16 there: the
-interpreter's bf16 ``tl.dot`` is wrong).
+up to fp32 rounding. Optional gradient filtering (``filter_eps``) skips the dH/dW work of tiles
+whose probabilities are all below it (no target inside), with a tested error bound. On CUDA both
+kernels are autotuned over tile sizes, warps and stages per (D, V); under ``TRITON_INTERPRET=1``
+(CPU tensors; fp32/fp16 there: the interpreter's bf16 ``tl.dot`` is wrong) one fixed configuration.
 """
 from __future__ import annotations
 
@@ -143,9 +145,32 @@ def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
 
 
 @triton.jit
-def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv, inv_t, scale,
+def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
+                NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum dz (fp32 atomics)."""
+    if NEED_DB:
+        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if NEED_DH:
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+                        other=0.0)
+            tl.atomic_add(DH + offs_n[:, None] * D + offs_d[None, :],
+                          tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :])
+        if NEED_DW:
+            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+                        other=0.0)
+            tl.atomic_add(DW + offs_v[:, None] * D + offs_d[None, :],
+                          tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC),
+                          mask=mask_v[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv, inv_t, scale, filter_eps,
          HAS_BIAS: tl.constexpr, ENT: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
-         NEED_DB: tl.constexpr, GROUP_N: tl.constexpr,
+         NEED_DB: tl.constexpr, FILTER: tl.constexpr, GROUP_N: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     # grouped launch order: GROUP_N consecutive token tiles walk the vocabulary tiles together, so the
     # W tiles they share stay in L2
@@ -172,35 +197,52 @@ def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv
     z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
                     HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
     dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT)
-    dz = tl.where(mask_n[:, None] & mask_v[None, :], dz, 0.0)
-    if NEED_DB:
-        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        if NEED_DH:
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
-                        other=0.0)
-            tl.atomic_add(DH + offs_n[:, None] * D + offs_d[None, :],
-                          tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :])
-        if NEED_DW:
-            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
-                        other=0.0)
-            tl.atomic_add(DW + offs_v[:, None] * D + offs_d[None, :],
-                          tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC),
-                          mask=mask_v[:, None] & mask_d[None, :])
+    valid = mask_n[:, None] & mask_v[None, :]
+    dz = tl.where(valid, dz, 0.0)
+    if FILTER:  # Cut Cross-Entropy's gradient filtering: a tile whose every p is below filter_eps and
+        #        that holds no target adds less than its bound (tests/test_fused_pg.py): skip its 4 BN BV D
+        p_max = tl.max(tl.max(tl.where(valid, tl.exp(z - lse[:, None]), 0.0), axis=1), axis=0)
+        hits = tl.sum(tl.sum(tl.where(valid & (offs_v[None, :] == y[:, None]), 1, 0), axis=1), axis=0)
+        if (p_max >= filter_eps) | (hits > 0):
+            _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
+                        NEED_DH, NEED_DW, NEED_DB, BLOCK_D, DOT_PREC)
+    else:
+        _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
+                    NEED_DH, NEED_DW, NEED_DB, BLOCK_D, DOT_PREC)
 
 
-def _config(d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, warps' worth of work and dot precision. Under the interpreter every tile iteration
-    costs the same, so tiles are large there; on a GPU 64 x 128 x 64 (a Hopper/Ampere-safe default
-    until autotuning lands). fp32 inputs follow torch's TF32 setting."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    fp32_exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
+    return [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=w, num_stages=s)
+            for n, v, d, w, s in shapes]
+
+
+# Autotuned on CUDA per (D, V) (N changes every micro-batch; the best tile hardly does): tile sizes,
+# warps and pipeline stages that fit Hopper's and Ampere's shared memory in bf16 and fp32. The
+# backward's accumulators are zeroed between trial runs (its atomics add).
+_fwd_tuned = triton.autotune(
+    configs=_tile_configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (128, 256, 32, 8, 3),
+                           (64, 128, 32, 4, 4), (128, 64, 64, 4, 3)]),
+    key=["D", "V"])(_fwd)
+_bwd_tuned = triton.autotune(
+    configs=_tile_configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3),
+                           (64, 128, 32, 4, 4), (128, 128, 32, 8, 4)]),
+    key=["D", "V"], reset_to_zero=["DH", "DW", "DB"])(_bwd)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    """fp32 inputs follow torch's TF32 setting: full fp32 dots unless the user allowed TF32."""
+    exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
         and not torch.backends.cuda.matmul.allow_tf32
-    return dict(BLOCK_N=64 if interpret else 64, BLOCK_V=1024 if interpret else 128,
-                BLOCK_D=64 if d >= 64 else max(16, triton.next_power_of_2(d)),
-                DOT_PREC="ieee" if fp32_exact else "tf32")
+    return "ieee" if exact else "tf32"
+
+
+def _fixed(d: int) -> dict:
+    """The one tile configuration under the interpreter, where every tile iteration costs the same
+    (so vocabulary tiles are large)."""
+    return dict(BLOCK_N=64, BLOCK_V=1024, BLOCK_D=64 if d >= 64 else max(16, triton.next_power_of_2(d)))
 
 
 def _vec(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -211,7 +253,7 @@ class TritonFusedPGLoss(torch.autograd.Function):
     """The summed loss (0-dim), with per-token log-probs and entropies (no gradient) beside it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float):
+    def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float, filter_eps: Optional[float]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
         n, d = hidden.shape
@@ -219,18 +261,19 @@ class TritonFusedPGLoss(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
         old = _vec(spec.old_logp, lse)
-        bl = _config(d, hidden.dtype)
         flags = dict(HAS_BIAS=bias is not None, HAS_IW=spec.is_weights is not None, DUAL=spec.dual_clip is not None,
                      SHAPED=spec.gamma is not None, KL=spec.ref_logp is not None and spec.beta > 0,
                      ENT=spec.entropy_coef > 0)
-        _fwd[(triton.cdiv(n, bl["BLOCK_N"]),)](
+        fixed = _fixed(d) if INTERPRET else {}
+        kernel = _fwd if INTERPRET else _fwd_tuned
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             hidden, weight, bias if bias is not None else lse, targets, old, _vec(spec.advantages, lse),
             _vec(spec.weights, lse), _vec(spec.is_weights, lse), _vec(spec.gamma, lse), _vec(spec.ref_logp, lse),
             logp, lse, ent, loss, g, ge, n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
             float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.beta),
-            float(spec.entropy_coef), **flags, **bl)
+            float(spec.entropy_coef), **flags, DOT_PREC=_dot_prec(hidden.dtype), **fixed)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
-        ctx.temperature, ctx.ent = temperature, flags["ENT"]
+        ctx.temperature, ctx.ent, ctx.filter_eps = temperature, flags["ENT"], filter_eps
         ctx.mark_non_differentiable(logp, ent)
         return loss.sum(), logp, ent
 
@@ -239,32 +282,39 @@ class TritonFusedPGLoss(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent, g, ge = ctx.saved_tensors
         n, d = hidden.shape
         v = weight.shape[0]
-        bl = _config(d, hidden.dtype)
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[2]
         f32 = dict(dtype=torch.float32, device=hidden.device)
-        dh = torch.zeros((n, d), **f32) if need_dh else lse
-        dw = torch.zeros((v, d), **f32) if need_dw else lse
-        db = torch.zeros(v, **f32) if need_db else lse
-        grid = (triton.cdiv(n, bl["BLOCK_N"]) * triton.cdiv(v, bl["BLOCK_V"]),)
-        _bwd[grid](hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge, dh, dw, db,
+        # unused outputs get their own dummies: the autotuner zeroes DH, DW and DB between trials
+        dh = torch.zeros((n, d), **f32) if need_dh else torch.zeros(1, **f32)
+        dw = torch.zeros((v, d), **f32) if need_dw else torch.zeros(1, **f32)
+        db = torch.zeros(v, **f32) if need_db else torch.zeros(1, **f32)
+        fixed = _fixed(d) if INTERPRET else {}
+        kernel = _bwd if INTERPRET else _bwd_tuned
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
+                   hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge, dh, dw, db,
                    n, v, d, hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature, float(grad_loss),
-                   HAS_BIAS=bias is not None, ENT=ctx.ent, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db,
-                   GROUP_N=8, **bl)
+                   float(ctx.filter_eps or 0.0), HAS_BIAS=bias is not None, ENT=ctx.ent, NEED_DH=need_dh,
+                   NEED_DW=need_dw, NEED_DB=need_db, FILTER=ctx.filter_eps is not None, GROUP_N=8,
+                   DOT_PREC=_dot_prec(hidden.dtype), **fixed)
         return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db else None, None, None, None)
+                db.to(bias.dtype) if need_db else None, None, None, None, None)
 
 
 def fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
-                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto"):
+                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
+                  filter_eps: Optional[float] = None):
     """``(loss, logp, entropy)``: the summed per-token objective of ``spec`` over ``[N, D]`` hidden
     states of trained tokens, with per-token log-probs and entropies (no gradient). ``impl``:
     ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch`` (materialised logits:
-    ``fasthint_kernels.reference.pg_loss_torch``) or ``auto`` (triton on CUDA, else torch)."""
+    ``fasthint_kernels.reference.pg_loss_torch``) or ``auto`` (triton on CUDA, else torch).
+    ``filter_eps`` (Triton; e.g. ``2**-12``, below bf16's resolution): the backward skips the dH/dW
+    work of a (token tile, vocabulary tile) whose every probability is below it and which holds no
+    target; a skipped (token, column) pair leaves out ``|dz| <= (|g| + |e| |log p + H|) p / T`` (tested)."""
     if impl == "auto":
         impl = "triton" if hidden.is_cuda else "torch"
     if impl == "triton":
-        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature))
+        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature), filter_eps)
     if impl == "torch":
         return pg_loss_torch(hidden, weight, targets, spec, bias=bias, temperature=temperature)
     raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
