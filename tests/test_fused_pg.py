@@ -80,7 +80,7 @@ def test_every_epilogue_variant_against_float64(variant):
     _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, variant), 0.7)
 
 
-@pytest.mark.parametrize("d", [896, 1536])
+@pytest.mark.parametrize("d", [896, 1536, 3584])
 def test_model_widths(d):
     h, w, b, y, g = _case(20, d, 300, seed=2)
     _check(h, w, b, y, _spec(h, w, b, y, g, 1.0, "all"), 1.0)
