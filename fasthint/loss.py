@@ -55,6 +55,9 @@ class LossConfig(Options):
                                       "(verl's entropy_coeff; 0 = off).")
     mask_truncated: Optional[bool] = option(None, "give truncated completions no loss (DAPO's overlong "
                                                   "masking); unset = on for dapo only.")
+    head_grad_filter: float = option(0.0, "Triton head kernel (CUDA): skip the gradient work of vocabulary tiles "
+                                          "whose every probability is below this (Cut Cross-Entropy's filter; "
+                                          "2**-12 = 0.000244 is below bf16's resolution); 0 = exact.")
 
     def check(self) -> None:
         one_of("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -66,6 +69,7 @@ class LossConfig(Options):
         need(self.beta >= 0, f"--beta must be >= 0 (got {self.beta})")
         need(self.entropy_coef >= 0, f"--entropy_coef must be >= 0 (got {self.entropy_coef})")
         need(self.adv_eps > 0, f"--adv_eps must be > 0 (got {self.adv_eps})")
+        need(0 <= self.head_grad_filter < 1, f"--head_grad_filter must be in [0, 1) (got {self.head_grad_filter})")
 
 
 @dataclass
@@ -333,16 +337,18 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
                       advantages: torch.Tensor, mask: torch.Tensor, old_logp: torch.Tensor, *,
                       bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
                       impl: str = "auto", softcap: Optional[float] = None,
-                      sampler_mask: Optional[torch.Tensor] = None, **objective_kwargs):
+                      sampler_mask: Optional[torch.Tensor] = None, grad_filter: Optional[float] = None,
+                      **objective_kwargs):
     """:func:`policy_loss` of the log-probs of a linear head (``ops.linear_logprobs``), without ``[N, V]``
     logits: the objective goes to ``ops.fused_linear_loss`` as one closure. ``(loss, stats)``; stats add
     ``logp`` and, with ``return_entropy``, ``entropy`` (per token, detached); ``sampler_mask``: see
-    :meth:`Objective.stats`. Keywords: :func:`make_objective`."""
+    :meth:`Objective.stats`; ``grad_filter``: ``ops.fused_linear_loss``'s. Keywords: :func:`make_objective`."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
     loss, logp, ent = ops.fused_linear_loss(hidden, weight, targets, obj.token_loss, bias=bias,
                                             temperature=temperature, return_entropy=return_entropy, impl=impl,
-                                            softcap=softcap, uses_entropy=obj.uses_entropy, pg_spec=obj.lower())
+                                            softcap=softcap, uses_entropy=obj.uses_entropy, pg_spec=obj.lower(),
+                                            grad_filter=grad_filter)
     stats = obj.stats(logp, sampler_mask)
     stats["logp"] = logp
     if ent is not None:

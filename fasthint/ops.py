@@ -114,7 +114,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, token_loss: TokenLoss, *,
                       bias: Optional[torch.Tensor] = None, temperature: float = 1.0, return_entropy: bool = False,
                       impl: str = "auto", softcap: Optional[float] = None, uses_entropy: bool = False,
-                      pg_spec: Optional[PGSpec] = None):
+                      pg_spec: Optional[PGSpec] = None, grad_filter: Optional[float] = None):
     """``sum_t token_loss(logp)_t`` on the log-probs of a linear head, without ``[N, V]`` logits.
 
     ``token_loss(logp_rows, start, stop)`` gives the per-token losses of rows ``start:stop``, each a
@@ -129,7 +129,8 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     (an entropy bonus); its gradient reaches the logits on every path. ``pg_spec``: the same objective
     as per-token tensors and switches (``fasthint.loss`` lowers its terms when it can); the Triton path
     then runs it in the kernel's epilogue (``fasthint_kernels.fused_pg``: one forward, one backward that
-    recomputes each logit tile once) instead of composing ``linear_logprobs`` with ``token_loss``.
+    recomputes each logit tile once) instead of composing ``linear_logprobs`` with ``token_loss``;
+    ``grad_filter`` is then its ``filter_eps`` (bounded-error gradient filtering; ignored elsewhere).
     """
     softcap = check_softcap(softcap)
     impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
@@ -141,7 +142,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         from fasthint_kernels.fused_pg import fused_pg_loss  # lazy: imports triton
 
         loss, logp, entropy = fused_pg_loss(hidden, weight, targets, pg_spec, bias=bias, temperature=temperature,
-                                            impl="triton")
+                                            impl="triton", filter_eps=grad_filter)
         return loss, logp, entropy if return_entropy else None
     want_entropy = return_entropy or uses_entropy
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,

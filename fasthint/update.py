@@ -180,7 +180,8 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
             advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
             temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
             num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            token_fields=_token_fields(mb), sampler_mask=1.0 - mb.hinted if mb.hinted is not None else None)
+            token_fields=_token_fields(mb), sampler_mask=1.0 - mb.hinted if mb.hinted is not None else None,
+            grad_filter=cfg.head_grad_filter or None)
         if not real:  # keeps the collectives of a sharded model in step; contributes nothing
             (loss * 0.0).backward()
             continue

@@ -184,3 +184,26 @@ def test_gradient_filtering_error_within_its_bound():
         assert ((a - f).abs() <= bound + tol).all(), name
     assert (exact[1] - filtered[1]).abs().max() > 0  # tiles were skipped: dW rows of those columns kept 0
     assert filtered[1][1024:].abs().max() == 0 and filtered[1][:1024].abs().max() > 0
+
+
+def test_head_grad_filter_reaches_the_kernel():
+    """--head_grad_filter goes from the config through fasthint.loss and ops to the kernel: with a
+    large threshold the vocabulary tiles without a target contribute nothing to dW; the loss is unchanged."""
+    from fasthint.config import TrainConfig
+    from fasthint.errors import ConfigError
+    from fasthint.loss import fused_policy_loss
+
+    h, w, _, _, g = _case(32, 16, 3000, seed=7)
+    y = torch.randint(0, 1024, (32,), generator=g)  # every target in the first vocabulary tile
+    old, adv, mask = torch.full((32,), -8.0), torch.randn(32, generator=g), torch.ones(32)
+    out = []
+    for flt in (None, 0.5):
+        ww = w.float().clone().requires_grad_()
+        loss, _ = fused_policy_loss(h.float(), ww, y, adv, mask, old, impl="triton", grad_filter=flt)
+        loss.backward()
+        out.append((loss.item(), ww.grad))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert out[0][1][1024:].abs().max() > 0 and out[1][1][1024:].abs().max() == 0
+    assert TrainConfig(head_grad_filter=2 ** -12).validate().head_grad_filter == 2 ** -12
+    with pytest.raises(ConfigError, match="--head_grad_filter"):
+        TrainConfig(head_grad_filter=1.5).validate()
