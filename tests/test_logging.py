@@ -36,3 +36,19 @@ def test_log_completions_and_wandb_offline(tmp_path, monkeypatch, capsys):
     assert "step 2: 3 of 8 completions" in capsys.readouterr().out
     runs = glob.glob(str(out / "wandb" / "offline-run-*"))
     assert len(runs) == 1 and glob.glob(os.path.join(runs[0], "run-*.wandb"))
+
+
+def test_wandb_without_credentials_is_an_error_before_any_work(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "none"), PYTHONPATH=os.pathsep.join([REPO, os.path.join(
+        REPO, "kernels")]))
+    res = subprocess.run([sys.executable, "-m", "fasthint.train", "--report_to", "wandb", "--output_dir",
+                          str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c")], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=300)
+    assert res.returncode == 2 and "WANDB_MODE=offline" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "c" / "toy").exists()  # stopped before building anything
