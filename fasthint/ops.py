@@ -10,7 +10,8 @@ torch a one-time probe finds correct and faster (``fasthint.autoselect``).
 The head ops take an optional final-logit soft-cap (Gemma-2): ``softcap=c`` computes
 ``log_softmax(c * tanh((hidden @ weight.T + bias) / c) / temperature)[targets]`` (gradient factor
 ``1 - tanh^2``); ``None`` (the default) leaves the logits as they are. The torch, native and reference
-paths implement it; the Triton kernels do not (``impl="triton"`` raises, ``"auto"`` avoids them).
+paths implement it, and so does the Triton policy-gradient kernel (``fused_linear_loss`` with a
+``pg_spec``); the Triton log-prob kernels do not (``impl="triton"`` raises there, ``"auto"`` avoids them).
 
 Memory: ``linear_logprobs`` and ``fused_linear_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path; one more such buffer
@@ -133,7 +134,8 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     ``grad_filter`` is then its ``filter_eps`` (bounded-error gradient filtering; ignored elsewhere).
     """
     softcap = check_softcap(softcap)
-    impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
+    if not (impl == "triton" and pg_spec is not None):  # the policy-gradient kernel has the soft-cap too
+        impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
     if impl in ("torch", "native"):
         return fused_linear_loss_chunked(hidden, weight, targets, token_loss, bias=bias, temperature=temperature,
                                          return_entropy=return_entropy, native=impl == "native", softcap=softcap,
@@ -142,7 +144,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
         from fasthint_kernels.fused_pg import fused_pg_loss  # lazy: imports triton
 
         loss, logp, entropy = fused_pg_loss(hidden, weight, targets, pg_spec, bias=bias, temperature=temperature,
-                                            impl="triton", filter_eps=grad_filter)
+                                            impl="triton", filter_eps=grad_filter, softcap=softcap)
         return loss, logp, entropy if return_entropy else None
     want_entropy = return_entropy or uses_entropy
     out = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,

@@ -207,3 +207,23 @@ def test_head_grad_filter_reaches_the_kernel():
     assert TrainConfig(head_grad_filter=2 ** -12).validate().head_grad_filter == 2 ** -12
     with pytest.raises(ConfigError, match="--head_grad_filter"):
         TrainConfig(head_grad_filter=1.5).validate()
+
+
+@pytest.mark.parametrize("cap", [3.0, 30.0])
+def test_softcap_against_float64(cap):
+    """Gemma-2's final-logit soft-cap c tanh(a / c) inside the kernel (3: saturating; 30: Gemma-2's)."""
+    h, w, b, y, g = _case(70, 72, 2100, seed=8, bias=True)
+    w = w * 6  # logits of several units, so that a cap of 3 saturates
+    spec = _spec(h, w, b, y, g, 0.7, "all")
+    up = 0.7
+    runs = {}
+    for name, dtype, impl in (("ref", torch.float64, "torch"), ("same", torch.float32, "torch"),
+                              ("fast", torch.float32, "triton")):
+        hh, ww, bb = (x.detach().to(dtype).clone().requires_grad_() for x in (h, w, b))
+        loss, lp, ent = fused_pg_loss(hh, ww, y, _cast(spec, torch.float64 if dtype == torch.float64 else dtype),
+                                      bias=bb, temperature=0.7, softcap=cap, impl=impl)
+        (loss * up).backward()
+        runs[name] = [x.double() for x in (loss.detach(), lp, ent, hh.grad, ww.grad, bb.grad)]
+    for k, (a, f, s) in enumerate(zip(runs["ref"], runs["fast"], runs["same"])):
+        assert ((a - f).abs() <= (a - s).abs() + 1e-5 * (a.abs().max() + 1e-12)).all(), k
+    assert (runs["ref"][3] - _run(pg_loss_torch, h, w, b, y, spec, 0.7, up, torch.float64)["dh"]).abs().max() > 1e-6

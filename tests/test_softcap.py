@@ -282,8 +282,10 @@ def test_triton_with_softcap_raises():
     h, w, b, y, adv, mask, old, _ = _loss_problem(seed=10)
     with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
         ops.linear_logprobs(h, w, y, bias=b, impl="triton", softcap=2.0)
-    with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
-        fused_policy_loss(h, w, y, adv, mask, old, bias=b, impl="triton", softcap=30.0)
+    # the policy loss's Triton kernel (fasthint_kernels.fused_pg) applies the cap itself
+    got = fused_policy_loss(h.float(), w.float(), y, adv, mask, old, bias=b.float(), impl="triton", softcap=30.0)[0]
+    want = fused_policy_loss(h.double(), w.double(), y, adv, mask, old, bias=b.double(), impl="torch", softcap=30.0)[0]
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -2.0, float("nan"), float("inf"), True, "2"])

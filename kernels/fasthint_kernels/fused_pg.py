@@ -1,7 +1,8 @@
 """Triton kernels: the hint-masked policy-gradient loss of a linear head, objective in the kernel.
 
 Per trained token t (N of them; hint and prompt tokens never reach the head) with
-z = (h_t W^T + b) / T, p = softmax(z), logp_t = z_y - lse_t, H_t = -sum_v p_v log p_v:
+a = h_t W^T + b, z = a / T (with a soft-cap c: z = c tanh(a / c) / T, whose factor 1 - tanh^2
+multiplies the backward's dz), p = softmax(z), logp_t = z_y - lse_t, H_t = -sum_v p_v log p_v:
 
     r = exp(logp - old)
     clip:    o = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
@@ -52,6 +53,23 @@ from fasthint_kernels.reference import PGSpec, pg_loss_torch
 
 
 @triton.jit
+def _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
+                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(z, 1 - t^2): the tile's logits after the optional soft-cap ``z = cap tanh(a / cap) / T``
+    (masked columns -inf) and the cap's derivative factor (1 without a cap)."""
+    if SOFTCAP:
+        a = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, 1.0,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+        x = tl.where(mask_v[None, :], a / cap, 0.0)
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)  # tanh, saturating cleanly at +-1
+        return tl.where(mask_v[None, :], cap * t * inv_t, float("-inf")), 1.0 - t * t
+    z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
+                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+    return z, 1.0
+
+
+@triton.jit
 def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, beta, coef,
                DUAL: tl.constexpr, SHAPED: tl.constexpr, KL: tl.constexpr, ENT: tl.constexpr):
     """(loss_t, dL/dlogp, dL/dH) of one block of tokens (the formulas above)."""
@@ -93,8 +111,8 @@ def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, be
 
 @triton.jit
 def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
-         N, V, D, stride_hn, stride_wv, inv_t, eps_low, eps_high, dual_c, beta, coef,
-         HAS_BIAS: tl.constexpr, HAS_IW: tl.constexpr, DUAL: tl.constexpr, SHAPED: tl.constexpr,
+         N, V, D, stride_hn, stride_wv, inv_t, cap, eps_low, eps_high, dual_c, beta, coef,
+         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IW: tl.constexpr, DUAL: tl.constexpr, SHAPED: tl.constexpr,
          KL: tl.constexpr, ENT: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,8 +125,8 @@ def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+        z, _ = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
+                            HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         zc = z - m_new[:, None]
@@ -168,8 +186,8 @@ def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_
 
 
 @triton.jit
-def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv, inv_t, scale, filter_eps,
-         HAS_BIAS: tl.constexpr, ENT: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
+def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv, inv_t, cap, scale, filter_eps,
+         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENT: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
          NEED_DB: tl.constexpr, FILTER: tl.constexpr, GROUP_N: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     # grouped launch order: GROUP_N consecutive token tiles walk the vocabulary tiles together, so the
@@ -194,9 +212,9 @@ def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, N, V, D, stride_hn, stride_wv
     if ENT:
         e = tl.load(GE + offs_n, mask=mask_n, other=0.0) * scale
         ent = tl.load(ENTR + offs_n, mask=mask_n, other=0.0)
-    z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-    dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT)
+    z, dcap = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
+                           HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+    dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT) * dcap
     valid = mask_n[:, None] & mask_v[None, :]
     dz = tl.where(valid, dz, 0.0)
     if FILTER:  # Cut Cross-Entropy's gradient filtering: a tile whose every p is below filter_eps and
@@ -253,7 +271,8 @@ class TritonFusedPGLoss(torch.autograd.Function):
     """The summed loss (0-dim), with per-token log-probs and entropies (no gradient) beside it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float, filter_eps: Optional[float]):
+    def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float, filter_eps: Optional[float],
+                softcap: Optional[float]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
         n, d = hidden.shape
@@ -261,19 +280,19 @@ class TritonFusedPGLoss(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
         old = _vec(spec.old_logp, lse)
-        flags = dict(HAS_BIAS=bias is not None, HAS_IW=spec.is_weights is not None, DUAL=spec.dual_clip is not None,
-                     SHAPED=spec.gamma is not None, KL=spec.ref_logp is not None and spec.beta > 0,
-                     ENT=spec.entropy_coef > 0)
+        flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_IW=spec.is_weights is not None,
+                     DUAL=spec.dual_clip is not None, SHAPED=spec.gamma is not None,
+                     KL=spec.ref_logp is not None and spec.beta > 0, ENT=spec.entropy_coef > 0)
         fixed = _fixed(d) if INTERPRET else {}
         kernel = _fwd if INTERPRET else _fwd_tuned
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             hidden, weight, bias if bias is not None else lse, targets, old, _vec(spec.advantages, lse),
             _vec(spec.weights, lse), _vec(spec.is_weights, lse), _vec(spec.gamma, lse), _vec(spec.ref_logp, lse),
             logp, lse, ent, loss, g, ge, n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.beta),
-            float(spec.entropy_coef), **flags, DOT_PREC=_dot_prec(hidden.dtype), **fixed)
+            float(softcap or 1.0), float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0),
+            float(spec.beta), float(spec.entropy_coef), **flags, DOT_PREC=_dot_prec(hidden.dtype), **fixed)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
-        ctx.temperature, ctx.ent, ctx.filter_eps = temperature, flags["ENT"], filter_eps
+        ctx.temperature, ctx.ent, ctx.filter_eps, ctx.softcap = temperature, flags["ENT"], filter_eps, softcap
         ctx.mark_non_differentiable(logp, ent)
         return loss.sum(), logp, ent
 
@@ -293,17 +312,18 @@ class TritonFusedPGLoss(torch.autograd.Function):
         kernel = _bwd if INTERPRET else _bwd_tuned
         kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
                    hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge, dh, dw, db,
-                   n, v, d, hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature, float(grad_loss),
-                   float(ctx.filter_eps or 0.0), HAS_BIAS=bias is not None, ENT=ctx.ent, NEED_DH=need_dh,
+                   n, v, d, hidden.stride(0), weight.stride(0), 1.0 / ctx.temperature, float(ctx.softcap or 1.0),
+                   float(grad_loss), float(ctx.filter_eps or 0.0), HAS_BIAS=bias is not None,
+                   SOFTCAP=ctx.softcap is not None, ENT=ctx.ent, NEED_DH=need_dh,
                    NEED_DW=need_dw, NEED_DB=need_db, FILTER=ctx.filter_eps is not None, GROUP_N=8,
                    DOT_PREC=_dot_prec(hidden.dtype), **fixed)
         return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
-                db.to(bias.dtype) if need_db else None, None, None, None, None)
+                db.to(bias.dtype) if need_db else None, None, None, None, None, None)
 
 
 def fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
                   bias: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
-                  filter_eps: Optional[float] = None):
+                  filter_eps: Optional[float] = None, softcap: Optional[float] = None):
     """``(loss, logp, entropy)``: the summed per-token objective of ``spec`` over ``[N, D]`` hidden
     states of trained tokens, with per-token log-probs and entropies (no gradient). ``impl``:
     ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch`` (materialised logits:
@@ -314,7 +334,7 @@ def fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     if impl == "auto":
         impl = "triton" if hidden.is_cuda else "torch"
     if impl == "triton":
-        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature), filter_eps)
+        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature), filter_eps, softcap)
     if impl == "torch":
-        return pg_loss_torch(hidden, weight, targets, spec, bias=bias, temperature=temperature)
+        return pg_loss_torch(hidden, weight, targets, spec, bias=bias, temperature=temperature, softcap=softcap)
     raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")

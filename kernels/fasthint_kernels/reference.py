@@ -156,13 +156,15 @@ class PGSpec:
 
 
 def pg_loss_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
-                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0):
+                  bias: Optional[torch.Tensor] = None, temperature: float = 1.0, softcap: Optional[float] = None):
     """The policy-gradient loss of :class:`PGSpec` with materialised logits, in ``hidden``'s dtype
     (the float64 oracle of ``fused_pg``; the formulas are at the top of ``fused_pg.py``):
     ``(loss, logp, entropy)``, the last two detached."""
     z = hidden @ weight.T
     if bias is not None:
         z = z + bias
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     logq = torch.log_softmax(z / temperature, dim=-1)
     lp = logq.gather(-1, targets.long()[:, None]).squeeze(-1)
     ent = -(logq.exp() * logq).sum(-1)
