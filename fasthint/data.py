@@ -147,20 +147,32 @@ def _check_columns(rows: list[dict], cols: Columns, path: str) -> None:
                             "naming the column that holds it")
 
 
+def _fallback(rows: list[dict], cols: Columns) -> Columns:
+    """``cols`` with each field whose column no row has set back to its default (an evaluation set
+    keeps its standard names when the training set's were mapped)."""
+    present = set().union(*(r.keys() for r in rows))
+    default = Columns()
+    return Columns(*(getattr(cols, f) if not getattr(cols, f) or getattr(cols, f) in present else getattr(default, f)
+                     for f in ("question", "answer", "solution", "hint")))
+
+
 def load_dataset(path: str, *, split: str = "train", columns: Optional[Columns] = None, check_answers: bool = True,
-                 strict: bool = False) -> Rows:
+                 strict: bool = False, fallback: bool = False) -> Rows:
     """Reads (:func:`fasthint.tables.read_table`) and validates a dataset; returns rows with ``uid``,
     ``question``, ``answer``, ``solution``, ``hint`` and every source column.
 
     A row without a question or answer, with a gold answer math-verify cannot parse, or a malformed
     solution/hint is skipped and listed in ``rows.skipped`` (``strict``: a DataError naming the row
     instead). Always a DataError: a missing source, a column no row has (the flag to pass is named),
-    no rows, every row skipped, duplicate uids.
+    no rows, every row skipped, duplicate uids. ``fallback``: a mapped column this dataset lacks
+    falls back to the default name (how ``--eval_data`` reads the training set's column flags).
     """
     cols = columns or Columns()
     raw = read_table(path, split)
     if not raw:
         raise DataError(f"data file {path!r} has no rows: pass a dataset with at least one row")
+    if fallback:
+        cols = _fallback(raw, cols)
     _check_columns(raw, cols, path)
     rows, skipped = Rows(), []
     for i, r in enumerate(raw):

@@ -173,7 +173,8 @@ def preflight(cfg: TrainConfig, device: torch.device, reward_fn: Optional[Callab
     rows = load_dataset(train_path, split=cfg.data_split, columns=cfg.columns, strict=cfg.strict_data)
     eval_rows = []
     if eval_path:
-        full_eval = load_dataset(eval_path, split=cfg.eval_data_split, columns=cfg.columns, strict=cfg.strict_data)
+        full_eval = load_dataset(eval_path, split=cfg.eval_data_split, columns=cfg.columns, strict=cfg.strict_data,
+                                 fallback=True)
         _log_skipped(eval_path, full_eval)
         eval_rows = spread(full_eval, cfg.eval_max_prompts)
     resume_dir = find_resume(cfg)

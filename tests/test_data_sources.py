@@ -67,8 +67,11 @@ def test_bad_rows_skipped_counted_or_fatal_when_strict(tmp_path):
 
 
 def test_hub_id_that_cannot_load_is_one_line(monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)  # read at import: patch the
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)    # constants, not the environment
     with pytest.raises(DataError, match="cannot load 'no-such-user/no-such-dataset' from the Hugging Face hub"):
         load_dataset("no-such-user/no-such-dataset")
 
@@ -105,3 +108,13 @@ def test_save_to_disk_dataset_with_renamed_columns_trains_two_steps(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["data/skipped_rows"] == 0
     assert res["last"]["step"] == 2
+
+
+def test_eval_set_keeps_its_standard_columns_when_training_columns_are_mapped(tmp_path):
+    cols = Columns(question="prompt_text", answer="gold")
+    bench = _jsonl(tmp_path / "math500.jsonl", [{"problem": "1+1=?", "answer": "2"}])
+    assert load_dataset(bench, columns=cols, fallback=True)[0]["answer"] == "2"
+    with pytest.raises(DataError, match="pass --question_column"):
+        load_dataset(bench, columns=cols)  # the training set itself gets no fallback
+    mapped = _jsonl(tmp_path / "e.jsonl", [{"prompt_text": "2+2=?", "gold": "4", "answer": "wrong"}])
+    assert load_dataset(mapped, columns=cols, fallback=True)[0]["answer"] == "4"  # mapped columns win where present
