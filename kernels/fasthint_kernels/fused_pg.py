@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasthint_kernels.logprobs import _dz_tile, _logit_tile
+from fasthint_kernels.logprobs import _dz_tile, _logit_tile, _online_update
 from fasthint_kernels.reference import PGSpec, pg_loss_torch
 
 
@@ -127,15 +127,7 @@ def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
         mask_v = offs_v < V
         z, _ = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
                             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        p = tl.exp(zc)
-        shift = s * tl.where(s > 0, m - m_new, 0.0)
-        q = alpha * (q + shift) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), axis=1)
-        s = alpha * s + tl.sum(p, axis=1)
-        m = m_new
-        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        m, s, q, zy = _online_update(z, y, offs_v, mask_v, m, s, q, zy, True)
     lse = m + tl.log(s)
     lp = zy - lse
     ent = tl.log(s) - q / s

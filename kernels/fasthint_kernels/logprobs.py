@@ -48,6 +48,21 @@ def _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv
 
 
 @triton.jit
+def _online_update(z, y, offs_v, mask_v, m, s, q, zy, WITH_ENT: tl.constexpr):
+    """One vocabulary tile of the online log-sum-exp (and entropy) sweep above: (m, s, q, zy) updated."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    alpha = tl.exp(m - m_new)
+    zc = z - m_new[:, None]
+    p = tl.exp(zc)
+    if WITH_ENT:  # the where()s keep -inf (masked columns, the initial m) out of products
+        shift = s * tl.where(s > 0, m - m_new, 0.0)
+        q = alpha * (q + shift) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), axis=1)
+    s = alpha * s + tl.sum(p, axis=1)
+    zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+    return m_new, s, q, zy
+
+
+@triton.jit
 def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t,
          HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,16 +79,7 @@ def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t,
         mask_v = offs_v < V
         z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        alpha = tl.exp(m - m_new)
-        zc = z - m_new[:, None]
-        p = tl.exp(zc)
-        if WITH_ENT:  # the where()s keep -inf (masked columns, the initial m) out of products
-            shift = s * tl.where(s > 0, m - m_new, 0.0)
-            q = alpha * (q + shift) + tl.sum(p * tl.where(mask_v[None, :], zc, 0.0), axis=1)
-        s = alpha * s + tl.sum(p, axis=1)
-        m = m_new
-        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+        m, s, q, zy = _online_update(z, y, offs_v, mask_v, m, s, q, zy, WITH_ENT)
     lse = m + tl.log(s)
     tl.store(LOGP + offs_n, zy - lse, mask=mask_n)
     tl.store(LSE + offs_n, lse, mask=mask_n)
