@@ -347,7 +347,8 @@ def fused_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     obj = make_objective(old_logp, advantages, mask, dtype=acc, **objective_kwargs)
     loss, logp, ent = ops.fused_linear_loss(hidden, weight, targets, obj.token_loss, bias=bias,
                                             temperature=temperature, return_entropy=return_entropy, impl=impl,
-                                            softcap=softcap, uses_entropy=obj.uses_entropy, pg_spec=obj.lower(),
+                                            softcap=softcap, uses_entropy=obj.uses_entropy,
+                                            pg_spec=obj.lower() if hidden.is_cuda or impl == "triton" else None,
                                             grad_filter=grad_filter)
     stats = obj.stats(logp, sampler_mask)
     stats["logp"] = logp

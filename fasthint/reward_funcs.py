@@ -236,13 +236,16 @@ class Rewards:
     def __call__(self, texts: list[str], rows: list[dict], prompt_ids: Optional[list[list[int]]] = None,
                  completion_ids: Optional[list[list[int]]] = None) -> Scores:
         n = len(texts)
-        if completion_ids is None:
+        user = any(f.spec or f.fn for f in self.funcs)  # TRL-style functions get prompts, ids and columns
+        prompts, columns = None, None
+        if user:
+            decoded: dict[tuple, str] = {}
+            prompts = [decoded.setdefault(tuple(p), self.tokenizer.decode(p, skip_special_tokens=False))
+                       for p in prompt_ids] if prompt_ids is not None else [r.get("question", "") for r in rows]
+            columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)
+                       if k not in ("prompts", "completions", "completion_ids")}
+        if completion_ids is None and (user or any(f.name == "overlong" for f in self.funcs)):
             completion_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        decoded: dict[tuple, str] = {}
-        prompts = [decoded.setdefault(tuple(p), self.tokenizer.decode(p, skip_special_tokens=False))
-                   for p in prompt_ids] if prompt_ids is not None else [r.get("question", "") for r in rows]
-        columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)
-                   if k not in ("prompts", "completions", "completion_ids")}
         parts = {f.name: self._one(f, prompts, texts, completion_ids, columns, rows) for f in self.funcs}
         total = Scores(sum(f.weight * v for f in self.funcs if (v := parts[f.name][i]) is not None) for i in range(n))
         total.parts = parts
@@ -255,11 +258,11 @@ class Rewards:
         return total
 
     def _one(self, f: RewardFunc, prompts, texts, ids, columns, rows) -> list[Optional[float]]:
-        if f.name == "math" and not f.spec and not f.fn:
-            return self._scorers["math"].score(texts, [r["answer"] for r in rows])
-        if f.name == "format" and not f.spec and not f.fn:
-            return format_reward(texts, self.cfg.think_tags)
-        if f.name == "overlong" and not f.spec and not f.fn:
+        if not f.spec and not f.fn:  # a built-in
+            if f.name == "math":
+                return self._scorers["math"].score(texts, [r["answer"] for r in rows])
+            if f.name == "format":
+                return format_reward(texts, self.cfg.think_tags)
             buf = self.cfg.overlong_buffer_len or max(1, self.max_new_tokens // 4)
             return overlong_reward([len(x) for x in ids], self.max_new_tokens, buf, self.cfg.overlong_penalty_factor)
         if f.spec:
