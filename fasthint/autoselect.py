@@ -1,10 +1,11 @@
 """``impl="auto"`` on CUDA: pick the Triton kernels or the chunked torch path by measuring both.
 
 Both implementations accumulate in fp32 and are tested against float64 on CPU; which is faster
-depends on the GPU, the dtype and the head shape, and the Triton kernels carry no tuning table.
-So on the first CUDA call for a key (op, device, dtype, D, V, entropy), ``auto`` builds a probe
-problem with the real D and dtype (2048 tokens, ``min(V, 32768)`` vocabulary, random data: the real
-weights are never touched), checks Triton's log-probs and hidden-state gradient against a float64
+depends on the GPU, the dtype and the head shape (fasthint_kernels/logprobs.py argues the two designs).
+So on the first CUDA call for a key (op, device, dtype, D, V, entropy, soft-cap), ``auto`` builds a
+probe problem with the real D and dtype (2048 tokens, ``min(V, 32768)`` vocabulary, random data: the
+real weights are never touched), checks Triton's output (log-probs; for the policy loss, the loss of
+the kernel that runs the objective in its epilogue) and hidden-state gradient against a float64
 reference (the |gt - triton| <= |gt - torch| + tol rule of the tests), times forward+backward of
 both, and keeps Triton only if it is correct and not slower. The decision is logged once per key.
 A Triton failure (compilation, launch, wrong numbers) logs one warning and keeps the torch path.
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+from fasthint_kernels.reference import PGSpec
 
 log = logging.getLogger("fasthint")
 
@@ -53,54 +55,74 @@ def _median_ms(fn: Callable, device: torch.device, repeat: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _triton_correct(h, w, y, temperature: float, linear_logprobs: Callable) -> bool:
+def _pg_objective(old: torch.Tensor, adv: torch.Tensor, n: int):
+    """A clipped-surrogate token-mean loss as a closure (torch paths) and as the Triton kernel's spec."""
+    def clipped(lp, s, e):
+        r = torch.exp(lp - old[s:e].to(lp.dtype))
+        a = adv[s:e].to(lp.dtype)
+        return -torch.minimum(r * a, r.clamp(0.8, 1.28) * a) / n
+    return clipped, PGSpec(old_logp=old, advantages=adv, weights=torch.full_like(adv, 1.0 / n), eps_low=0.2,
+                           eps_high=0.28)
+
+
+def _triton_correct(op: str, h, w, y, temperature: float, softcap, linear_logprobs: Callable,
+                    fused_linear_loss: Callable) -> bool:
     """Triton vs float64 on a 64-token slice; the chunked torch path's error (same dtype) plus a small
-    tolerance is the allowance, for log-probs and for the hidden-state gradient."""
+    tolerance is the allowance, for the op's output and the hidden-state gradient. The policy loss is
+    checked through the kernel that training runs (its objective in the epilogue)."""
     hs, ys = h[:64], y[:64]
     up = torch.linspace(-1, 1, 64, device=h.device, dtype=torch.float64)
+    old = torch.full((64,), -float(torch.log(torch.tensor(float(w.shape[0])))), device=h.device) + 0.2 * up.float()
+    clipped, spec = _pg_objective(old, up.float(), 64)
 
-    def logp_and_grad(impl: str, hh, ww):
+    def out_and_grad(impl: str, hh, ww):
         hh = hh.detach().requires_grad_()
-        lp = linear_logprobs(hh, ww, ys, temperature=temperature, impl=impl)
-        (dh,) = torch.autograd.grad((lp * up.to(lp.dtype)).sum(), hh)
-        return lp.detach().double(), dh.double()
+        if op == "policy_loss":
+            out = fused_linear_loss(hh, ww, ys, clipped, temperature=temperature, impl=impl, softcap=softcap,
+                                    pg_spec=spec if impl == "triton" else None)[0]
+            total = out
+        else:
+            out = linear_logprobs(hh, ww, ys, temperature=temperature, impl=impl, softcap=softcap)
+            total = (out * up.to(out.dtype)).sum()
+        (dh,) = torch.autograd.grad(total, hh)
+        return out.detach().double(), dh.double()
 
-    gt = logp_and_grad("reference", hs.double(), w.double())
-    same = logp_and_grad("torch", hs, w)
-    fast = logp_and_grad("triton", hs, w)
+    gt = out_and_grad("reference", hs.double(), w.double())
+    same = out_and_grad("torch", hs, w)
+    fast = out_and_grad("triton", hs, w)
     return all(bool(((a - b).abs() <= (a - c).abs() + 1e-3 * a.abs().max() + 1e-5).all())
                for a, b, c in zip(gt, fast, same))
 
 
 def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
-                     return_entropy: bool, *, linear_logprobs: Callable, fused_linear_loss: Callable) -> str:
+                     return_entropy: bool, *, linear_logprobs: Callable, fused_linear_loss: Callable,
+                     softcap: Optional[float] = None) -> str:
     """``"triton"`` or ``"torch"`` for this CUDA call (measured once per key, then cached). Works on
     CPU tensors too (under ``TRITON_INTERPRET=1``), which is how the tests exercise it.
     ``linear_logprobs`` and ``fused_linear_loss`` are ``fasthint.ops``' functions (passed in, so that
     this module sits below ``ops`` with no import cycle)."""
-    key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy)
+    key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy, softcap)
     if key in _DECISIONS:
         return _DECISIONS[key]
     v = min(weight.shape[0], PROBE_VOCAB)
     h, w, y, up = _problem(weight.shape[1], v, weight.dtype, hidden.device)
-    adv, mask, old = up, torch.ones_like(up), torch.full_like(up, -float(torch.log(torch.tensor(float(v)))))
+    clipped, spec = _pg_objective(torch.full_like(up, -float(torch.log(torch.tensor(float(v))))), up, len(y))
 
     def run(impl: str) -> Callable:
-        if op == "policy_loss":
-            def clipped(lp, s, e):  # a clipped-surrogate-like per-token loss (the kernels see only dL/dlogp)
-                r = torch.exp(lp - old[s:e])
-                return -torch.minimum(r * adv[s:e], r.clamp(0.8, 1.28) * adv[s:e]) * mask[s:e] / len(y)
-            return lambda hh, ww: fused_linear_loss(hh, ww, y, clipped, temperature=temperature,
-                                                    return_entropy=return_entropy, impl=impl)[0]
+        if op == "policy_loss":  # the Triton side runs the kernel with the objective in its epilogue
+            return lambda hh, ww: fused_linear_loss(hh, ww, y, clipped, temperature=temperature, softcap=softcap,
+                                                    return_entropy=return_entropy, impl=impl,
+                                                    pg_spec=spec if impl == "triton" else None)[0]
 
         def loss(hh, ww):
-            out = linear_logprobs(hh, ww, y, temperature=temperature, return_entropy=return_entropy, impl=impl)
+            out = linear_logprobs(hh, ww, y, temperature=temperature, return_entropy=return_entropy, impl=impl,
+                                  softcap=softcap)
             lp, ent = out if return_entropy else (out, None)
             return (lp * up).sum() + (ent.sum() if ent is not None else 0.0)
         return loss
 
     try:
-        ok = _triton_correct(h, w, y, temperature, linear_logprobs)
+        ok = _triton_correct(op, h, w, y, temperature, softcap, linear_logprobs, fused_linear_loss)
         if ok:
             times = {}
             for impl in ("triton", "torch"):

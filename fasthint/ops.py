@@ -9,9 +9,7 @@ torch a one-time probe finds correct and faster (``fasthint.autoselect``).
 
 The head ops take an optional final-logit soft-cap (Gemma-2): ``softcap=c`` computes
 ``log_softmax(c * tanh((hidden @ weight.T + bias) / c) / temperature)[targets]`` (gradient factor
-``1 - tanh^2``); ``None`` (the default) leaves the logits as they are. The torch, native and reference
-paths implement it, and so does the Triton policy-gradient kernel (``fused_linear_loss`` with a
-``pg_spec``); the Triton log-prob kernels do not (``impl="triton"`` raises there, ``"auto"`` avoids them).
+``1 - tanh^2``); ``None`` (the default) leaves the logits as they are. Every path implements it.
 
 Memory: ``linear_logprobs`` and ``fused_linear_loss`` never hold ``[N, V]`` logits; beyond the
 inputs and their gradients they use bounded ``[chunk, V]`` buffers (torch path; one more such buffer
@@ -45,18 +43,12 @@ def _check_impl(impl: str) -> str:
 def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                        return_entropy: bool, softcap: Optional[float] = None) -> str:
     """``auto``: on CPU the native row kernels when they build (else torch); on CUDA the faster of
-    Triton and torch, measured once per head shape with a correctness check (``fasthint.autoselect``),
-    or torch outright with a soft-cap (the Triton kernels have none, so there is nothing to probe)."""
-    if _check_impl(impl) == "triton" and softcap is not None:
-        raise ValueError(f"softcap={softcap!r}: final-logit soft-capping is not implemented in the Triton "
-                         f"kernels: use impl='torch' (or 'native', or 'auto', which picks them).")
-    if impl != "auto":
+    Triton and torch, measured once per head shape with a correctness check (``fasthint.autoselect``)."""
+    if _check_impl(impl) != "auto":
         return impl
     if hidden.device.type != "cuda":
         return "native" if usable(hidden, weight) else "torch"
-    if softcap is not None:
-        return "torch"
-    return autoselect.choose_cuda_impl(op, hidden, weight, temperature, return_entropy,
+    return autoselect.choose_cuda_impl(op, hidden, weight, temperature, return_entropy, softcap=softcap,
                                        linear_logprobs=linear_logprobs, fused_linear_loss=fused_linear_loss)
 
 
@@ -107,7 +99,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if hidden.dtype != weight.dtype:  # e.g. fp32 hidden states beside a bf16 head: the head decides
             hidden = hidden.to(weight.dtype)
         return linear_logprobs_triton(hidden, weight, targets, bias=bias, temperature=temperature,
-                                      return_entropy=return_entropy)
+                                      return_entropy=return_entropy, softcap=softcap)
     return linear_logprobs_chunked(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=return_entropy, native=impl == "native", softcap=softcap)
 
@@ -124,8 +116,9 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     use that in their forward: each logit chunk yields its log-probs, their coefficients and its share
     of dH/dW at once (6NDV, no recompute; ``fasthint_kernels.fused_loss``). The Triton and reference
     paths compose ``linear_logprobs`` (whose backward recomputes logit tiles from the saved
-    log-sum-exp) with ``token_loss`` under autograd. Returns ``(loss, logp, entropy)``; ``logp`` and
-    ``entropy`` (None unless ``return_entropy``) detached. ``softcap``: as in ``linear_logprobs``.
+    log-sum-exp) with ``token_loss`` under autograd, unless the Triton path is handed ``pg_spec``.
+    Returns ``(loss, logp, entropy)``; ``logp`` and ``entropy`` (None unless ``return_entropy``) detached.
+    ``softcap``: as in ``linear_logprobs``.
     ``uses_entropy``: the loss also reads each token's entropy, ``token_loss(logp, start, stop, entropy)``
     (an entropy bonus); its gradient reaches the logits on every path. ``pg_spec``: the same objective
     as per-token tensors and switches (``fasthint.loss`` lowers its terms when it can); the Triton path
@@ -134,8 +127,7 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     ``grad_filter`` is then its ``filter_eps`` (bounded-error gradient filtering; ignored elsewhere).
     """
     softcap = check_softcap(softcap)
-    if not (impl == "triton" and pg_spec is not None):  # the policy-gradient kernel has the soft-cap too
-        impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
+    impl = _resolve_head_impl(impl, "policy_loss", hidden, weight, temperature, return_entropy, softcap)
     if impl in ("torch", "native"):
         return fused_linear_loss_chunked(hidden, weight, targets, token_loss, bias=bias, temperature=temperature,
                                          return_entropy=return_entropy, native=impl == "native", softcap=softcap,
@@ -143,6 +135,8 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch
     if impl == "triton" and pg_spec is not None:
         from fasthint_kernels.fused_pg import fused_pg_loss  # lazy: imports triton
 
+        if hidden.dtype != weight.dtype:  # the head's dtype decides, as in linear_logprobs
+            hidden = hidden.to(weight.dtype)
         loss, logp, entropy = fused_pg_loss(hidden, weight, targets, pg_spec, bias=bias, temperature=temperature,
                                             impl="triton", filter_eps=grad_filter, softcap=softcap)
         return loss, logp, entropy if return_entropy else None

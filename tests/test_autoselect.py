@@ -59,3 +59,31 @@ def test_wrong_triton_numbers_fall_back_to_torch(small_probe, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="fasthint"):
         assert autoselect.choose_cuda_impl("logprobs", h, w, 1.0, False, **OPS) == "torch"
     assert "disagree" in caplog.text
+
+
+def test_policy_loss_probe_checks_and_times_the_epilogue_kernel(small_probe, monkeypatch, caplog):
+    """The policy-loss probe runs the kernel that training runs (objective in the epilogue), with the
+    soft-cap; a wrong result there sends training to torch."""
+    import fasthint_kernels.fused_pg as fused_pg
+
+    calls = []
+    real = fused_pg.fused_pg_loss
+
+    def counted(*a, **k):
+        calls.append(k.get("softcap"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(fused_pg, "fused_pg_loss", counted)
+    h, w = _head()
+    assert autoselect.choose_cuda_impl("policy_loss", h, w, 0.7, True, softcap=5.0, **OPS) in ("triton", "torch")
+    assert calls and set(calls) == {5.0}
+
+    def wrong(*a, **k):
+        loss, lp, ent = real(*a, **k)
+        return loss * 1.01, lp, ent
+
+    monkeypatch.setattr(fused_pg, "fused_pg_loss", wrong)
+    monkeypatch.setattr(autoselect, "_DECISIONS", {})
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        assert autoselect.choose_cuda_impl("policy_loss", h, w, 0.7, True, **OPS) == "torch"
+    assert "disagree" in caplog.text

@@ -227,3 +227,30 @@ def test_softcap_against_float64(cap):
     for k, (a, f, s) in enumerate(zip(runs["ref"], runs["fast"], runs["same"])):
         assert ((a - f).abs() <= (a - s).abs() + 1e-5 * (a.abs().max() + 1e-12)).all(), k
     assert (runs["ref"][3] - _run(pg_loss_torch, h, w, b, y, spec, 0.7, up, torch.float64)["dh"]).abs().max() > 1e-6
+
+
+def test_fp16_inputs_against_float64():
+    """fp16 hidden states and head (the interpreter's bf16 dot is wrong; bf16 runs in tests/test_gpu.py):
+    the baseline is torch as a mixed-precision trainer runs it, an fp16 matmul upcast to fp32 logits
+    (``(h @ W^T).float()``) with fp16 gradients back through the matmul."""
+    h, w, b, y, g = _case(70, 72, 2100, seed=9)
+    spec = _spec(h, w, b, y, g, 0.7, "all")
+    eye = torch.eye(w.shape[0])
+    runs = {}
+    for name in ("ref", "same", "fast"):
+        dtype = torch.float64 if name == "ref" else torch.float16
+        hh, ww = (x.detach().half().to(dtype).clone().requires_grad_() for x in (h, w))  # the same fp16 values
+        if name == "fast":
+            loss, lp, ent = fused_pg_loss(hh, ww, y, _cast(spec, torch.float32), temperature=0.7, impl="triton")
+        else:
+            z = (hh @ ww.T).to(torch.float64 if name == "ref" else torch.float32)
+            loss, lp, ent = pg_loss_torch(z, eye.to(z.dtype), y, _cast(spec, z.dtype), temperature=0.7)
+        (loss * 0.7).backward()
+        assert hh.grad.dtype == dtype and ww.grad.dtype == dtype
+        runs[name] = [x.double() for x in (loss.detach(), lp, ent, hh.grad, ww.grad)]
+    for k, (a, f, s) in enumerate(zip(runs["ref"], runs["fast"], runs["same"])):
+        # gradients end in fp16: both may round their fp32 sums to neighbouring fp16 values (one ulp apart)
+        ulp = 2.0 ** -10 * a.abs() if k >= 3 else 0.0
+        excess = ((a - f).abs() - (a - s).abs() - ulp).max().item() / (a.abs().max().item() + 1e-12)
+        assert excess <= 1e-5, (k, excess)
+    assert runs["ref"][3].abs().max() > 1e-4

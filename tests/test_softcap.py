@@ -100,11 +100,13 @@ def _check(gt, fast, same, names=("logp", "entropy", "d_hidden", "d_weight", "d_
 # linear_logprobs
 # ==============================================================================================
 
-@pytest.mark.parametrize("impl", HEAD_IMPLS)
+@pytest.mark.parametrize("impl", HEAD_IMPLS + ("triton",))
 @pytest.mark.parametrize("cap", CAPS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("chunk_elems", [None, 5 * V], ids=["one-chunk", "5-row-chunks"])
 def test_linear_logprobs_softcap_matches_float64(impl, cap, bias, chunk_elems):
+    if impl == "triton" and chunk_elems is not None:
+        pytest.skip("chunking is the torch path's; the Triton kernels tile instead")
     h, w, b, y, g_lp, g_ent = _problem(bias=bias, seed=1)
     gt = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float64)
     same = _materialised(h, w, b, y, cap, g_lp, g_ent, torch.float32)
@@ -116,7 +118,7 @@ def test_linear_logprobs_softcap_matches_float64(impl, cap, bias, chunk_elems):
     _check(gt, fast, same)
 
 
-@pytest.mark.parametrize("impl", HEAD_IMPLS)
+@pytest.mark.parametrize("impl", HEAD_IMPLS + ("triton",))
 def test_linear_logprobs_softcap_logp_only_upstream(impl):
     """Only logp is used downstream (the entropy is not returned): the backward without entropy terms."""
     h, w, b, y, g_lp, _ = _problem(seed=2)
@@ -129,7 +131,7 @@ def test_linear_logprobs_softcap_logp_only_upstream(impl):
     _check((gt_out[:1], gt_grads), ([logp.detach()], list(grads)), (same_out[:1], same_grads))
 
 
-@pytest.mark.parametrize("impl", HEAD_IMPLS + ("reference",))
+@pytest.mark.parametrize("impl", HEAD_IMPLS + ("reference", "triton"))
 def test_softcap_changes_the_logprobs(impl):
     """c = 2 must move the log-probs (a path that ignored the cap would fail here); a huge c must not."""
     h, w, b, y, _, _ = _problem(seed=3)
@@ -278,14 +280,24 @@ def test_fused_policy_loss_softcap_no_grad_matches_grad_run():
 # dispatch and argument checks
 # ==============================================================================================
 
-def test_triton_with_softcap_raises():
+def test_triton_policy_loss_with_softcap():
+    """Both Triton paths of the policy loss apply the cap: the kernel with the objective in its
+    epilogue (fasthint_kernels.fused_pg, where the loss lowers) and, for an objective that does not
+    lower, linear_logprobs composed with the closure."""
     h, w, b, y, adv, mask, old, _ = _loss_problem(seed=10)
-    with pytest.raises(ValueError, match="soft-capping is not implemented in the Triton kernels: use impl='torch'"):
-        ops.linear_logprobs(h, w, y, bias=b, impl="triton", softcap=2.0)
-    # the policy loss's Triton kernel (fasthint_kernels.fused_pg) applies the cap itself
     got = fused_policy_loss(h.float(), w.float(), y, adv, mask, old, bias=b.float(), impl="triton", softcap=30.0)[0]
     want = fused_policy_loss(h.double(), w.double(), y, adv, mask, old, bias=b.double(), impl="torch", softcap=30.0)[0]
     assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+
+    def token_loss(lp, s, e):  # no pg_spec: the Triton path composes linear_logprobs with this closure
+        return -(lp * adv[s:e].to(lp.dtype))
+    out = {}
+    for name, dtype, impl in (("gt", torch.float64, "torch"), ("fast", torch.float32, "triton")):
+        hh = h.detach().to(dtype).requires_grad_()
+        loss = ops.fused_linear_loss(hh, w.to(dtype), y, token_loss, bias=b.to(dtype), impl=impl, softcap=2.0)[0]
+        out[name] = (loss.item(), torch.autograd.grad(loss, hh)[0].double())
+    assert out["fast"][0] == pytest.approx(out["gt"][0], rel=1e-5)
+    torch.testing.assert_close(out["fast"][1], out["gt"][1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -2.0, float("nan"), float("inf"), True, "2"])
@@ -307,15 +319,14 @@ def test_auto_with_softcap_on_cpu_uses_the_chunked_path():
     assert torch.equal(auto, ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, softcap=2.0, impl=chosen))
 
 
-def test_auto_with_softcap_on_cuda_skips_the_probe(monkeypatch):
-    """On CUDA, ``auto`` with a soft-cap goes straight to torch: the Triton probe is never run."""
+def test_auto_with_softcap_on_cuda_probes_with_the_cap(monkeypatch):
+    """On CUDA, ``auto`` with a soft-cap measures the Triton kernels with that cap (they apply it)."""
     import fasthint.autoselect as autoselect
 
     probes = []
-    monkeypatch.setattr(autoselect, "choose_cuda_impl", lambda *a, **k: probes.append(a) or "triton")
+    monkeypatch.setattr(autoselect, "choose_cuda_impl", lambda *a, **k: probes.append(k["softcap"]) or "triton")
     cuda_like = types.SimpleNamespace(device=torch.device("cuda"))  # only .device is consulted
     for op in ("logprobs", "policy_loss"):
-        assert ops._resolve_head_impl("auto", op, cuda_like, cuda_like, TEMP, True, 2.0) == "torch"
-    assert probes == []
+        assert ops._resolve_head_impl("auto", op, cuda_like, cuda_like, TEMP, True, 2.0) == "triton"
     assert ops._resolve_head_impl("auto", "logprobs", cuda_like, cuda_like, TEMP, True, None) == "triton"
-    assert len(probes) == 1  # without a cap the probe still decides
+    assert probes == [2.0, 2.0, None]

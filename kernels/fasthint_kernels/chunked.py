@@ -33,15 +33,23 @@ MIN_CHUNK_ROWS = 256  # ... but at least 256 rows (chunk_elems=None): each chunk
 # through three matmuls, so fewer rows per chunk make BLAS memory-bound (measured at D=1024,
 # V=152064, N=1024: 55-row chunks 9.7 s, 256-row chunks 6.7 s; workspace 156 MiB there)
 VOCAB_BLOCK = 8192  # columns per entropy block: a [rows, 8192] temporary
+# On CUDA: 256M logits (1 GiB fp32) per chunk. Each chunk reads and writes the fp32 dW accumulator
+# once (8 V D bytes: 4.4 GB for Qwen2.5-7B's head), so small chunks would make the backward
+# memory-bound; at 1,765 rows of V = 152,064 that is ~10 passes at N = 16k.
+CUDA_CHUNK_ELEMS = 1 << 28
+_OUT_DTYPE_MM = True  # CUDA addmm/mm with out_dtype=float32 (bf16/fp16 inputs); off after a failure
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_rows(n: int, v: int, chunk_elems: Optional[int]) -> int:
-    """Rows per chunk: ``chunk_elems // V``; None: the default policy (8M logits, at least 256 rows)."""
+def _chunk_rows(n: int, v: int, chunk_elems: Optional[int], cuda: bool = False) -> int:
+    """Rows per chunk: ``chunk_elems // V``; None: the default policy (CPU: 8M logits, at least 256 rows;
+    CUDA: ``CUDA_CHUNK_ELEMS``)."""
     if chunk_elems is None:
+        if cuda:
+            return max(1, min(n, max(CUDA_CHUNK_ELEMS // max(1, v), MIN_CHUNK_ROWS)))
         return max(1, min(n, max(DEFAULT_CHUNK_ELEMS // max(1, v), MIN_CHUNK_ROWS)))
     return max(1, min(n, chunk_elems // max(1, v)))
 
@@ -53,8 +61,8 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], tempera
     z = out[:h.shape[0]]
     if h.dtype == z.dtype and w.dtype == z.dtype:
         torch.mm(h, w.t(), out=z)
-    else:  # bf16/fp16 inputs: the product rounds like torch's own matmul, then fp32 from here on
-        z.copy_(h @ w.t())
+    elif not _mm_f32(h, w.t(), z, accumulate=False):  # CUDA: tensor cores, fp32 logits, no bf16 temporary
+        z.copy_(h @ w.t())  # bf16/fp16 inputs: the product rounds like torch's own matmul, fp32 from here on
     if b is not None:
         z.add_(b.to(z.dtype))
     if softcap is not None:
@@ -114,7 +122,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=acc, device=hidden.device)
         lse = torch.empty(n, dtype=acc, device=hidden.device)
         ent = torch.empty(n, dtype=acc, device=hidden.device) if return_entropy else None
-        rows = _chunk_rows(n, v, chunk_elems)
+        rows = _chunk_rows(n, v, chunk_elems, hidden.is_cuda)
         buf, tmp = _workspace(rows, v, acc, hidden.device)
         for s in range(0, n, rows):
             y = targets[s:s + rows].long()
@@ -150,7 +158,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         db = torch.zeros(v, dtype=acc, device=weight.device) if need_b else None
         g_all = grad_logp.to(acc) if grad_logp is not None else torch.zeros(n, dtype=acc, device=hidden.device)
         with_ent = ctx.return_entropy and grad_ent is not None
-        rows = _chunk_rows(n, v, ctx.chunk_elems)
+        rows = _chunk_rows(n, v, ctx.chunk_elems, hidden.is_cuda)
         buf, tmp = _workspace(rows, v, acc, hidden.device)
         dcap = _cap_buffer(buf, cap)
         for s in range(0, n, rows):
@@ -194,15 +202,35 @@ def _uncap_(dz: torch.Tensor, dcap: Optional[torch.Tensor]) -> torch.Tensor:
     return dz.mul_(dcap[:dz.shape[0]]) if dcap is not None else dz
 
 
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool) -> bool:
+    """``out (+)= a @ b`` for bf16/fp16 ``a``, ``b`` and an fp32 ``out`` on CUDA: one tensor-core GEMM
+    accumulating in fp32 (torch's ``out_dtype``). False (nothing done) where that is unavailable."""
+    global _OUT_DTYPE_MM
+    if not (_OUT_DTYPE_MM and out.is_cuda and out.dtype == torch.float32 and a.dtype == b.dtype
+            and a.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    try:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError, NotImplementedError):  # an older torch: the fp32 path below
+        _OUT_DTYPE_MM = False
+        return False
+    return True
+
+
 def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh: Optional[torch.Tensor],
                       dw: Optional[torch.Tensor], db: Optional[torch.Tensor], start: int) -> None:
     """dH rows ``start:`` = dz W; dW += dz^T h; db += sum dz (dz: the gradient w.r.t. ``H W^T + b``,
-    i.e. already divided by T and, with a soft-cap, multiplied by ``1 - t^2``)."""
+    i.e. already divided by T and, with a soft-cap, multiplied by ``1 - t^2``). bf16/fp16 heads: dz
+    is rounded to the head's dtype once, as torch's autograd rounds the logits' gradient, and both
+    products run in that dtype (on CUDA dW accumulates in fp32 inside the GEMM)."""
+    low = dz.to(weight.dtype) if dz.dtype != weight.dtype else dz
     if dh is not None:
         rows = dz.shape[0]
-        dh[start:start + rows] = dz @ weight if dz.dtype == weight.dtype else \
-            (dz.to(weight.dtype) @ weight).to(dh.dtype)
-    if dw is not None:
+        dh[start:start + rows] = low @ weight if low.dtype == dh.dtype else (low @ weight).to(dh.dtype)
+    if dw is not None and not _mm_f32(low.t(), h.to(weight.dtype), dw, accumulate=True):
         dw.addmm_(dz.t(), h.to(dw.dtype))
     if db is not None:
         db += dz.sum(0)

@@ -91,7 +91,7 @@ class ChunkedFusedLinearLoss(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_w else None
         db = torch.zeros(v, dtype=acc, device=dev) if need_b else None
-        rows = _chunk_rows(n, v, chunk_elems)
+        rows = _chunk_rows(n, v, chunk_elems, hidden.is_cuda)
         buf, tmp = _workspace(rows, v, acc, dev)
         dcap = _cap_buffer(buf, softcap) if need_grad else None
         for s in range(0, n, rows):
