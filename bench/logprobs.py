@@ -2,6 +2,8 @@
 
     python bench/logprobs.py                 # CPU: N=4096, D=256, V=65536 fp32 (the issue's goal shape)
     python bench/logprobs.py --shape 16384,3584,152064 --dtype bfloat16   # GPU, Qwen2.5-7B head
+    python bench/logprobs.py --device cuda --preset qwen --dtype bfloat16  # one table per shape: the
+        # Qwen2.5-1.5B and 7B heads at N = 4k, 16k, 64k (several shapes: --shape A;B;C)
     python bench/logprobs.py --shape 1024,256,32768 --providers chunked,native,torch   # native vs torch
 
 Ops (``--ops``): ``logprobs``: ``ops.linear_logprobs`` with entropy at T=0.7 under a random upstream
@@ -13,12 +15,17 @@ for policy_loss the kernel with the objective in its epilogue, fused_pg.py), chu
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
 torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
-(policy_loss only; ``pip install liger-kernel -c constraints.txt``), and the three bare
+(policy_loss only; ``pip install liger-kernel -c constraints.txt``), Cut Cross-Entropy's
+``linear_cross_entropy`` (cce: logprobs only, as -loss with ``reduction="none"``, no entropy, filtering off,
+hidden states pre-scaled by 1/T; CUDA), and the three bare
 matmuls (H W^T, dZ W, dZ^T H: 6NDV, the floor of the loss; the log-prob op's floor is 8NDV, 4/3 of
 it) that any implementation must do. Each provider runs in a fresh
 subprocess; time is the median of ``--repeat`` runs after a warm-up; "extra MiB" is peak memory
-above the inputs and their gradients (CUDA: max_memory_allocated; CPU: peak RSS). Prints a table
-and appends rows to bench/results/logprobs.csv with device, versions and commit.
+above the inputs and their gradients (CUDA: max_memory_allocated; CPU: peak RSS); "x floor" is the
+time over the three bare matmuls'. Prints a table per shape, with the issue's goals for the policy
+loss (Triton within 1.3x of the floor, at least 2x faster than Liger, at most 2.5 GB extra at the 7B
+head and N = 16k), and appends rows to bench/results/logprobs.csv with device, versions and commit.
+A provider that fails, runs out of memory or passes ``--timeout`` is reported as skipped.
 """
 from __future__ import annotations
 
@@ -76,6 +83,13 @@ def _make_step(op: str, provider: str, h, w, y, up):
         if provider in ("torch", "torch.compile"):
             f = _COMPILED if provider == "torch.compile" else _eager_logprobs
             return lambda: f(h, w, y, up).backward()
+        if provider == "cce":
+            from cut_cross_entropy import linear_cross_entropy
+
+            def step():
+                lp = -linear_cross_entropy(h / 0.7, w, y, reduction="none", filter_eps=None, impl="cce")
+                (lp.float() * up).sum().backward()
+            return step
         raise SystemExit(f"{provider} has no {op}")
     n, v = h.shape[0], w.shape[0]
     mask = torch.ones(n, device=h.device)
@@ -132,11 +146,13 @@ def _inputs(n: int, d: int, v: int, dtype, dev: str, seed: int = 0):
     return h, w, y, torch.randn(n, device=dev, generator=g)
 
 
-def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int) -> dict:
+def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, repeat: int, device: str) -> dict:
     import torch
 
     global _COMPILED
-    cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible (use --device cpu or auto)")
+    cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     dev = "cuda" if cuda else "cpu"
     dtype = getattr(torch, dtype_name)
     if provider == "torch.compile":
@@ -165,17 +181,30 @@ def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, rep
     if cuda:
         extra = (torch.cuda.max_memory_allocated() - base_b) / 2**20 - grad_mib
     times.sort()
-    return {"median_ms": times[len(times) // 2], "extra_mib": extra,
-            "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
+    out = {"median_ms": times[len(times) // 2], "extra_mib": extra,
+           "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
+    if provider == "chunked" and cuda:  # did the bf16 dW product run on tensor cores (torch's out_dtype)?
+        from fasthint_kernels import chunked
+
+        out["note"] = "" if chunked._OUT_DTYPE_MM else "dW GEMM in fp32 (no out_dtype in this torch)"
+    return out
 
 
 OP_NAMES = {"logprobs": "linear_logprobs+entropy fwd+bwd", "policy_loss": "fused_policy_loss fwd+bwd"}
+PRESETS = {"qwen": [(n, d, v) for d, v in ((1536, 151936), (3584, 152064)) for n in (4096, 16384, 65536)]}
 
 
-def _run_provider(op: str, prov: str, args) -> Optional[dict]:
-    cmd = [sys.executable, __file__, "--worker", prov, "--ops", op, "--shape", args.shape, "--dtype", args.dtype,
-           "--repeat", str(args.repeat)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+def _run_provider(op: str, prov: str, shape: tuple[int, int, int], args) -> Optional[dict]:
+    env = dict(os.environ)
+    if prov == "triton" and not args.cuda:  # CPU tensors: the Triton interpreter
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, __file__, "--worker", prov, "--ops", op, "--shape", ",".join(map(str, shape)),
+           "--dtype", args.dtype, "--repeat", str(args.repeat), "--device", args.device]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"{op:<12} {prov:<14} skipped: over --timeout {args.timeout:.0f} s")
+        return None
     line = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
     if not line:
         err = (res.stderr.strip().splitlines() or ["failed"])[-1][:120]
@@ -184,43 +213,92 @@ def _run_provider(op: str, prov: str, args) -> Optional[dict]:
     return json.loads(line)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="4096,256,65536", help="N,D,V")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--ops", default="logprobs,policy_loss")
-    ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    n, d, v = (int(x) for x in args.shape.split(","))
-    if n % SEQS:
-        raise SystemExit(f"N must be a multiple of {SEQS}")
-    if args.worker:
-        print(json.dumps(_worker(args.ops, args.worker, n, d, v, args.dtype, args.repeat)))
-        return
-    rows, vers = [], versions()
+def _goals(rows: list[dict], n: int, d: int) -> list[str]:
+    """The issue's goals for the policy loss, read off one shape's rows."""
+    by = {(r["op"], r["provider"]): r for r in rows}
+    tri = by.get((OP_NAMES["policy_loss"], "triton"))
+    floor = next((r for r in rows if r["provider"] == "matmuls"), None)
+    liger = by.get((OP_NAMES["policy_loss"], "liger"))
+    if tri is None:
+        return []
+    out = []
+    if floor:
+        x = tri["median_ms"] / floor["median_ms"]
+        out.append(f"goal: triton within 1.3x of the 3 bare GEMMs: {x:.2f}x ({'met' if x <= 1.3 else 'NOT met'})")
+    if liger:
+        x = liger["median_ms"] / tri["median_ms"]
+        out.append(f"goal: triton at least 2x faster than Liger's GRPO loss: {x:.2f}x "
+                   f"({'met' if x >= 2 else 'NOT met'})")
+    if n == 16384 and d == 3584:
+        gb = tri["extra_mib"] * 2**20 / 1e9
+        out.append(f"goal: at most 2.5 GB extra at the 7B head, N = 16k: {gb:.2f} GB "
+                   f"({'met' if gb <= 2.5 else 'NOT met'})")
+    return out
+
+
+def _bench_shape(n: int, d: int, v: int, args, vers: dict) -> list[dict]:
+    rows = []
     logits_mib = n * v * 4 / 2**20
-    for op in args.ops.split(","):
+    ops_ = args.ops.split(",")
+    for op in ops_:
         for prov in args.providers.split(","):
-            first = args.ops.split(",")[0]
-            if (prov == "matmuls" and op != first) or (prov == "liger" and op != "policy_loss"):
+            if (prov == "matmuls" and op != ops_[0]) or (prov == "liger" and op != "policy_loss") \
+                    or (prov == "cce" and op != "logprobs"):
                 continue  # the matmul floor is op-independent: measured once
-            out = _run_provider(op, prov, args)
+            out = _run_provider(op, prov, (n, d, v), args)
             if out is None:
                 continue
             rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
                          "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
                          "op": OP_NAMES[op] if prov != "matmuls" else "3 bare matmuls", "provider": prov,
                          "n": n, "d": d, "v": v, "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
-                         "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1), "note": ""})
+                         "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1),
+                         "note": out.get("note", "")})
+    floor = next((r["median_ms"] for r in rows if r["provider"] == "matmuls"), None)
     print(f"\nforward+backward, N={n} D={d} V={v} {args.dtype} ({rows[0]['device'] if rows else '-'}); "
           f"fp32 logits would take {logits_mib:.0f} MiB")
-    print(f"{'op':<32} {'provider':<14} {'median ms':>10} {'extra MiB':>10} {'extra/logits':>13}")
+    print(f"{'op':<32} {'provider':<14} {'median ms':>10} {'x floor':>8} {'extra MiB':>10} {'extra/logits':>13}")
     for r in rows:
-        print(f"{r['op']:<32} {r['provider']:<14} {r['median_ms']:>10.1f} {r['extra_mib']:>10.1f} "
-              f"{r['extra_mib'] / logits_mib:>12.1%}")
-    append_rows(RESULTS, FIELDS, rows)
+        xf = f"{r['median_ms'] / floor:>8.2f}" if floor else f"{'-':>8}"
+        print(f"{r['op']:<32} {r['provider']:<14} {r['median_ms']:>10.1f} {xf} {r['extra_mib']:>10.1f} "
+              f"{r['extra_mib'] / logits_mib:>12.1%}  {r['note']}")
+    for line in _goals(rows, n, d):
+        print(line)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="4096,256,65536", help="N,D,V; several separated by ';'")
+    ap.add_argument("--preset", default=None, choices=sorted(PRESETS), help="a set of shapes (overrides --shape)")
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--ops", default="logprobs,policy_loss")
+    ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds per provider and shape")
+    ap.add_argument("--results", default=RESULTS, help="the CSV that rows are appended to")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    try:
+        shapes = PRESETS[args.preset] if args.preset else \
+            [tuple(int(x) for x in sh.split(",")) for sh in args.shape.split(";") if sh.strip()]
+        assert all(len(sh) == 3 for sh in shapes)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--shape {args.shape!r}: expected N,D,V (integers), several separated by ';'") from None
+    bad = [sh for sh in shapes if sh[0] % SEQS]
+    if bad:
+        raise SystemExit(f"--shape: N must be a multiple of {SEQS} (got {bad[0][0]})")
+    if args.worker:
+        print(json.dumps(_worker(args.ops, args.worker, *shapes[0], args.dtype, args.repeat, args.device)))
+        return
+    import torch
+
+    args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    vers = versions()
+    for n, d, v in shapes:
+        append_rows(args.results, FIELDS, _bench_shape(n, d, v, args, vers))
+
 
 if __name__ == "__main__":
     main()

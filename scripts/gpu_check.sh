@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Runs the GPU-only tests, a short default training run and the memory/kernel benchmarks on a CUDA
-# machine whose Python already has torch/transformers/triton; the pure-Python packages it lacks travel
-# as wheels in .whl/ (fetch them with scripts/gpu_wheels.sh; carry .whl). At most 8 minutes on one H200.
+# The GPU checks, in order of importance, each under its own time limit so the whole stays within
+# 8 minutes on one H200: the GPU-only tests; issue 19's kernel benchmark (the policy loss of
+# Qwen2.5-7B's head at N = 16k against the three bare GEMMs, Liger and the chunked torch path, then the
+# log-prob op against Cut Cross-Entropy, then the other Qwen2.5 head shapes); issue 17's memory bench.
+# (A CUDA training run is one of the GPU tests.) Runs on a CUDA machine whose Python already has torch/transformers/
+# triton; the pure-Python packages it lacks (and Liger, CCE) travel as wheels in .whl/ (fetch them with
+# scripts/gpu_wheels.sh; carry .whl). Results: bench/results/*.csv, copied with the log to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -11,20 +15,24 @@ fi
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+start=$SECONDS
+step() { echo; echo "== [$((SECONDS - start)) s] $*"; }
+step "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15
-python3 -m fasthint.train --max_steps 20 --cache_dir /tmp/fh-cache --output_dir "$OUT/run" --resume none \
-  --progress_bar false "$@" 2>&1 | grep -v -i warn | tail -25
-cp "$OUT/run/metrics.jsonl" "$OUT/metrics.jsonl" 2>/dev/null || true
-# Issue 17: one policy update of a random Qwen2.5-1.5B-shaped model (no download) per trainer option:
-# tokens/s, peak memory, activation memory, MFU; rows appended to bench/results/memory.csv (copied to $OUT).
-timeout 180 python3 bench/memory.py --preset qwen2-1.5b --seqs 32 --min_len 256 --max_len 2048 \
+step "GPU-only tests (pytest -m gpu)"
+timeout 90 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15
+B="python3 bench/logprobs.py --device cuda --dtype bfloat16 --repeat 3"
+step "issue 19: policy loss, Qwen2.5-7B head, N = 16k (the goal shape)"
+timeout 150 $B --shape 16384,3584,152064 --ops policy_loss --providers triton,chunked,liger,matmuls,torch --timeout 70
+step "issue 19: log-probs + entropy under a random upstream gradient, same shape"
+timeout 50 $B --shape 16384,3584,152064 --ops logprobs --providers triton,chunked,cce --timeout 25
+step "issue 19: policy loss, the other Qwen2.5 heads (1.5B: N = 4k, 16k, 64k; 7B: N = 4k, 64k)"
+timeout 90 $B --shape "4096,1536,151936;16384,1536,151936;65536,1536,151936;4096,3584,152064;65536,3584,152064" \
+  --ops policy_loss --providers triton,matmuls,liger --timeout 25
+step "issue 17: one policy update of a random Qwen2.5-1.5B-shaped model per trainer option"
+timeout 100 python3 bench/memory.py --preset qwen2-1.5b --seqs 32 --min_len 256 --max_len 2048 \
   --micro_batch_tokens 16384 --repeat 2 2>&1 | tail -12
-cp bench/results/memory.csv "$OUT/memory.csv" 2>/dev/null || true
-# Issue 19: the policy-gradient loss of Qwen2.5-7B's head (N=16k, bf16): the Triton kernel with the objective
-# in its epilogue against the chunked torch path, torch eager, Liger's GRPO loss (where installed) and the
-# three bare GEMMs (the floor); rows appended to bench/results/logprobs.csv (copied to $OUT).
-timeout 150 python3 bench/logprobs.py --shape 16384,3584,152064 --dtype bfloat16 --ops policy_loss \
-  --providers triton,chunked,torch,liger,matmuls --repeat 3 2>&1 | tail -10
-cp bench/results/logprobs.csv "$OUT/logprobs.csv" 2>/dev/null || true
+cp bench/results/logprobs.csv bench/results/memory.csv "$OUT/" 2>/dev/null || true
+step "done"
