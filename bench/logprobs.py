@@ -15,7 +15,9 @@ for policy_loss the kernel with the objective in its epilogue, fused_pg.py), chu
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
 torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
-(policy_loss only; ``pip install liger-kernel -c constraints.txt``), Cut Cross-Entropy's
+(policy_loss only; ``pip install liger-kernel -c constraints.txt``), triton_filter (policy_loss: the
+kernel with gradient filtering at 2^-12; random heads give near-uniform softmaxes, so nearly every
+tile is skipped: a lower bound, not what a trained head gets), Cut Cross-Entropy's
 ``linear_cross_entropy`` (cce: logprobs only, as -loss with ``reduction="none"``, no entropy, filtering off,
 hidden states pre-scaled by 1/T; CUDA), and the three bare
 matmuls (H W^T, dZ W, dZ^T H: 6NDV, the floor of the loss; the log-prob op's floor is 8NDV, 4/3 of
@@ -55,7 +57,9 @@ def _rss_mib() -> float:
 
 SEQS = 16  # policy_loss: the N tokens form SEQS sequences of N / SEQS tokens
 # fasthint's providers: impl auto, the chunked torch path, and that path with the native C++ row kernels
-FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native", "triton": "triton"}
+FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native", "triton": "triton",
+                  "triton_filter": "triton"}
+FILTER_EPS = 2.0 ** -12  # triton_filter: gradient filtering below bf16's resolution (--head_grad_filter)
 
 
 def _make_step(op: str, provider: str, h, w, y, up):
@@ -99,7 +103,9 @@ def _make_step(op: str, provider: str, h, w, y, up):
     if impl is not None:
         from fasthint.loss import fused_policy_loss
 
-        return lambda: fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7, impl=impl)[0].backward()
+        flt = FILTER_EPS if provider == "triton_filter" else None
+        return lambda: fused_policy_loss(h, w, y, adv_tok, mask, old, temperature=0.7, impl=impl,
+                                         grad_filter=flt)[0].backward()
     if provider in ("torch", "torch.compile"):
         f = _COMPILED if provider == "torch.compile" else _eager_policy_loss
         return lambda: f(h, w, y, adv_tok, mask, old).backward()
@@ -196,7 +202,7 @@ PRESETS = {"qwen": [(n, d, v) for d, v in ((1536, 151936), (3584, 152064)) for n
 
 def _run_provider(op: str, prov: str, shape: tuple[int, int, int], args) -> Optional[dict]:
     env = dict(os.environ)
-    if prov == "triton" and not args.cuda:  # CPU tensors: the Triton interpreter
+    if prov.startswith("triton") and not args.cuda:  # CPU tensors: the Triton interpreter
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, __file__, "--worker", prov, "--ops", op, "--shape", ",".join(map(str, shape)),
            "--dtype", args.dtype, "--repeat", str(args.repeat), "--device", args.device]
@@ -242,7 +248,7 @@ def _bench_shape(n: int, d: int, v: int, args, vers: dict) -> list[dict]:
     ops_ = args.ops.split(",")
     for op in ops_:
         for prov in args.providers.split(","):
-            if (prov == "matmuls" and op != ops_[0]) or (prov == "liger" and op != "policy_loss") \
+            if (prov == "matmuls" and op != ops_[0]) or (prov in ("liger", "triton_filter") and op != "policy_loss") \
                     or (prov == "cce" and op != "logprobs"):
                 continue  # the matmul floor is op-independent: measured once
             out = _run_provider(op, prov, (n, d, v), args)
