@@ -11,7 +11,8 @@ gradient (backward must recompute the logits); ``policy_loss``: the clipped GRPO
 (``fasthint.loss.fused_policy_loss``, token-mean, T=0.7, 16 sequences), whose torch path forms the gradients
 in its forward pass.
 Providers: fasthint (impl auto: Triton or chunked torch on CUDA, native on CPU), triton (impl triton:
-for policy_loss the kernel with the objective in its epilogue, fused_pg.py), chunked (impl
+for policy_loss the kernel with the objective in its epilogue, fused_pg.py; triton_atomic: the same with
+the atomic backward instead of the split one), chunked (impl
 torch: the chunked torch path), native (impl native: that path with the C++ row kernels of csrc/),
 torch eager (materialised
 ``[N, V]`` logits), torch.compile of the eager code, Liger-Kernel's ``LigerFusedLinearGRPOLoss``
@@ -58,7 +59,7 @@ def _rss_mib() -> float:
 SEQS = 16  # policy_loss: the N tokens form SEQS sequences of N / SEQS tokens
 # fasthint's providers: impl auto, the chunked torch path, and that path with the native C++ row kernels
 FASTHINT_IMPLS = {"fasthint": "auto", "chunked": "torch", "native": "native", "triton": "triton",
-                  "triton_filter": "triton"}
+                  "triton_atomic": "triton", "triton_filter": "triton"}
 FILTER_EPS = 2.0 ** -12  # triton_filter: gradient filtering below bf16's resolution (--head_grad_filter)
 
 
@@ -204,12 +205,18 @@ def _run_provider(op: str, prov: str, shape: tuple[int, int, int], args) -> Opti
     env = dict(os.environ)
     if prov.startswith("triton") and not args.cuda:  # CPU tensors: the Triton interpreter
         env["TRITON_INTERPRET"] = "1"
+    if prov == "triton_atomic":  # the atomic backward instead of the split one (kernels/.../logprobs.py)
+        env["FASTHINT_HEAD_BACKWARD"] = "atomic"
     cmd = [sys.executable, __file__, "--worker", prov, "--ops", op, "--shape", ",".join(map(str, shape)),
            "--dtype", args.dtype, "--repeat", str(args.repeat), "--device", args.device]
+    limit = min(args.timeout, args.deadline - time.monotonic())
+    if limit < 1:
+        print(f"{op:<12} {prov:<14} skipped: --budget spent")
+        return None
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=env)
     except subprocess.TimeoutExpired:
-        print(f"{op:<12} {prov:<14} skipped: over --timeout {args.timeout:.0f} s")
+        print(f"{op:<12} {prov:<14} skipped: over its time limit ({limit:.0f} s)")
         return None
     line = res.stdout.strip().splitlines()[-1] if res.returncode == 0 and res.stdout.strip() else ""
     if not line:
@@ -243,6 +250,7 @@ def _goals(rows: list[dict], n: int, d: int) -> list[str]:
 
 
 def _bench_shape(n: int, d: int, v: int, args, vers: dict) -> list[dict]:
+    """Every provider of every op at one shape: rows appended to the results as they come, then the table."""
     rows = []
     logits_mib = n * v * 4 / 2**20
     ops_ = args.ops.split(",")
@@ -254,12 +262,15 @@ def _bench_shape(n: int, d: int, v: int, args, vers: dict) -> list[dict]:
             out = _run_provider(op, prov, (n, d, v), args)
             if out is None:
                 continue
-            rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
-                         "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
-                         "op": OP_NAMES[op] if prov != "matmuls" else "3 bare matmuls", "provider": prov,
-                         "n": n, "d": d, "v": v, "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
-                         "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1),
-                         "note": out.get("note", "")})
+            row = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": vers["commit"],
+                   "device": out["device"], "torch": vers["torch"], "triton": vers["triton"],
+                   "op": OP_NAMES[op] if prov != "matmuls" else "3 bare matmuls", "provider": prov,
+                   "n": n, "d": d, "v": v, "dtype": args.dtype, "median_ms": round(out["median_ms"], 2),
+                   "extra_mib": round(out["extra_mib"], 1), "logits_mib": round(logits_mib, 1),
+                   "note": out.get("note", "")}
+            rows.append(row)
+            append_rows(args.results, FIELDS, [row])  # as measured: a run stopped later keeps it
+            print(f"{op:<12} {prov:<14} {row['median_ms']:.1f} ms, {row['extra_mib']:.0f} MiB extra", flush=True)
     floor = next((r["median_ms"] for r in rows if r["provider"] == "matmuls"), None)
     print(f"\nforward+backward, N={n} D={d} V={v} {args.dtype} ({rows[0]['device'] if rows else '-'}); "
           f"fp32 logits would take {logits_mib:.0f} MiB")
@@ -283,6 +294,8 @@ def main() -> None:
     ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per provider and shape")
+    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole run: providers "
+                    "that would start after it are skipped, a running one is stopped at it")
     ap.add_argument("--results", default=RESULTS, help="the CSV that rows are appended to")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -301,9 +314,10 @@ def main() -> None:
     import torch
 
     args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.deadline = time.monotonic() + args.budget
     vers = versions()
     for n, d, v in shapes:
-        append_rows(args.results, FIELDS, _bench_shape(n, d, v, args, vers))
+        _bench_shape(n, d, v, args, vers)
 
 
 if __name__ == "__main__":

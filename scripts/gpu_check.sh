@@ -23,16 +23,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 step "GPU-only tests (pytest -m gpu)"
 timeout 90 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -15
+# each bench run has a --budget (providers that would start after it are skipped, rows are kept as they
+# come); the outer timeouts are only a safety margin
 B="python3 bench/logprobs.py --device cuda --dtype bfloat16 --repeat 3"
 step "issue 19: policy loss, Qwen2.5-7B head, N = 16k (the goal shape)"
-timeout 170 $B --shape 16384,3584,152064 --ops policy_loss --providers triton,triton_filter,chunked,liger,matmuls,torch --timeout 60
+timeout 200 $B --shape 16384,3584,152064 --ops policy_loss --timeout 50 --budget 180 \
+  --providers matmuls,triton,liger,chunked,triton_atomic,triton_filter,torch
 step "issue 19: log-probs + entropy under a random upstream gradient, same shape"
-timeout 50 $B --shape 16384,3584,152064 --ops logprobs --providers triton,chunked,cce --timeout 25
+timeout 60 $B --shape 16384,3584,152064 --ops logprobs --providers triton,triton_atomic,chunked,cce --timeout 20 \
+  --budget 50
 step "issue 19: policy loss, the other Qwen2.5 heads (1.5B: N = 4k, 16k, 64k; 7B: N = 4k, 64k)"
 timeout 90 $B --shape "4096,1536,151936;16384,1536,151936;65536,1536,151936;4096,3584,152064;65536,3584,152064" \
-  --ops policy_loss --providers triton,matmuls,liger --timeout 25
+  --ops policy_loss --providers matmuls,triton,liger --timeout 25 --budget 80
 step "issue 17: one policy update of a random Qwen2.5-1.5B-shaped model per trainer option"
-timeout 80 python3 bench/memory.py --preset qwen2-1.5b --seqs 32 --min_len 256 --max_len 2048 \
+timeout 50 python3 bench/memory.py --preset qwen2-1.5b --seqs 32 --min_len 256 --max_len 2048 \
   --micro_batch_tokens 16384 --repeat 2 2>&1 | tail -12
 cp bench/results/logprobs.csv bench/results/memory.csv "$OUT/" 2>/dev/null || true
 step "done"

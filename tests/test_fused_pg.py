@@ -61,12 +61,12 @@ def _run(fn, h, w, b, y, spec, temperature, up, dtype):
     return {k: v.double() for k, v in out.items()}
 
 
-def _check(h, w, b, y, spec, temperature, tol=1e-5):
+def _check(h, w, b, y, spec, temperature, tol=1e-5, backward=None):
     up = 0.7  # a random upstream gradient: the loss is scaled before backward
     ref = _run(pg_loss_torch, h, w, b, y, spec, temperature, up, torch.float64)
     same = _run(pg_loss_torch, h, w, b, y, spec, temperature, up, torch.float32)
-    fast = _run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton"), h, w, b, y, spec, temperature, up,
-                torch.float32)
+    fast = _run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton", backward=backward), h, w, b, y, spec,
+                temperature, up, torch.float32)
     for k in ref:
         err, base = (ref[k] - fast[k]).abs(), (ref[k] - same[k]).abs()
         scale = ref[k].abs().max().item() + 1e-12
@@ -74,10 +74,23 @@ def _check(h, w, b, y, spec, temperature, tol=1e-5):
     assert ref["dh"].abs().max() > 1e-4 and ref["dw"].abs().max() > 1e-4  # the gradient is not trivially 0
 
 
+@pytest.mark.parametrize("backward", ["split", "atomic"])
 @pytest.mark.parametrize("variant", ["clip", "dual", "shaped", "kl", "entropy", "is", "all"])
-def test_every_epilogue_variant_against_float64(variant):
+def test_every_epilogue_variant_against_float64(variant, backward):
     h, w, b, y, g = _case(70, 72, 2100, seed=1, bias=True)  # 2 token tiles, 2 D tiles, 3 vocab tiles, ragged
-    _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, variant), 0.7)
+    _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, variant), 0.7, backward=backward)
+
+
+def test_split_backward_in_several_vocabulary_chunks(monkeypatch):
+    """The split backward's chunks (256 columns here: 9 chunks of V = 2100, the last ragged) give the
+    same answer; the atomic and split backwards agree to fp32 rounding."""
+    import fasthint_kernels.logprobs as lp
+
+    monkeypatch.setattr(lp, "SPLIT_ELEMS", 70 * 256)
+    h, w, b, y, g = _case(70, 72, 2100, seed=11, bias=True)
+    _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, "all"), 0.7, backward="split")
+    with pytest.raises(ValueError, match="backward must be 'split' or 'atomic'"):
+        _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, "clip"), 0.7, backward="fast")
 
 
 @pytest.mark.parametrize("d", [896, 1536, 3584])

@@ -77,8 +77,9 @@ def test_triton_linear_logprobs_cuda_against_float64(dtype):
         assert bool((err_f <= err_c + tol).all()), f"{name}: {err_f.max().item():.3g} vs {err_c.max().item():.3g}"
 
 
+@pytest.mark.parametrize("backward", ["split", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_pg_loss_cuda_against_float64(dtype):
+def test_fused_pg_loss_cuda_against_float64(dtype, backward):
     """The policy-gradient kernel with its objective in the epilogue (every part on) on a real GPU,
     bf16 and fp32, at a Qwen2.5-1.5B head width, against float64 with the rule of the CPU tests."""
     from fasthint_kernels.fused_pg import fused_pg_loss
@@ -106,7 +107,7 @@ def test_fused_pg_loss_cuda_against_float64(dtype):
 
     gt = run(pg_loss_torch, torch.float64, torch.float64)
     same = run(pg_loss_torch, dtype, torch.float32)
-    fast = run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton"), dtype, torch.float32)
+    fast = run(lambda *a, **k: fused_pg_loss(*a, **k, impl="triton", backward=backward), dtype, torch.float32)
     eps = torch.finfo(dtype).eps
     for name, a, b, c in zip(("loss", "logp", "entropy", "dh", "dw"), gt, fast, same):
         tol = (1e-5 + eps) * a.abs().max().item()

@@ -23,13 +23,14 @@ min/max split a tie evenly; the clip passes gradient inside its range):
 The objective is a set of per-token tensors and constexpr switches (``PGSpec``), never an
 algorithm's name: ``fasthint.loss`` lowers its terms to it.
 
-Backward: the head's one backward kernel (``fasthint_kernels.logprobs.head_backward``), handed g_t
-and e_t: each (token tile, vocab tile) program recomputes its logit tile once and forms
-``dz = g (1[v=y] - p) - e p (log p + H)`` scaled by the upstream gradient and 1/T. FLOPs 2NDV
-forward + 6NDV backward = 8NDV; bytes, memory (2.4 GB of fp32 accumulators for Qwen2.5-7B's head at
-N = 16k, never ``[N, V]``), the autotuning and the choice of this design over Liger's are argued in
-``logprobs.py``'s docstring. Optional gradient filtering (``filter_eps``) skips the dH/dW work of
-tiles whose probabilities are all below it (no target inside), with a tested error bound.
+Backward: the head's backward (``fasthint_kernels.logprobs.head_backward``), handed g_t and e_t:
+each logit tile is recomputed once and ``dz = g (1[v=y] - p) - e p (log p + H)``, scaled by the
+upstream gradient and 1/T, goes into dH and dW, either through an ``[N, chunk]`` dz buffer and cuBLAS
+(``split``, the default) or with fp32 atomics (``atomic``). FLOPs 2NDV forward + 6NDV backward =
+8NDV; bytes, memory (split: 0.75 GB extra for Qwen2.5-7B's head at N = 16k; atomic: 2.4 GB; never
+``[N, V]``), the autotuning and the choice against Liger's design are argued in ``logprobs.py``.
+Optional gradient filtering (``filter_eps``, atomic backward) skips the dH/dW work of tiles whose
+probabilities are all below it (no target inside), with a tested error bound.
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class TritonFusedPGLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float, filter_eps: Optional[float],
-                softcap: Optional[float]):
+                softcap: Optional[float], backward: Optional[str]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
         n, d = hidden.shape
@@ -169,6 +170,7 @@ class TritonFusedPGLoss(torch.autograd.Function):
             **fixed_tiles(d))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
         ctx.temperature, ctx.ent, ctx.filter_eps, ctx.softcap = temperature, flags["ENT"], filter_eps, softcap
+        ctx.backward = backward
         ctx.mark_non_differentiable(logp, ent)
         return loss.sum(), logp, ent
 
@@ -177,24 +179,29 @@ class TritonFusedPGLoss(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent, g, ge = ctx.saved_tensors
         grads = head_backward(hidden, weight, bias, targets, lse, ent, g, ge if ctx.ent else None,
                               temperature=ctx.temperature, softcap=ctx.softcap, scale=grad_loss,
-                              filter_eps=ctx.filter_eps, needs=tuple(ctx.needs_input_grad[:3]))
-        return (*grads, None, None, None, None, None)
+                              filter_eps=ctx.filter_eps, needs=tuple(ctx.needs_input_grad[:3]),
+                              backward=ctx.backward)
+        return (*grads, None, None, None, None, None, None)
 
 
 def fused_pg_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
                   bias: Optional[torch.Tensor] = None, temperature: float = 1.0, impl: str = "auto",
-                  filter_eps: Optional[float] = None, softcap: Optional[float] = None):
+                  filter_eps: Optional[float] = None, softcap: Optional[float] = None,
+                  backward: Optional[str] = None):
     """``(loss, logp, entropy)``: the summed per-token objective of ``spec`` over ``[N, D]`` hidden
     states of trained tokens, with per-token log-probs and entropies (no gradient). ``impl``:
     ``triton`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``torch`` (materialised logits:
     ``fasthint_kernels.reference.pg_loss_torch``) or ``auto`` (triton on CUDA, else torch).
     ``filter_eps`` (Triton; e.g. ``2**-12``, below bf16's resolution): the backward skips the dH/dW
     work of a (token tile, vocabulary tile) whose every probability is below it and which holds no
-    target; a skipped (token, column) pair leaves out ``|dz| <= (|g| + |e| |log p + H|) p / T`` (tested)."""
+    target; a skipped (token, column) pair leaves out ``|dz| <= (|g| + |e| |log p + H|) p / T`` (tested;
+    it runs the atomic backward). ``backward``: ``"split"`` or ``"atomic"`` (``logprobs.py``; None: the
+    default there)."""
     if impl == "auto":
         impl = "triton" if hidden.is_cuda else "torch"
     if impl == "triton":
-        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature), filter_eps, softcap)
+        return TritonFusedPGLoss.apply(hidden, weight, bias, targets, spec, float(temperature), filter_eps, softcap,
+                                       backward)
     if impl == "torch":
         return pg_loss_torch(hidden, weight, targets, spec, bias=bias, temperature=temperature, softcap=softcap)
     raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")

@@ -1,5 +1,5 @@
 """Triton kernels: log-probs (and entropy) of a linear head without materialising the logits, and the
-head's one backward kernel (shared with ``fasthint_kernels.fused_pg``).
+head's backward (shared with ``fasthint_kernels.fused_pg``).
 
 Math (docs/ALGORITHMS.md §5), per token t with a = h_t W^T + b and z = a / T (with Gemma-2's
 soft-cap c: z = c tanh(a / c) / T, whose factor 1 - tanh^2 multiplies the backward's dz):
@@ -12,43 +12,43 @@ soft-cap c: z = c tanh(a / c) / T, whose factor 1 - tanh^2 multiplies the backwa
               dz_v = g (1[v=y] - p_v) - e p_v (log p_v + entropy)
               dH = dz W / T,  dW = dz^T H / T,  db = sum_t dz / T
 
-Kernels: ``_fwd`` (grid: token tiles; each program sweeps the vocabulary once) and ``_bwd`` (grid:
-token tiles x vocabulary tiles, in grouped order: GROUP_N neighbouring token tiles walk the vocabulary
-together so the W tiles they share stay in L2). Each backward program recomputes its logit tile once
-and adds ``dz W`` into its rows of dH and ``dz^T H`` into its rows of dW with fp32 atomics.
+Kernels: ``_fwd`` (grid: token tiles; each program sweeps the vocabulary once, autotuned per (D, V))
+and two backwards, both recomputing each logit tile exactly once (``head_backward``):
 
-Cost (N tokens, D hidden, V vocabulary; BN x BV tiles):
-- FLOPs: forward 2NDV, backward 2NDV (recompute) + 2NDV (dH) + 2NDV (dW) = 8NDV in all, against the
-  floor of any head loss, 6NDV (logits, dH, dW: three bare GEMMs): 4/3 of it.
-- Bytes: the forward reads W once per token tile (N/BN passes, shared in L2 by neighbouring tiles);
-  the backward reads each (token tile, vocab tile) pair's H and W slices twice (recompute, then the
-  products) and issues N D V (1/BV + 1/BN) fp32 atomic adds (L2-resident reductions): 1.4e11 at
-  Qwen2.5-7B's head (N = 16k, D = 3,584, V = 152,064, 128 x 128 tiles), as many bytes of L2 traffic as
-  the GEMMs' operand reads many times over; this is the design's risk. Cut Cross-Entropy, whose
-  accumulation it is, relies on gradient filtering to skip most tiles of a trained head's peaked
-  softmax; ``bench/logprobs.py`` times the kernel with (``triton_filter``) and without it.
-- Memory beyond inputs and gradients: fp32 dH and dW accumulators (N D + V D floats, cast to the input
-  dtype at the end) and O(N) vectors; never ``[N, V]``.
+- ``split`` (default): per vocabulary chunk of C columns (C N <= 2^28), ``_dz_chunk`` writes dz of
+  every token into an ``[N, C]`` buffer in the inputs' dtype (rounded once, as torch's autograd rounds
+  a bf16 matmul's output gradient), then two cuBLAS GEMMs: dW[chunk] = dz^T H (each row of dW written
+  once, fp32 accumulation inside the GEMM, no fp32 dW accumulator) and dH += dz W[chunk] into an fp32
+  ``[N, D]`` accumulator (``out_dtype`` tensor-core GEMM on CUDA). No atomics: deterministic.
+- ``atomic`` (Cut Cross-Entropy's accumulation): one kernel over token tiles x vocab tiles, in grouped
+  order (GROUP_N neighbouring token tiles walk the vocabulary together so shared W tiles stay in L2);
+  each program adds ``dz W`` into its rows of dH and ``dz^T H`` into its rows of dW with fp32 atomics.
+  Gradient filtering (``filter_eps``) runs here: a tile whose every p is below it and that holds no
+  target skips its products, with a tested error bound (tests/test_fused_pg.py).
 
-Why this backward (Cut Cross-Entropy's) and not Liger's. Liger forms the gradient while the logits of
-a token chunk are materialised (6NDV on cuBLAS, no recompute), which needs each token's loss
-coefficient before its backward: possible for a loss known in the forward (``fused_pg``'s epilogue,
-the chunked torch path ``fused_loss.py`` does exactly this), impossible for log-probs with an
-arbitrary upstream gradient. It holds a ``[chunk, V]`` fp32 buffer (1,024 tokens x 152k = 0.6 GB)
-beside the same fp32 dW accumulator, and streams every chunk's logits through HBM several times
-(softmax, entropy, dz: ~20 bytes per logit, 50 GB at N = 16k, V = 152k, ~12 ms on an H200 against
-~70 ms of GEMMs). This design keeps every logit in registers, holds no chunk buffer (the 2.5 GB budget
-of the 7B head at N = 16k: 2.4 GB of fp32 accumulators) and serves both ops with one kernel; it pays
-2NDV of recompute and its atomics. Which is faster on a given GPU is a measurement:
-``bench/logprobs.py`` times both (providers ``triton`` and ``chunked``), and ``impl="auto"`` measures
-the two once per head shape (``fasthint.autoselect``). Atomics make the summation order vary between
-runs (results agree to fp32 rounding); the chunked torch path is bitwise deterministic.
+Cost (N tokens, D hidden, V vocabulary; BN x BV tiles). FLOPs: forward 2NDV, backward 2NDV (recompute)
++ 2NDV (dH) + 2NDV (dW) = 8NDV in both, against the floor of any head loss, 6NDV (logits, dH, dW:
+three bare GEMMs), i.e. 4/3 of it. At Qwen2.5-7B's head (N = 16k, D = 3,584, V = 152,064, bf16):
+- split: 4NDV of the 8 on cuBLAS; HBM traffic beside the GEMMs' operands: dz written once and read
+  twice (6 N V bytes = 15 GB, ~3.5 ms at 4.3 TB/s) and the fp32 dH accumulator read and written once
+  per chunk (~10 chunks x 8 N D bytes = 4.7 GB); extra memory: the dz buffer (0.5 GB) and fp32 dH
+  (0.24 GB).
+- atomic: the forward reads W once per token tile; the backward issues N D V (1/BV + 1/BN) fp32
+  atomic adds: 1.4e11 with 128 x 128 tiles, the design's risk (L2 reductions on that scale can cost
+  more than the GEMMs) unless gradient filtering skips most tiles, as Cut Cross-Entropy relies on for a
+  trained head's peaked softmax; extra memory: fp32 dH and dW accumulators (0.24 + 2.2 GB).
+Neither holds ``[N, V]``. ``bench/logprobs.py`` times both (providers ``triton``, ``triton_atomic``,
+``triton_filter``); ``FASTHINT_HEAD_BACKWARD=atomic`` makes the atomic one the default.
 
-On CUDA both kernels are autotuned over tile sizes, warps and stages per (D, V); under
-``TRITON_INTERPRET=1`` (CPU tensors; tests use fp32/fp16 there: the interpreter's bf16 ``tl.dot`` is
-wrong) one fixed configuration with wide vocabulary tiles. Optional gradient filtering
-(``filter_eps``, Cut Cross-Entropy's) skips the dH/dW work of tiles whose probabilities are all below
-it and which hold no target, with a tested error bound (tests/test_fused_pg.py).
+Why not Liger's design (the gradient formed while a token chunk's logits are materialised: 6NDV on
+cuBLAS, no recompute): it needs each token's loss coefficient before the backward, which log-probs
+under an arbitrary upstream gradient do not have; for the policy loss, whose coefficients the forward
+knows, it is the chunked torch path (``fused_loss.py``), which ``impl="auto"`` measures against these
+kernels once per head shape (``fasthint.autoselect``). It holds a ``[chunk, V]`` fp32 buffer beside an
+fp32 dW accumulator and streams each logit through HBM several times (~20 bytes per logit).
+
+Under ``TRITON_INTERPRET=1`` (CPU tensors; tests use fp32/fp16 there: the interpreter's bf16
+``tl.dot`` is wrong) the kernels run one fixed configuration with wide vocabulary tiles.
 """
 from __future__ import annotations
 
@@ -183,6 +183,28 @@ def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_
 
 
 @triton.jit
+def _tile_grad(H, W, B, Y, LSE, ENTR, G, GE, SCALE, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
+               cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(dz, z, lse, y, valid) of one (token tile, vocab tile): the logits recomputed once and the
+    gradient w.r.t. ``H W^T + b`` (0 outside the valid rows and columns)."""
+    y = tl.load(Y + offs_n, mask=mask_n, other=0)
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    scale = tl.load(SCALE)  # the upstream gradient of a summed loss, read on the device (no host sync)
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0) * scale
+    e = g
+    ent = g
+    if ENT:
+        e = tl.load(GE + offs_n, mask=mask_n, other=0.0) * scale
+        ent = tl.load(ENTR + offs_n, mask=mask_n, other=0.0)
+    z, dcap = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
+                           HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+    dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT) * dcap
+    valid = mask_n[:, None] & mask_v[None, :]
+    return tl.where(valid, dz, 0.0), z, lse, y, valid
+
+
+@triton.jit
 def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, SCALE, N, V, D, stride_hn, stride_wv, inv_t, cap, filter_eps,
          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENT: tl.constexpr, NEED_DH: tl.constexpr, NEED_DW: tl.constexpr,
          NEED_DB: tl.constexpr, FILTER: tl.constexpr, GROUP_N: tl.constexpr,
@@ -199,20 +221,9 @@ def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, SCALE, N, V, D, stride_hn, st
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    y = tl.load(Y + offs_n, mask=mask_n, other=0)
-    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
-    scale = tl.load(SCALE)  # the upstream gradient of a summed loss, read on the device (no host sync)
-    g = tl.load(G + offs_n, mask=mask_n, other=0.0) * scale
-    e = g
-    ent = g
-    if ENT:
-        e = tl.load(GE + offs_n, mask=mask_n, other=0.0) * scale
-        ent = tl.load(ENTR + offs_n, mask=mask_n, other=0.0)
-    z, dcap = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
-                           HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-    dz = _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, ENT) * dcap
-    valid = mask_n[:, None] & mask_v[None, :]
-    dz = tl.where(valid, dz, 0.0)
+    dz, z, lse, y, valid = _tile_grad(H, W, B, Y, LSE, ENTR, G, GE, SCALE, offs_n, offs_v, mask_n, mask_v, D,
+                                      stride_hn, stride_wv, inv_t, cap, HAS_BIAS, SOFTCAP, ENT, BLOCK_N, BLOCK_V,
+                                      BLOCK_D, DOT_PREC)
     if FILTER:  # a tile whose every p is below filter_eps and that holds no target: skip its 4 BN BV D
         p_max = tl.max(tl.max(tl.where(valid, tl.exp(z - lse[:, None]), 0.0), axis=1), axis=0)
         hits = tl.sum(tl.sum(tl.where(valid & (offs_v[None, :] == y[:, None]), 1, 0), axis=1), axis=0)
@@ -222,6 +233,23 @@ def _bwd(H, W, B, Y, LSE, ENTR, G, GE, DH, DW, DB, SCALE, N, V, D, stride_hn, st
     else:
         _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
                     NEED_DH, NEED_DW, NEED_DB, BLOCK_D, DOT_PREC)
+
+
+@triton.jit
+def _dz_chunk(H, W, B, Y, LSE, ENTR, G, GE, DZ, SCALE, N, V, D, v_start, VC, stride_hn, stride_wv, stride_dz,
+              inv_t, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, ENT: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The split backward's first half: dz of vocabulary columns [v_start, v_start + VC) for all
+    tokens, written in the inputs' dtype to ``DZ [N, VC]`` (the GEMMs with W and H follow in torch)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v_start + offs_c
+    mask_n = offs_n < N
+    mask_v = (offs_c < VC) & (offs_v < V)
+    dz, _, _, _, valid = _tile_grad(H, W, B, Y, LSE, ENTR, G, GE, SCALE, offs_n, offs_v, mask_n, mask_v, D,
+                                    stride_hn, stride_wv, inv_t, cap, HAS_BIAS, SOFTCAP, ENT, BLOCK_N, BLOCK_V,
+                                    BLOCK_D, DOT_PREC)
+    tl.store(DZ + offs_n[:, None] * stride_dz + offs_c[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
 
 
 def tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
@@ -240,6 +268,11 @@ _bwd_tuned = triton.autotune(
     configs=tile_configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3), (128, 64, 64, 4, 3),
                           (64, 128, 32, 4, 4), (128, 128, 32, 8, 4)]),
     key=["D", "V"], reset_to_zero=["DH", "DW", "DB"])(_bwd)
+_dz_chunk_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "VC"])(_dz_chunk)
+SPLIT_ELEMS = 1 << 28  # the split backward's dz buffer: at most this many elements (512 MiB in bf16)
+# which backward runs by default ("split" or "atomic"; the module doc argues the default, a GPU
+# measurement settles it: bench/logprobs.py's triton and triton_atomic providers)
+DEFAULT_BACKWARD = os.environ.get("FASTHINT_HEAD_BACKWARD", "split")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -260,28 +293,66 @@ def fixed_tiles(d: int) -> dict:
 def head_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
                   lse: torch.Tensor, ent: torch.Tensor, g: torch.Tensor, ge: Optional[torch.Tensor], *,
                   temperature: float, softcap: Optional[float], scale: Optional[torch.Tensor],
-                  filter_eps: Optional[float],
-                  needs: tuple[bool, bool, bool]):
+                  filter_eps: Optional[float], needs: tuple[bool, bool, bool], backward: Optional[str] = None):
     """(dH, dW, db) of ``sum_t g_t logp_t + ge_t H_t`` (times the one-element ``scale``, None: 1), each
-    None where ``needs`` says so; ``ge`` None: no entropy term. One launch of ``_bwd`` (module doc)."""
+    None where ``needs`` says so; ``ge`` None: no entropy term. ``backward``: ``"split"`` or
+    ``"atomic"`` (module doc; None: ``DEFAULT_BACKWARD``); gradient filtering (``filter_eps``) runs on
+    the atomic one."""
+    backward = backward or DEFAULT_BACKWARD
+    if backward not in ("split", "atomic"):
+        raise ValueError(f"backward must be 'split' or 'atomic', got {backward!r}")
+    need_dh, need_dw, need_db = needs
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    scale = torch.ones(1, **f32) if scale is None else scale.detach().float().reshape(1)
+    args = (hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge if ge is not None else g)
+    flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, ENT=ge is not None,
+                 DOT_PREC=dot_precision(hidden.dtype), **fixed_tiles(hidden.shape[1]))
+    consts = (1.0 / temperature, float(softcap or 1.0))
+    need_db = need_db and bias is not None
+    if backward == "split" and filter_eps is None:
+        return _backward_split(args, scale, bias, consts, flags, need_dh, need_dw, need_db)
     n, d = hidden.shape
     v = weight.shape[0]
-    need_dh, need_dw, need_db = needs
-    need_db = need_db and bias is not None
-    f32 = dict(dtype=torch.float32, device=hidden.device)
     # unneeded outputs get their own dummies: the autotuner zeroes DH, DW and DB between trials
     dh = torch.zeros((n, d), **f32) if need_dh else torch.zeros(1, **f32)
     dw = torch.zeros((v, d), **f32) if need_dw else torch.zeros(1, **f32)
     db = torch.zeros(v, **f32) if need_db else torch.zeros(1, **f32)
-    scale = torch.ones(1, **f32) if scale is None else scale.detach().float().reshape(1)
     kernel = _bwd if INTERPRET else _bwd_tuned
     kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v, meta["BLOCK_V"]),)](
-        hidden, weight, bias if bias is not None else lse, targets, lse, ent, g, ge if ge is not None else g,
-        dh, dw, db, scale, n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature, float(softcap or 1.0),
-        float(filter_eps or 0.0), HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
-        ENT=ge is not None, NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None,
-        GROUP_N=8, DOT_PREC=dot_precision(hidden.dtype), **fixed_tiles(d))
+        *args, dh, dw, db, scale, n, v, d, hidden.stride(0), weight.stride(0), *consts, float(filter_eps or 0.0),
+        NEED_DH=need_dh, NEED_DW=need_dw, NEED_DB=need_db, FILTER=filter_eps is not None, GROUP_N=8, **flags)
     return (dh.to(hidden.dtype) if need_dh else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None)
+
+
+def _backward_split(args: tuple, scale: torch.Tensor, bias: Optional[torch.Tensor], consts: tuple, flags: dict,
+                    need_dh: bool, need_dw: bool, need_db: bool):
+    """Vocabulary chunk by chunk: ``_dz_chunk`` writes dz of all tokens (inputs' dtype), then
+    dW[chunk] = dz^T H (each row written once, fp32 accumulation inside the GEMM) and dH += dz W[chunk]
+    (into an fp32 accumulator; tensor cores with ``out_dtype`` on CUDA)."""
+    from fasthint_kernels.chunked import _mm_f32
+
+    hidden, weight = args[:2]
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cols = max(256, min(v, SPLIT_ELEMS // max(n, 1)) // 256 * 256)
+    dz = torch.empty((n, min(cols, v)), dtype=hidden.dtype, device=hidden.device)
+    dh = torch.zeros((n, d), dtype=torch.float32, device=hidden.device) if need_dh else None
+    dw = torch.empty_like(weight) if need_dw else None
+    db = torch.empty(v, dtype=torch.float32, device=hidden.device) if need_db else None
+    kernel = _dz_chunk if INTERPRET else _dz_chunk_tuned
+    for v0 in range(0, v, cols):
+        c = min(cols, v - v0)
+        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(c, meta["BLOCK_V"]))](
+            *args, dz, scale, n, v, d, v0, c, hidden.stride(0), weight.stride(0), dz.stride(0), *consts, **flags)
+        z = dz[:, :c]
+        if need_dw:
+            torch.mm(z.t(), hidden, out=dw[v0:v0 + c])
+        if need_dh and not _mm_f32(z, weight[v0:v0 + c], dh, accumulate=True):
+            dh.addmm_(z.float(), weight[v0:v0 + c].float())
+        if need_db:
+            db[v0:v0 + c] = z.sum(0, dtype=torch.float32)
+    return (dh.to(hidden.dtype) if need_dh else None, dw,
             db.to(bias.dtype) if need_db else None)
 
 
@@ -290,7 +361,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature: float, return_entropy: bool,
-                softcap: Optional[float]):
+                softcap: Optional[float], backward: Optional[str]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
         n, d = hidden.shape
@@ -303,7 +374,7 @@ class TritonLinearLogprobs(torch.autograd.Function):
             SOFTCAP=softcap is not None, WITH_ENT=return_entropy, DOT_PREC=dot_precision(hidden.dtype),
             **fixed_tiles(d))
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.temperature, ctx.return_entropy, ctx.softcap = temperature, return_entropy, softcap
+        ctx.temperature, ctx.return_entropy, ctx.softcap, ctx.backward = temperature, return_entropy, softcap, backward
         ctx.mark_non_differentiable(targets)
         return (logp, ent) if return_entropy else logp
 
@@ -314,14 +385,16 @@ class TritonLinearLogprobs(torch.autograd.Function):
         ge = grad_ent.float().contiguous() if ctx.return_entropy and grad_ent is not None else None
         dh, dw, db = head_backward(hidden, weight, bias, targets, lse, ent, g, ge, temperature=ctx.temperature,
                                    softcap=ctx.softcap, scale=None, filter_eps=None,
-                                   needs=tuple(ctx.needs_input_grad[:3]))
-        return dh, dw, db, None, None, None, None
+                                   needs=tuple(ctx.needs_input_grad[:3]), backward=ctx.backward)
+        return dh, dw, db, None, None, None, None, None
 
 
 def linear_logprobs_triton(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                            bias: Optional[torch.Tensor] = None, temperature: float = 1.0,
-                           return_entropy: bool = False, softcap: Optional[float] = None):
+                           return_entropy: bool = False, softcap: Optional[float] = None,
+                           backward: Optional[str] = None):
     """Fused log-probs (and entropy) of ``targets`` under ``softmax(softcap_c(hidden @ weight.T + bias) / T)``
-    (``softcap_c(a) = c tanh(a / c)``; None: no cap)."""
+    (``softcap_c(a) = c tanh(a / c)``; None: no cap); ``backward``: ``"split"`` or ``"atomic"`` (module
+    doc; None: ``DEFAULT_BACKWARD``)."""
     return TritonLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), bool(return_entropy),
-                                      softcap)
+                                      softcap, backward)
