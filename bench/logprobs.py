@@ -190,10 +190,10 @@ def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, rep
     times.sort()
     out = {"median_ms": times[len(times) // 2], "extra_mib": extra,
            "device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads"}
-    if provider == "chunked" and cuda:  # did the bf16 dW product run on tensor cores (torch's out_dtype)?
-        from fasthint_kernels import chunked
+    if cuda and provider in ("chunked", "fasthint", "triton"):  # did the fp32-accumulating bf16 GEMMs run
+        from fasthint_kernels import chunked  # on tensor cores (torch's out_dtype)?
 
-        out["note"] = "" if chunked._OUT_DTYPE_MM else "dW GEMM in fp32 (no out_dtype in this torch)"
+        out["note"] = "" if chunked._OUT_DTYPE_MM else "fp32 GEMM fallback (no out_dtype in this torch)"
     return out
 
 

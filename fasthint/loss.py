@@ -57,7 +57,8 @@ class LossConfig(Options):
                                                   "masking); unset = on for dapo only.")
     head_grad_filter: float = option(0.0, "Triton head kernel (CUDA): skip the gradient work of vocabulary tiles "
                                           "whose every probability is below this (Cut Cross-Entropy's filter; "
-                                          "2**-12 = 0.000244 is below bf16's resolution); 0 = exact.")
+                                          "2**-12 = 0.000244 is below bf16's resolution; it runs the atomic "
+                                          "backward); 0 = exact.")
 
     def check(self) -> None:
         one_of("loss_agg", self.loss_agg, LOSS_AGGS)

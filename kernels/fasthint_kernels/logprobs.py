@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasthint_kernels.chunked import _mm_f32
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -330,8 +332,6 @@ def _backward_split(args: tuple, scale: torch.Tensor, bias: Optional[torch.Tenso
     """Vocabulary chunk by chunk: ``_dz_chunk`` writes dz of all tokens (inputs' dtype), then
     dW[chunk] = dz^T H (each row written once, fp32 accumulation inside the GEMM) and dH += dz W[chunk]
     (into an fp32 accumulator; tensor cores with ``out_dtype`` on CUDA)."""
-    from fasthint_kernels.chunked import _mm_f32
-
     hidden, weight = args[:2]
     n, d = hidden.shape
     v = weight.shape[0]
