@@ -198,6 +198,8 @@ def _worker(op: str, provider: str, n: int, d: int, v: int, dtype_name: str, rep
 
 
 OP_NAMES = {"logprobs": "linear_logprobs+entropy fwd+bwd", "policy_loss": "fused_policy_loss fwd+bwd"}
+CPU_PROVIDERS = "fasthint,torch,torch.compile,liger,matmuls"
+CUDA_PROVIDERS = "matmuls,triton,triton_atomic,chunked,torch,liger,cce"
 PRESETS = {"qwen": [(n, d, v) for d, v in ((1536, 151936), (3584, 152064)) for n in (4096, 16384, 65536)]}
 
 
@@ -291,7 +293,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--ops", default="logprobs,policy_loss")
-    ap.add_argument("--providers", default="fasthint,torch,torch.compile,liger,matmuls")
+    ap.add_argument("--providers", default=None, help=f"comma-separated; default: CPU {CPU_PROVIDERS}, "
+                    f"CUDA {CUDA_PROVIDERS}")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per provider and shape")
     ap.add_argument("--budget", type=float, default=float("inf"), help="seconds for the whole run: providers "
@@ -314,6 +317,7 @@ def main() -> None:
     import torch
 
     args.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.providers = args.providers or (CUDA_PROVIDERS if args.cuda else CPU_PROVIDERS)
     args.deadline = time.monotonic() + args.budget
     vers = versions()
     for n, d, v in shapes:

@@ -13,9 +13,12 @@ completion lengths) without collective calls.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
+import logging
 import os
+import sys
 from typing import Any, Iterator, Optional
 
 import torch
@@ -49,6 +52,22 @@ def init() -> torch.device:
 def close() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Ends a torchrun worker whose work is done and whose process group is closed, without the
+    interpreter's final teardown: atexit handlers run (reward workers, loggers), streams are flushed,
+    then ``os._exit``. Gloo's threads can outlive ``destroy_process_group`` and abort the process
+    while the interpreter is torn down ('terminate called without an active exception', exit -6; seen
+    here on CPU ranks, a known PyTorch race), which makes torchrun report a finished run as failed.
+    A single process (no ``WORLD_SIZE`` > 1) returns and exits normally."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

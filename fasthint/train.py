@@ -231,4 +231,6 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    dist.exit_process(status)  # torchrun workers: no interpreter teardown (see there)
+    sys.exit(status)

@@ -32,3 +32,4 @@ def main(ckpt: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    dist.exit_process(0)  # as torchrun -m fasthint.train ends

@@ -37,3 +37,4 @@ def main(out: str, bf16: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2] == "1")
+    dist.exit_process(0)  # as torchrun -m fasthint.train ends

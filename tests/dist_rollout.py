@@ -55,3 +55,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    dist.exit_process(0)  # as torchrun -m fasthint.train ends

@@ -70,3 +70,4 @@ if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args = sys.argv[1:] + ["token-mean", "1", "0"][len(sys.argv) - 2:]
     main(args[0], args[1], int(args[2]), args[3] == "1")
+    dist.exit_process(0)  # as torchrun -m fasthint.train ends
