@@ -267,3 +267,15 @@ def test_fp16_inputs_against_float64():
         excess = ((a - f).abs() - (a - s).abs() - ulp).max().item() / (a.abs().max().item() + 1e-12)
         assert excess <= 1e-5, (k, excess)
     assert runs["ref"][3].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_forward_split_over_the_vocabulary(splits, monkeypatch):
+    """The forward sweep split over the vocabulary (as on a GPU when N is small) and merged in the
+    epilogue gives the same loss, log-probs, entropies and gradients; with 5 splits of V = 2100 in tiles
+    of 1024 two splits are empty and must add nothing."""
+    import fasthint_kernels.logprobs as lp
+
+    monkeypatch.setattr(lp, "FWD_SPLITS", splits)
+    h, w, b, y, g = _case(70, 72, 2100, seed=12, bias=True)
+    _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, "all"), 0.7)

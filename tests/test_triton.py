@@ -51,6 +51,20 @@ def test_linear_logprobs_triton_matches_float64(bias, entropy, backward, monkeyp
         _within(a, c, e, 1e-5, name)
 
 
+@pytest.mark.parametrize("splits", [3, 5])
+def test_linear_logprobs_forward_split_over_the_vocabulary(splits, monkeypatch):
+    import fasthint_kernels.logprobs as lp
+
+    monkeypatch.setattr(lp, "FWD_SPLITS", splits)
+    h, w, b, y, g_lp, g_ent = _problem(37, 48, 2100, True, seed=6)
+    gt_out, gt_grads = _run("reference", h, w, b, y, g_lp, g_ent, True, torch.float64)
+    tr_out, tr_grads = _run("triton", h, w, b, y, g_lp, g_ent, True, torch.float32)
+    ref_out, ref_grads = _run("reference", h, w, b, y, g_lp, g_ent, True, torch.float32)
+    for name, a, c, e in zip(("logp", "entropy", "dhidden", "dweight", "dbias"), gt_out + gt_grads,
+                             tr_out + tr_grads, ref_out + ref_grads):
+        _within(a, c, e, 1e-5, name)
+
+
 def test_triton_masked_tokens_and_frozen_head():
     h, w, _, y, g_lp, _ = _problem(37, 48, 1031, False, seed=2)
     g_lp[::3] = 0.0  # masked tokens: no upstream gradient

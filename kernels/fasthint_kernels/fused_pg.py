@@ -12,9 +12,10 @@ multiplies the backward's dz), p = softmax(z), logp_t = z_y - lse_t, H_t = -sum_
     L = sum_t loss_t                                     (w_t: aggregation weight, 0 off the mask;
                                                           iw_t: truncated importance weight)
 
-The epilogue of the forward kernel, once a token's vocabulary sweep has given ``logp`` and ``H``,
-computes ``loss_t`` and the two coefficients the backward needs (torch's gradient conventions:
-min/max split a tie evenly; the clip passes gradient inside its range):
+The forward is the vocabulary sweep of ``logprobs.py`` (``forward_sweep``) and one epilogue kernel
+that merges its partials into ``logp`` and ``H`` and computes ``loss_t`` and the two coefficients the
+backward needs (torch's gradient conventions: min/max split a tie evenly; the clip passes gradient
+inside its range):
 
     g_t = dL/dlogp = w [ -iw do/dlogp + beta (1 - e^(ref - logp)) ],   e_t = dL/dH = -w coef
     do/dlogp: r A where the unclipped branch is taken, 0 on a clipped or dual-clipped one,
@@ -40,15 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fasthint_kernels.logprobs import (
-    FWD_CONFIGS,
-    INTERPRET,
-    _capped_tile,
-    _online_update,
-    dot_precision,
-    fixed_tiles,
-    head_backward,
-)
+from fasthint_kernels.logprobs import _combine, forward_sweep, head_backward
 from fasthint_kernels.reference import PGSpec, pg_loss_torch
 
 
@@ -93,32 +86,19 @@ def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, be
 
 
 @triton.jit
-def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
-         N, V, D, stride_hn, stride_wv, inv_t, cap, eps_low, eps_high, dual_c, beta, coef,
-         HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_IW: tl.constexpr, DUAL: tl.constexpr, SHAPED: tl.constexpr,
-         KL: tl.constexpr, ENT: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _epilogue(PART, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE, N, SPLITS,
+              eps_low, eps_high, dual_c, beta, coef, HAS_IW: tl.constexpr, DUAL: tl.constexpr,
+              SHAPED: tl.constexpr, KL: tl.constexpr, ENT: tl.constexpr, BLOCK: tl.constexpr):
+    """The forward's epilogue, once the vocabulary sweep (``logprobs.forward_sweep``) has left its
+    partials: each token's log-prob, log-sum-exp and entropy, then the objective and the backward's
+    coefficients."""
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask_n = offs_n < N
-    y = tl.load(Y + offs_n, mask=mask_n, other=0)
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    q = tl.zeros((BLOCK_N,), tl.float32)
-    zy = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
-        z, _ = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
-                            HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-        m, s, q, zy = _online_update(z, y, offs_v, mask_v, m, s, q, zy, True)
-    lse = m + tl.log(s)
-    lp = zy - lse
-    ent = tl.log(s) - q / s
-    # ---- epilogue: the per-token objective and the backward's coefficients ----
+    lse, lp, ent = _combine(PART, offs_n, mask_n, N, SPLITS)
     old = tl.load(OLD + offs_n, mask=mask_n, other=0.0)
     adv = tl.load(ADV + offs_n, mask=mask_n, other=0.0)
     w = tl.load(WT + offs_n, mask=mask_n, other=0.0)
-    iw = tl.full((BLOCK_N,), 1.0, tl.float32)
+    iw = tl.full((BLOCK,), 1.0, tl.float32)
     if HAS_IW:
         iw = tl.load(IW + offs_n, mask=mask_n, other=1.0)
     gam = w
@@ -137,9 +117,6 @@ def _fwd(H, W, B, Y, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE,
     tl.store(GE + offs_n, e, mask=mask_n)
 
 
-_fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "V"])(_fwd)  # on CUDA, per (D, V)
-
-
 def _vec(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like if x is None else x.detach().float().contiguous()
 
@@ -152,22 +129,18 @@ class TritonFusedPGLoss(torch.autograd.Function):
                 softcap: Optional[float], backward: Optional[str]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
-        n, d = hidden.shape
-        v = weight.shape[0]
+        n = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
         old = _vec(spec.old_logp, lse)
-        flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, HAS_IW=spec.is_weights is not None,
-                     DUAL=spec.dual_clip is not None, SHAPED=spec.gamma is not None,
+        flags = dict(HAS_IW=spec.is_weights is not None, DUAL=spec.dual_clip is not None, SHAPED=spec.gamma is not None,
                      KL=spec.ref_logp is not None and spec.beta > 0, ENT=spec.entropy_coef > 0)
-        kernel = _fwd if INTERPRET else _fwd_tuned
-        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            hidden, weight, bias if bias is not None else lse, targets, old, _vec(spec.advantages, lse),
-            _vec(spec.weights, lse), _vec(spec.is_weights, lse), _vec(spec.gamma, lse), _vec(spec.ref_logp, lse),
-            logp, lse, ent, loss, g, ge, n, v, d, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-            float(softcap or 1.0), float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0),
-            float(spec.beta), float(spec.entropy_coef), **flags, DOT_PREC=dot_precision(hidden.dtype),
-            **fixed_tiles(d))
+        part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)
+        _epilogue[(triton.cdiv(n, 128),)](
+            part, old, _vec(spec.advantages, lse), _vec(spec.weights, lse), _vec(spec.is_weights, lse),
+            _vec(spec.gamma, lse), _vec(spec.ref_logp, lse), logp, lse, ent, loss, g, ge, n, splits,
+            float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.beta),
+            float(spec.entropy_coef), **flags, BLOCK=128)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
         ctx.temperature, ctx.ent, ctx.filter_eps, ctx.softcap = temperature, flags["ENT"], filter_eps, softcap
         ctx.backward = backward

@@ -12,8 +12,12 @@ soft-cap c: z = c tanh(a / c) / T, whose factor 1 - tanh^2 multiplies the backwa
               dz_v = g (1[v=y] - p_v) - e p_v (log p_v + entropy)
               dH = dz W / T,  dW = dz^T H / T,  db = sum_t dz / T
 
-Kernels: ``_fwd`` (grid: token tiles; each program sweeps the vocabulary once, autotuned per (D, V))
-and two backwards, both recomputing each logit tile exactly once (``head_backward``):
+Kernels: ``_fwd`` (grid: token tiles x vocabulary splits, autotuned per (D, V); each program sweeps its
+split once and leaves partial (m, s, q, z_y), which ``_combine`` merges per token in a small second
+kernel: ``_finish`` here, the objective's epilogue in ``fused_pg``). On a GPU the splits keep the SMs
+busy when N is small (``forward_splits``: at N = 4k, 64 token tiles of 64 would fill half an H100);
+the forward reads W once per token tile (N / BN passes, shared in L2 by the tiles that run together).
+Then two backwards, both recomputing each logit tile exactly once (``head_backward``):
 
 - ``split`` (default): per vocabulary chunk of C columns (C N <= 2^28), ``_dz_chunk`` writes dz of
   every token into an ``[N, C]`` buffer in the inputs' dtype (rounded once, as torch's autograd rounds
@@ -33,7 +37,7 @@ three bare GEMMs), i.e. 4/3 of it. At Qwen2.5-7B's head (N = 16k, D = 3,584, V =
   twice (6 N V bytes = 15 GB, ~3.5 ms at 4.3 TB/s) and the fp32 dH accumulator read and written once
   per chunk (~10 chunks x 8 N D bytes = 4.7 GB); extra memory: the dz buffer (0.5 GB) and fp32 dH
   (0.24 GB).
-- atomic: the forward reads W once per token tile; the backward issues N D V (1/BV + 1/BN) fp32
+- atomic: the backward issues N D V (1/BV + 1/BN) fp32
   atomic adds: 1.4e11 with 128 x 128 tiles, the design's risk (L2 reductions on that scale can cost
   more than the GEMMs) unless gradient filtering skips most tiles, as Cut Cross-Entropy relies on for a
   trained head's peaked softmax; extra memory: fp32 dH and dW accumulators (0.24 + 2.2 GB).
@@ -127,27 +131,69 @@ def _online_update(z, y, offs_v, mask_v, m, s, q, zy, WITH_ENT: tl.constexpr):
 
 
 @triton.jit
-def _fwd(H, W, B, Y, LOGP, LSE, ENT, N, V, D, stride_hn, stride_wv, inv_t, cap,
+def _fwd(H, W, B, Y, PART, N, V, D, stride_hn, stride_wv, inv_t, cap,
          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The sweep of token tile program_id(0) over vocabulary split program_id(1) of num_programs(1):
+    its partial (m, s, q, zy) go to ``PART [4, splits, N]``; ``_combine`` merges the splits."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    per = tl.cdiv(tl.cdiv(V, splits), BLOCK_V) * BLOCK_V
+    v_lo = split * per
+    v_hi = tl.minimum(V, v_lo + per)
     y = tl.load(Y + offs_n, mask=mask_n, other=0)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     q = tl.zeros((BLOCK_N,), tl.float32)
     zy = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
-        mask_v = offs_v < V
+        mask_v = offs_v < v_hi
         z, _ = _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t, cap,
                             HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         m, s, q, zy = _online_update(z, y, offs_v, mask_v, m, s, q, zy, WITH_ENT)
+    row = split * N + offs_n
+    tl.store(PART + row, m, mask=mask_n)
+    tl.store(PART + splits * N + row, s, mask=mask_n)
+    tl.store(PART + 2 * splits * N + row, q, mask=mask_n)
+    tl.store(PART + 3 * splits * N + row, zy, mask=mask_n)
+
+
+@triton.jit
+def _combine(PART, offs_n, mask_n, N, SPLITS):
+    """(lse, logp, entropy) of a block of tokens from the splits' partial sweeps: with m = max m_i,
+    s = sum s_i e^(m_i - m), q = sum e^(m_i - m) (q_i + s_i (m_i - m)), z_y = sum z_y,i (an empty
+    split has s_i = 0 and adds nothing)."""
+    m = tl.full(offs_n.shape, float("-inf"), tl.float32)
+    for i in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(PART + i * N + offs_n, mask=mask_n, other=0.0))
+    s = tl.zeros(offs_n.shape, tl.float32)
+    q = tl.zeros(offs_n.shape, tl.float32)
+    zy = tl.zeros(offs_n.shape, tl.float32)
+    for i in range(0, SPLITS):
+        row = i * N + offs_n
+        si = tl.load(PART + SPLITS * N + row, mask=mask_n, other=0.0)
+        d = tl.where(si > 0, tl.load(PART + row, mask=mask_n, other=0.0) - m, 0.0)
+        a = tl.where(si > 0, tl.exp(d), 0.0)
+        s += si * a
+        q += a * (tl.load(PART + 2 * SPLITS * N + row, mask=mask_n, other=0.0) + si * d)
+        zy += tl.load(PART + 3 * SPLITS * N + row, mask=mask_n, other=0.0)
+    s = tl.where(mask_n, s, 1.0)
     lse = m + tl.log(s)
-    tl.store(LOGP + offs_n, zy - lse, mask=mask_n)
+    return lse, zy - lse, tl.log(s) - q / s
+
+
+@triton.jit
+def _finish(PART, LOGP, LSE, ENT, N, SPLITS, WITH_ENT: tl.constexpr, BLOCK: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask_n = offs_n < N
+    lse, lp, ent = _combine(PART, offs_n, mask_n, N, SPLITS)
+    tl.store(LOGP + offs_n, lp, mask=mask_n)
     tl.store(LSE + offs_n, lse, mask=mask_n)
     if WITH_ENT:
-        tl.store(ENT + offs_n, tl.log(s) - q / s, mask=mask_n)
+        tl.store(ENT + offs_n, ent, mask=mask_n)
 
 
 @triton.jit
@@ -277,6 +323,35 @@ SPLIT_ELEMS = 1 << 28  # the split backward's dz buffer: at most this many eleme
 DEFAULT_BACKWARD = os.environ.get("FASTHINT_HEAD_BACKWARD", "split")
 
 
+FWD_SPLITS: Optional[int] = None  # tests: a fixed number of vocabulary splits in the forward
+
+
+def forward_splits(n: int, v: int, device: torch.device) -> int:
+    """Vocabulary splits of the forward sweep: enough (token tile, split) programs for two per SM when
+    N is small (N = 4k gives 64 token tiles of 64 on an H100's 132 SMs), 1 on CPU, at most 16."""
+    if FWD_SPLITS:
+        return FWD_SPLITS
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, triton.cdiv(2 * sms, triton.cdiv(n, 64)), triton.cdiv(v, 1024)))
+
+
+def forward_sweep(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                  temperature: float, softcap: Optional[float], with_ent: bool) -> tuple[torch.Tensor, int]:
+    """``_fwd`` over every (token tile, vocabulary split): the ``[4, splits, N]`` partials and splits."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    splits = forward_splits(n, v, hidden.device)
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    kernel = _fwd if INTERPRET else _fwd_tuned
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
+        hidden, weight, bias if bias is not None else part, targets, part, n, v, d, hidden.stride(0),
+        weight.stride(0), 1.0 / temperature, float(softcap or 1.0), HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None, WITH_ENT=with_ent, DOT_PREC=dot_precision(hidden.dtype), **fixed_tiles(d))
+    return part, splits
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's TF32 setting: full fp32 dots unless the user allowed TF32."""
     exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
@@ -364,15 +439,10 @@ class TritonLinearLogprobs(torch.autograd.Function):
                 softcap: Optional[float], backward: Optional[str]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
-        n, d = hidden.shape
-        v = weight.shape[0]
+        n = hidden.shape[0]
         logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-        kernel = _fwd if INTERPRET else _fwd_tuned
-        kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            hidden, weight, bias if bias is not None else lse, targets, logp, lse, ent, n, v, d, hidden.stride(0),
-            weight.stride(0), 1.0 / temperature, float(softcap or 1.0), HAS_BIAS=bias is not None,
-            SOFTCAP=softcap is not None, WITH_ENT=return_entropy, DOT_PREC=dot_precision(hidden.dtype),
-            **fixed_tiles(d))
+        part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, return_entropy)
+        _finish[(triton.cdiv(n, 128),)](part, logp, lse, ent, n, splits, WITH_ENT=return_entropy, BLOCK=128)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.return_entropy, ctx.softcap, ctx.backward = temperature, return_entropy, softcap, backward
         ctx.mark_non_differentiable(targets)
