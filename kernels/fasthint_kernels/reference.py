@@ -160,14 +160,8 @@ def pg_loss_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     """The policy-gradient loss of :class:`PGSpec` with materialised logits, in ``hidden``'s dtype
     (the float64 oracle of ``fused_pg``; the formulas are at the top of ``fused_pg.py``):
     ``(loss, logp, entropy)``, the last two detached."""
-    z = hidden @ weight.T
-    if bias is not None:
-        z = z + bias
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    logq = torch.log_softmax(z / temperature, dim=-1)
-    lp = logq.gather(-1, targets.long()[:, None]).squeeze(-1)
-    ent = -(logq.exp() * logq).sum(-1)
+    lp, ent = linear_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True,
+                                  softcap=softcap)
     dt = lp.dtype
     old, adv, w = (x.to(dt) for x in (spec.old_logp, spec.advantages, spec.weights))
     r = torch.exp(lp - old)
