@@ -286,6 +286,12 @@ def _bench_shape(n: int, d: int, v: int, args, vers: dict) -> list[dict]:
     return rows
 
 
+def _fail(msg: str) -> None:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="4096,256,65536", help="N,D,V; several separated by ';'")
@@ -305,12 +311,13 @@ def main() -> None:
     try:
         shapes = PRESETS[args.preset] if args.preset else \
             [tuple(int(x) for x in sh.split(",")) for sh in args.shape.split(";") if sh.strip()]
-        assert all(len(sh) == 3 for sh in shapes)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--shape {args.shape!r}: expected N,D,V (integers), several separated by ';'") from None
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(sh) != 3 for sh in shapes):
+        _fail(f"--shape {args.shape!r}: expected N,D,V (integers), several separated by ';'")
     bad = [sh for sh in shapes if sh[0] % SEQS]
     if bad:
-        raise SystemExit(f"--shape: N must be a multiple of {SEQS} (got {bad[0][0]})")
+        _fail(f"--shape: N must be a multiple of {SEQS} (got {bad[0][0]})")
     if args.worker:
         print(json.dumps(_worker(args.ops, args.worker, *shapes[0], args.dtype, args.repeat, args.device)))
         return
