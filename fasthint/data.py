@@ -64,17 +64,26 @@ class DataConfig(Options):
 
     def check(self) -> None:
         need(self.max_prompt_length >= 1, f"--max_prompt_length must be >= 1 (got {self.max_prompt_length})")
-        need("{question}" in self.prompt_template,
-             f"--prompt_template must contain {{question}} (got {self.prompt_template!r})")
-        one_of("chat_template", self.chat_template, ("auto", "none"))
+        check_prompt_format(self.prompt_template, self.chat_template, self.chat_template_kwargs)
         one_of("hint_position", self.hint_position, ("question", "system"))
-        if self.chat_template_kwargs:
-            try:
-                ok = isinstance(json.loads(self.chat_template_kwargs), dict)
-            except json.JSONDecodeError:
-                ok = False
-            need(ok, f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}' "
-                     f"(got {self.chat_template_kwargs!r})")
+
+
+_RENDER_KEYS = ("add_generation_prompt", "tokenize", "return_dict")  # render_chat sets these itself
+
+
+def check_prompt_format(prompt_template: str, chat_template: str, chat_template_kwargs: str) -> None:
+    """The prompt options that training and ``fasthint.eval`` share, checked once for both."""
+    need("{question}" in prompt_template, f"--prompt_template must contain {{question}} (got {prompt_template!r})")
+    one_of("chat_template", chat_template, ("auto", "none"))
+    if chat_template_kwargs:
+        try:
+            kw = json.loads(chat_template_kwargs)
+        except json.JSONDecodeError:
+            kw = None
+        need(isinstance(kw, dict), f"--chat_template_kwargs must be a JSON object, e.g. "
+                                   f"'{{\"enable_thinking\": false}}' (got {chat_template_kwargs!r})")
+        taken = [k for k in _RENDER_KEYS if k in kw]
+        need(not taken, f"--chat_template_kwargs: {', '.join(taken)} is set by fasthint; leave it out")
 
 
 def _answer_str(value: Any) -> Optional[str]:

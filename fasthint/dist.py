@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
-import logging
 import os
 import sys
 from typing import Any, Iterator, Optional
@@ -63,8 +62,7 @@ def exit_process(code: int) -> None:
     A single process (no ``WORLD_SIZE`` > 1) returns and exits normally."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    atexit._run_exitfuncs()
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging's own handler (shutdown) among them
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -26,7 +26,7 @@ from fasthint import dist
 from fasthint.benchmarks import load_benchmarks
 from fasthint.checkpoint import write_json_atomic
 from fasthint.config import parse_args
-from fasthint.data import PromptFormat, render_prompt
+from fasthint.data import PromptFormat, check_prompt_format, render_prompt
 from fasthint.engines import make_engine
 from fasthint.engines.base import RolloutConfig, SamplingConfig
 from fasthint.errors import FastHintError
@@ -157,8 +157,7 @@ class EvalConfig:
         need(0 < self.solved_threshold <= 1, f"--solved_threshold must be in (0, 1] (got {self.solved_threshold})")
         need(self.max_problems >= 0, f"--max_problems must be >= 0 (got {self.max_problems})")
         need(self.engine in ("hf", "vllm"), f"--engine {self.engine!r}: use hf or vllm")
-        need("{question}" in self.prompt_template, "--prompt_template must contain {question}")
-        need(self.chat_template in ("auto", "none"), f"--chat_template {self.chat_template!r}: use auto or none")
+        check_prompt_format(self.prompt_template, self.chat_template, self.chat_template_kwargs)
         return self
 
     @property

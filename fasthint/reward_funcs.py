@@ -233,15 +233,25 @@ class Rewards:
         out, self._stats = self._stats, {}
         return out
 
+    def _decode_prompts(self, prompt_ids: list[list[int]]) -> list[str]:
+        """Each distinct prompt decoded once (a group's completions share theirs)."""
+        decoded: dict[tuple, str] = {}
+        out = []
+        for p in prompt_ids:
+            key = tuple(p)
+            if key not in decoded:
+                decoded[key] = self.tokenizer.decode(p, skip_special_tokens=False)
+            out.append(decoded[key])
+        return out
+
     def __call__(self, texts: list[str], rows: list[dict], prompt_ids: Optional[list[list[int]]] = None,
                  completion_ids: Optional[list[list[int]]] = None) -> Scores:
         n = len(texts)
         user = any(f.spec or f.fn for f in self.funcs)  # TRL-style functions get prompts, ids and columns
         prompts, columns = None, None
         if user:
-            decoded: dict[tuple, str] = {}
-            prompts = [decoded.setdefault(tuple(p), self.tokenizer.decode(p, skip_special_tokens=False))
-                       for p in prompt_ids] if prompt_ids is not None else [r.get("question", "") for r in rows]
+            prompts = self._decode_prompts(prompt_ids) if prompt_ids is not None else \
+                [r.get("question", "") for r in rows]
             columns = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)
                        if k not in ("prompts", "completions", "completion_ids")}
         if completion_ids is None and (user or any(f.name == "overlong" for f in self.funcs)):

@@ -64,8 +64,8 @@ def _fit(run: Run) -> dict:
     main = dist.rank() == 0
     rank, world = dist.rank(), dist.world_size()
 
-    def evaluate() -> dict:  # rank 0 evaluates with the whole model; the others wait
-        with dist.gathered(policy):
+    def evaluate() -> dict:  # rank 0 evaluates (with the whole model unless vLLM samples); the others wait
+        with dist.gathered(policy, enabled=getattr(run.engine, "runs_policy", True)):
             out = evaluate_no_hint(run.engine, run.tokenizer, run.eval_rows, run.score, cfg) if main else None
         return dist.broadcast(out)
 

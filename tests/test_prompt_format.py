@@ -50,6 +50,18 @@ def test_bad_prompt_settings_name_the_flag(kw, match):
         TrainConfig(**kw).validate()
 
 
+@pytest.mark.parametrize("kwargs", ["{bad", "[1]", '{"tokenize": false}'])
+def test_eval_checks_the_prompt_format_before_loading(kwargs):
+    """python -m fasthint.eval shares training's prompt checks (one line, before any model is loaded); the
+    keys fasthint passes to apply_chat_template itself are refused."""
+    from fasthint.eval import EvalConfig
+
+    with pytest.raises(ConfigError, match="--chat_template_kwargs"):
+        EvalConfig(data="x", chat_template_kwargs=kwargs).validate()
+    with pytest.raises(ConfigError, match="--chat_template_kwargs"):
+        TrainConfig(chat_template_kwargs=kwargs).validate()
+
+
 def test_training_prompts_use_the_format(tmp_path):
     from fasthint.data import Rows
     from fasthint.preflight import render_prompts
