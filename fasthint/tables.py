@@ -34,8 +34,11 @@ def _first_line(e: BaseException) -> str:
 
 def _json_lines(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path!r} ({e}): pass a readable UTF-8 JSON/JSONL file") from None
     if path.endswith(".json") and text.lstrip().startswith("["):  # one JSON array of row objects
         try:
             data = json.loads(text)
@@ -91,7 +94,7 @@ def _looks_like_path(source: str) -> bool:
 def read_table(source: str, split: str = "train") -> list[dict]:
     """The rows of ``source`` (see the module docstring) as Python dicts, in order."""
     datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # its read errors become one DataError here
     path = os.path.expanduser(source)
     if os.path.isdir(path):
         if not any(os.path.exists(os.path.join(path, m)) for m in DISK_MARKERS):
