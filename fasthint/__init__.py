@@ -12,20 +12,25 @@ Library use::
 import importlib
 
 from fasthint.errors import FastHintError
-from fasthint.rewards import math_reward
 
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    """``TrainConfig`` and ``parse_args`` on first use: the package root stays import-light, because
-    every math-verify worker process imports ``fasthint.rewards`` (and so this file)."""
+    """``TrainConfig``, ``parse_args`` and ``math_reward`` on first use: the package root stays
+    import-light, because every math-verify worker process imports ``fasthint.rewards`` (and so this
+    file), and ``python -m fasthint.train`` checks its arguments before torch, transformers or
+    math-verify load (``fasthint.precheck``)."""
     if name == "train":  # the callable module fasthint/train.py (``train(config, reward_funcs=...)``)
         return importlib.import_module("fasthint.train")
     if name in ("TrainConfig", "parse_args"):
         from fasthint import config  # lazy: the config pulls in torch, transformers and every component
 
         return getattr(config, name)
+    if name == "math_reward":
+        from fasthint import rewards  # lazy: math-verify takes seconds to import
+
+        return rewards.math_reward
     raise AttributeError(f"module 'fasthint' has no attribute {name!r}")
 
 

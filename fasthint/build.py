@@ -166,7 +166,7 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn], reward_funcs: Optiona
     pre = preflight(cfg, device, reward_fn, reward_funcs)  # every rank, in seconds: data, rewards, model config
     if dist.rank() != 0:  # rank 0 builds the toy model first
         dist.barrier()
-    model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+    model_path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.toy_seed, cfg.toy_warmstart_steps, cfg.toy_rebuild)
     if dist.rank() == 0:
         dist.barrier()
     resume_dir, rows = pre.resume_dir, pre.rows

@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, Optional
-
-import yaml
 
 from fasthint.algorithms import REGISTRY, algorithm_options
 from fasthint.benchmarks import EvaluationConfig
@@ -50,6 +47,7 @@ from fasthint.loss import LossConfig
 from fasthint.metrics import LoggingConfig
 from fasthint.models import ModelConfig
 from fasthint.options import Options, at_least, need, option
+from fasthint.precheck import coerce, load_yaml, raise_config_error
 from fasthint.toy.task import ToyConfig
 from fasthint.update import OptimConfig
 
@@ -67,7 +65,7 @@ class TrainConfig(*reversed(COMPONENTS)):
     algo: str = option("grpo", f"training algorithm, one of {ALGOS}.")
     prompts_per_step: int = option(64, "prompts per optimizer step (each gets num_generations completions).")
     max_steps: int = option(100, "optimizer steps.")
-    seed: int = option(0, "random seed (data order, sampling, toy construction).")
+    seed: int = option(0, "random seed of the training run (data order, sampling); the toy's is --toy_seed.")
     cache_dir: str = option("~/.cache/fasthint", "cache for the toy model, tokenizer, data and warm start.")
     num_threads: int = option(0, "torch CPU threads (0 = torch's default: one per physical core).")
 
@@ -114,49 +112,6 @@ def _field_type(f: dataclasses.Field, cls: type = None) -> type:
     return t
 
 
-def _coerce(name: str, value: Any, t: type) -> Any:
-    """Converts a CLI string or YAML value to the field's type, or raises ConfigError."""
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and t is not str):
-        return None
-    try:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if t is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, bool):
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if t is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{name} expects {t.__name__}, got {value!r}: pass a value of type {t.__name__}") from None
-
-
-def _load_yaml(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found: pass an existing YAML file to --config")
-    try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
-    except yaml.YAMLError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"config file {path!r} is not valid YAML ({first}): fix the syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of option: value")
-    return data
-
-
 TRAIN_CLI = ("python -m fasthint.train", "Train a policy with GRPO-family RL on verifiable math rewards. "
                                          "With no arguments: the embedded toy run (no download).")
 
@@ -183,21 +138,17 @@ def parse_args(argv: Optional[list[str]] = None, cls: type = None, cli: tuple[st
     CLI flags."""
     cls = cls or TrainConfig
     parser = build_parser(cls, cli)
-
-    def _error(message: str) -> typing.NoReturn:
-        raise ConfigError(f"{message}: see --help for the options")
-
-    parser.error = _error  # type: ignore[method-assign]
+    parser.error = raise_config_error  # type: ignore[method-assign]
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
     names = {f.name: f for f in dataclasses.fields(cls)}
     if ns.get("config"):
-        for k, v in _load_yaml(ns.pop("config")).items():
+        for k, v in load_yaml(ns.pop("config")).items():
             key = str(k).replace("-", "_")
             if key not in names:
                 raise ConfigError(f"config file: unknown option {k!r}: see --help for the options")
             values[key] = v
     ns.pop("config", None)
     values.update(ns)
-    kwargs = {k: _coerce(k, v, _field_type(names[k], cls)) for k, v in values.items()}
+    kwargs = {k: coerce(k, v, _field_type(names[k], cls)) for k, v in values.items()}
     return cls(**kwargs).validate()

@@ -200,7 +200,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.max_problems:
         benches = {k: v[:cfg.max_problems] for k, v in benches.items()}
     paths = {"after": cfg.model, **({"before": cfg.compare} if cfg.compare else {})}
-    paths = {k: resolve_model_path(p, os.path.expanduser(cfg.cache_dir), cfg.seed, 1000) for k, p in paths.items()}
+    paths = {k: resolve_model_path(p, os.path.expanduser(cfg.cache_dir), 0, 1000) for k, p in paths.items()}
     scorer = RewardScorer(timeout_s=cfg.reward_timeout_s)
     try:
         counts = {k: correct_counts(cfg, p, benches, lambda t, rows: scorer.score(t, [r["answer"] for r in rows]))

@@ -1,4 +1,5 @@
-"""Metric sinks: ``metrics.jsonl`` (always), TensorBoard (optional), a progress bar and PNG plots."""
+"""Metric sinks: ``metrics.jsonl`` (always), TensorBoard and W&B (optional) and PNG plots; the logging
+settings (the progress display itself is ``fasthint.reporting.StepProgress``)."""
 from __future__ import annotations
 
 import json
@@ -25,10 +26,12 @@ class LoggingConfig(Options):
     report_to: str = option("none", f"extra metric sinks, comma-separated, of {REPORT_TO} (wandb: project "
                                     "$WANDB_PROJECT or 'fasthint'; WANDB_MODE=offline works without a network); "
                                     "metrics.jsonl is always written.")
-    progress_bar: bool = option(True, "show a progress bar with reward and accuracy.")
+    progress_bar: bool = option(True, "show progress: a bar with reward and accuracy on a terminal; when stderr "
+                                      "is not one (a log file), a plain line every --logging_steps steps.")
     log_completions: bool = option(False, "every --logging_steps steps write completions/step_<n>.jsonl (prompt, "
                                           "hint level, completion, each reward, advantage) and print a few.")
-    logging_steps: int = option(1, "how often --log_completions writes (metrics are logged every step).")
+    logging_steps: int = option(1, "how often the plain progress line (stderr not a terminal) is logged and "
+                                   "--log_completions writes (metrics.jsonl gets every step).")
     num_completions_to_print: int = option(4, "completions shown in the console table (0 = none).")
 
     @property

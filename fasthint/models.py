@@ -46,10 +46,11 @@ class ModelConfig(Options):
             self.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: int) -> str:
-    """'toy' becomes the cached, warm-started toy checkpoint; other values are returned as given."""
+def resolve_model_path(model: str, cache_dir: str, seed: int, warmstart_steps: int, rebuild: bool = False) -> str:
+    """'toy' becomes the warm-started toy checkpoint (the shipped one, or built and cached for another
+    ``seed``/``warmstart_steps`` or with ``rebuild``); other values are returned as given."""
     if model == "toy":
-        return ensure_toy_model(cache_dir, seed, warmstart_steps)
+        return ensure_toy_model(cache_dir, seed, warmstart_steps, rebuild=rebuild)
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
         raise ModelError(f"model path {model!r} is not a Hugging Face checkpoint (no config.json): "
                          "pass a directory written by save_pretrained, or --model toy")

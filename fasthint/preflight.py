@@ -21,6 +21,7 @@ from fasthint.errors import ConfigError, DataError, ModelError
 from fasthint.head import head_transform
 from fasthint.reward_funcs import RewardFunc, legacy_reward, resolve
 from fasthint.models import load_model_config, resolve_attn_implementation, resolve_model_path, trainer_attention
+from fasthint.precheck import check_output_dir
 from fasthint.toy.model import build_tokenizer
 from fasthint.toy.task import ensure_toy_data
 
@@ -57,7 +58,7 @@ def data_paths(cfg: TrainConfig) -> tuple[str, Optional[str]]:
     rank may call this)."""
     toy_train = toy_eval = None
     if cfg.data == "toy" or cfg.eval_data == "toy":
-        toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.seed, cfg.toy_train_size, cfg.toy_level_tuple)
+        toy_train, toy_eval = ensure_toy_data(cfg.cache_dir, cfg.toy_seed, cfg.toy_train_size, cfg.toy_level_tuple)
     train = toy_train if cfg.data == "toy" else cfg.data
     evals = toy_eval if cfg.eval_data == "toy" else (cfg.eval_data or None)
     return train, evals
@@ -142,18 +143,6 @@ def render_prompts(cfg: TrainConfig, tokenizer, rows: Rows, path: str) -> tuple[
     return rows, prompts
 
 
-def check_output_dir(path: str) -> None:
-    """``--output_dir`` is a directory or can become one."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"--output_dir {path} is a file: pass a directory")
-    parent = path
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"--output_dir {path}: {parent} is not writable: pass a directory you can write to")
-
-
 def check_tokenizer_fits(tokenizer, config, path: str) -> None:
     """Every token id the tokenizer can produce has a row in the model's embedding."""
     vocab = getattr(config, "vocab_size", None)
@@ -184,7 +173,7 @@ def preflight(cfg: TrainConfig, device: torch.device, reward_fn: Optional[Callab
     if cfg.model == "toy":
         tokenizer = _tokenizer(cfg, None)
     else:
-        path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.seed, cfg.toy_warmstart_steps)
+        path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.toy_seed, cfg.toy_warmstart_steps, cfg.toy_rebuild)
         config = load_model_config(path)
         head_transform(config)  # a logit transform the fused loss cannot apply is refused here
         attn = trainer_attention(resolve_attn_implementation(cfg.attn_implementation, device, config),

@@ -1,10 +1,16 @@
-"""Per-step metric reduction over ranks and the console summary of the no-hint evaluation."""
+"""Per-step metric reduction over ranks, the loop's progress display and the console summary of the
+no-hint evaluation."""
 from __future__ import annotations
 
+import logging
+import math
+import sys
+import time
 from dataclasses import replace
-from typing import Optional
+from typing import Iterator, Optional, TextIO
 
 import torch
+from tqdm import tqdm
 
 from fasthint import dist
 from fasthint.algorithms import SolveTracker, group_metrics
@@ -116,3 +122,55 @@ def print_table(before: dict, after: dict) -> None:
         for k in [k for k in before if k == f"eval/{metric}" or k.startswith(f"eval/{metric}_level")]:
             name = k.split("_level_")[1] if "_level_" in k else "all"
             print(f"    level {name:<5} {before[k]:>7.1%} -> {after.get(k, float('nan')):>6.1%}")
+
+
+def is_terminal(stream: Optional[TextIO]) -> bool:
+    """``stream`` is an interactive terminal (not a file, a pipe or a test's capture)."""
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``2m06s`` or ``1h02m``; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class StepProgress:
+    """What the console shows of the training loop. On a terminal (``stream``, stderr by default):
+    tqdm's bar with reward, accuracy and hint rate. Elsewhere (a log file, a pipe), where a bar is
+    one long line of carriage returns: one plain line through the ``fasthint`` logger every
+    ``every`` steps and at the last, e.g. ``step 10/100 reward 0.312 acc 0.281 hint 0.00 (1.4 s/step,
+    eta 2m06s)``. ``enabled=False`` (``--progress_bar false``, ranks other than 0) shows nothing."""
+
+    def __init__(self, start: int, total: int, desc: str, enabled: bool = True, every: int = 1,
+                 stream: Optional[TextIO] = None):
+        stream = sys.stderr if stream is None else stream
+        terminal = is_terminal(stream)
+        self.start, self.total, self.every = start, total, max(1, every)
+        self.lines = enabled and not terminal
+        self.bar = tqdm(range(start + 1, total + 1), desc=desc, disable=not (enabled and terminal),
+                        dynamic_ncols=True, initial=start, total=total, file=stream)
+        self._t0 = time.perf_counter()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.bar)
+
+    def update(self, step: int, metrics: dict) -> None:
+        """Shows ``step``'s reward, accuracy and hint rate (``reward/mean``, ``accuracy``, ``hint/rate``)."""
+        reward, acc, hint = (metrics.get(k, float("nan")) for k in ("reward/mean", "accuracy", "hint/rate"))
+        if not self.bar.disable:
+            self.bar.set_postfix(reward=f"{reward:.3f}", acc=f"{acc:.3f}", hint=f"{hint:.2f}")
+        elif self.lines and (step % self.every == 0 or step == self.total):
+            per_step = (time.perf_counter() - self._t0) / max(1, step - self.start)
+            logging.getLogger("fasthint").info(
+                "step %d/%d reward %.3f acc %.3f hint %.2f (%.1f s/step, eta %s)", step, self.total, reward, acc,
+                hint, per_step, duration(per_step * (self.total - step)))

@@ -19,8 +19,8 @@ import os
 import datasets
 
 from fasthint.errors import DataError
+from fasthint.precheck import BUILDERS, looks_like_path, missing_data_message
 
-BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -86,11 +86,6 @@ def _hub(source: str, split: str):
                         "check the name and the network, or pass a local file or save_to_disk folder") from None
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.path.splitext(source)[1].lower() in BUILDERS or \
-        source.count("/") > 1
-
-
 def read_table(source: str, split: str = "train") -> list[dict]:
     """The rows of ``source`` (see the module docstring) as Python dicts, in order."""
     datasets.disable_progress_bars()
@@ -107,9 +102,8 @@ def read_table(source: str, split: str = "train") -> list[dict]:
                             "write it again with save_to_disk") from None
         return _pick_split(ds, source, split).to_list()
     if not os.path.exists(path):
-        if _looks_like_path(source):
-            raise DataError(f"data file {source!r} not found: pass --data PATH to a JSONL, Parquet, CSV or Arrow "
-                            "file, a save_to_disk folder or a hub id")
+        if looks_like_path(source):
+            raise DataError(missing_data_message(source))
         return _hub(source, split).to_list()
     ext = os.path.splitext(path)[1].lower()
     builder = BUILDERS.get(ext)

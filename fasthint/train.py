@@ -13,8 +13,12 @@ import time
 import types
 from typing import Callable, Optional
 
+from fasthint.precheck import exit_on_bad_args
+
+if __name__ == "__main__":  # python -m / torchrun -m: bad flags, files or folders are answered before torch loads
+    exit_on_bad_args(sys.argv[1:])
+
 import transformers
-from tqdm import tqdm
 
 from fasthint import dist
 from fasthint.algorithms import RolloutContext
@@ -35,7 +39,7 @@ from fasthint.engines.correction import ISCorrectedEngine, merge_stats
 from fasthint.errors import FastHintError
 from fasthint.loss import PolicyLoss
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics, write_completions
-from fasthint.reporting import completion_records, fmt, print_table, step_metrics, sync_algo_state
+from fasthint.reporting import StepProgress, completion_records, fmt, print_table, step_metrics, sync_algo_state
 from fasthint.update import policy_update, train_step  # noqa: F401 - train_step: tests import it here
 
 log = logging.getLogger("fasthint")
@@ -110,11 +114,11 @@ def _fit(run: Run) -> dict:
 
     if rng is not None:  # last, so that the next step draws exactly what the uninterrupted run drew
         restore_rng(*rng)
-    bar = tqdm(range(start + 1, cfg.max_steps + 1), desc=cfg.algo, disable=not (cfg.progress_bar and main),
-               dynamic_ncols=True, initial=start, total=cfg.max_steps)
+    # a bar on a terminal; in a log file a plain line every --logging_steps steps
+    progress = StepProgress(start, cfg.max_steps, cfg.algo, enabled=cfg.progress_bar and main, every=cfg.logging_steps)
     last: dict = {}
     try:
-        for step in bar:
+        for step in progress:
             t_step = time.perf_counter()
             run.score.pop_stats()  # this step's rewards only (not an evaluation's)
             timings.clear()
@@ -157,8 +161,7 @@ def _fit(run: Run) -> dict:
                 logger.log(last)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 save(step)
-            bar.set_postfix(reward=f"{last['reward/mean']:.3f}", acc=f"{last['accuracy']:.3f}",
-                            hint=f"{last['hint/rate']:.2f}")
+            progress.update(step, last)
     finally:
         if logger is not None:
             logger.close()

@@ -12,7 +12,7 @@ LAYERS = {
     "fasthint.errors": 1, "fasthint.options": 1, "fasthint.hints": 1, "fasthint.hint_json": 1, "fasthint.hint_leak": 1,
     "fasthint.batch": 1, "fasthint.rewards": 1, "fasthint.packing": 1, "fasthint.tables": 1, "fasthint.reward_funcs": 1,
     "fasthint.head": 1, "fasthint.data": 1, "fasthint.dist": 1, "fasthint.engines.base": 1,
-    "fasthint.toy.task": 1,                      # foundation: types, data, verifier, collectives
+    "fasthint.toy.task": 1, "fasthint.precheck": 1,  # foundation: types, data, verifier, collectives, CLI checks
     "fasthint.autoselect": 2, "fasthint.ops": 2,  # ops: dispatch over the kernels
     "fasthint.loss": 3, "fasthint.update": 3,     # the policy objective and its update step
     "fasthint.engines": 4, "fasthint.algorithms": 4,  # rollout engines; algorithms (siblings)

@@ -1,5 +1,7 @@
 """The first hour of a new user: errors before work, and a short run that prints no warning."""
 import importlib.util
+import json
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +12,19 @@ import pytest
 
 from conftest import REPO
 
+HEAVY = ("torch", "transformers", "math_verify")
+# `python -m fasthint.train ARGS` as runpy runs it, then which heavy packages were imported
+AS_MAIN = (
+    "import json, runpy, sys\n"
+    "sys.argv = ['fasthint.train', *sys.argv[1:]]\n"
+    "code = None\n"
+    "try:\n"
+    "    runpy.run_module('fasthint.train', run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as e:\n"
+    "    code = e.code\n"
+    f"print(json.dumps({{'code': code, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))\n"
+)
+
 
 def _toy_model_built(cache) -> bool:
     toy = cache / "toy"
@@ -17,19 +32,49 @@ def _toy_model_built(cache) -> bool:
 
 
 def test_missing_data_file_fails_in_seconds_on_an_empty_cache(tmp_path):
-    """Nothing is built (no toy warm start, no model load) before the data is checked."""
+    """Nothing is built (no toy warm start, no model load) before the data is checked; the check
+    comes before torch is imported (see below), so the answer takes about a second."""
     cmd = [sys.executable, "-m", "fasthint.train", "--data", str(tmp_path / "nope.jsonl"),
            "--cache_dir", str(tmp_path / "empty_cache"), "--output_dir", str(tmp_path / "out")]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     elapsed = time.perf_counter() - t0
     assert res.returncode == 2, res.stderr[-2000:]
-    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr[-2000:]
     assert lines[-1].startswith("error: data file") and "nope.jsonl" in lines[-1] and "--data" in lines[-1]
     assert "Traceback" not in res.stderr
-    assert elapsed < 10, f"the missing file was reported after {elapsed:.1f} s"
+    assert elapsed < 5, f"the missing file was reported after {elapsed:.1f} s"
     assert not _toy_model_built(tmp_path / "empty_cache")
     assert not (tmp_path / "out").exists()
+
+
+def _bad_command_lines(tmp_path) -> list:
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "bad.yaml").write_text("max_steps: [1\n")
+    return [
+        (["--data", str(tmp_path / "nope.jsonl")], r"error: data file '.*nope\.jsonl' not found: pass --data PATH"),
+        (["--eval_data", "./nope.parquet"], r"error: data file './nope\.parquet' not found: pass --eval_data PATH"),
+        (["--config", str(tmp_path / "nope.yaml")], r"error: config file '.*nope\.yaml' not found"),
+        (["--config", str(tmp_path / "bad.yaml")], r"error: config file '.*bad\.yaml' is not valid YAML"),
+        (["--max_stepz", "3"], r"error: unrecognized arguments: --max_stepz 3: see --help"),
+        (["--max_steps", "many"], r"error: --max_steps expects int, got 'many'"),
+        (["--output_dir", str(tmp_path / "a_file" / "out")], r"error: --output_dir .*a_file is a file, not a folder"),
+    ]
+
+
+def test_bad_command_lines_are_answered_before_torch_is_imported(tmp_path):
+    """A missing file, a bad flag or value, an unusable --output_dir: exit status 2 and one line on
+    stderr, raised while none of torch, transformers or math-verify has been imported."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    for args, message in _bad_command_lines(tmp_path):  # run from tmp_path: relative paths resolve there
+        res = subprocess.run([sys.executable, "-c", AS_MAIN, *args, "--cache_dir", str(tmp_path / "cache")],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out == {"code": 2, "heavy": []}, (args, out, res.stderr[-2000:])
+        lines = res.stderr.splitlines()
+        assert len(lines) == 1 and re.match(message, lines[0]), (args, res.stderr[-2000:])
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "algo": "hint"}],

@@ -1,8 +1,12 @@
 """What a run shows: --log_completions writes every --logging_steps the step's completions with
-their rewards and advantages and prints a few; --report_to wandb works offline (no network)."""
+their rewards and advantages and prints a few; --report_to wandb works offline (no network); the
+progress is a bar on a terminal and plain lines in a log file."""
 import glob
+import io
 import json
+import logging
 import os
+import re
 
 import pytest
 
@@ -52,3 +56,58 @@ def test_wandb_without_credentials_is_an_error_before_any_work(tmp_path, monkeyp
                          env=env, cwd=REPO, timeout=300)
     assert res.returncode == 2 and "WANDB_MODE=offline" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "c" / "toy").exists()  # stopped before building anything
+
+
+@pytest.mark.slow
+def test_a_redirected_run_logs_plain_progress_lines(tmp_path):
+    """With stderr in a file, no progress bar (no carriage returns): a plain line every --logging_steps
+    steps and at the last."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "fasthint.train", "--max_steps", "3", "--logging_steps", "2",
+           "--output_dir", str(tmp_path / "o"), "--cache_dir", str(tmp_path / "c"), "--toy_warmstart_steps", "0",
+           "--toy_train_size", "40", "--eval_data", "", "--prompts_per_step", "2", "--num_generations", "4",
+           "--max_new_tokens", "8", "--save_steps", "0"]
+    with open(log, "w") as fh:
+        res = subprocess.run(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert res.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    steps = re.findall(r"INFO step (\d)/3 reward \d\.\d{3} acc \d\.\d{3} hint \d\.\d{2} \(\d+\.\d s/step, eta \d+s\)$",
+                       text, flags=re.M)
+    assert steps == ["2", "3"], text[-3000:]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_step_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(caplog):
+    from fasthint.reporting import StepProgress, duration
+
+    metrics = {"reward/mean": 0.3125, "accuracy": 0.28125, "hint/rate": 0.0}
+    term = _Terminal()
+    bar = StepProgress(0, 4, "grpo", stream=term)
+    with caplog.at_level(logging.INFO, logger="fasthint"):
+        for step in bar:
+            bar.update(step, metrics)
+        assert "\r" in term.getvalue() and "reward=0.312" in term.getvalue() and not caplog.records
+        file = io.StringIO()
+        lines = StepProgress(1, 5, "grpo", every=2, stream=file)
+        for step in lines:
+            lines.update(step, metrics)
+        quiet = StepProgress(0, 2, "grpo", enabled=False, stream=io.StringIO())
+        for step in quiet:
+            quiet.update(step, metrics)
+    assert file.getvalue() == ""
+    got = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in got] == ["step 2/5 reward 0.312 acc 0.281 hint 0.00",
+                                               "step 4/5 reward 0.312 acc 0.281 hint 0.00",
+                                               "step 5/5 reward 0.312 acc 0.281 hint 0.00"]
+    assert re.search(r"\(\d+\.\d s/step, eta \d+s\)$", got[0])
+    assert [duration(s) for s in (4.4, 126, 3720, float("nan"))] == ["4s", "2m06s", "1h02m", "?"]

@@ -99,7 +99,9 @@ def test_each_family_trains_a_step(tmp_path, family):
                                max_new_tokens=8, progress_bar=False, save_steps=0)
     res = fasthint.fit(cfg, reward_fn=lambda text, row: float(len(text) % 2))
     last = res["last"]
-    assert last["reward/std"] > 0 and last["loss"] != 0.0 and last["grad_norm"] > 0
+    # the gradient, not the loss: with zero-mean advantages and equal lengths (every completion cut at
+    # max_new_tokens, as on some CPUs) the token-mean loss is exactly 0 while the update is not
+    assert last["reward/std"] > 0 and last["grad_norm"] > 0
     assert all(v == v for v in (last["loss"], last["grad_norm"], last["entropy"]))  # finite, not NaN
 
 

@@ -30,6 +30,12 @@ class ToyConfig(Options):
                                     "run: use 1,2,3,4 for the hard prompts hints are for.")
     toy_warmstart_steps: int = option(1000, "supervised warm-start steps (1024 tokens each) of the toy model; "
                                             "cached by value.")
+    toy_seed: int = option(0, "seed of the toy model, its warm start and its data (--seed is the training run's): "
+                              "seed 0 with 1000 warm-start steps ships with fasthint, other values are built and "
+                              "cached on first use.")
+    toy_rebuild: bool = option(False, "build and warm-start the toy here (cached in --cache_dir) instead of loading "
+                                      "the copy that ships with fasthint (the same toy, built on the recording "
+                                      "machine: other CPUs round differently).")
 
     @property
     def toy_level_tuple(self) -> tuple[int, ...]:
@@ -39,6 +45,7 @@ class ToyConfig(Options):
     def check(self) -> None:
         need(self.toy_train_size >= 1, f"--toy_train_size must be >= 1 (got {self.toy_train_size})")
         need(self.toy_warmstart_steps >= 0, f"--toy_warmstart_steps must be >= 0 (got {self.toy_warmstart_steps})")
+        need(self.toy_seed >= 0, f"--toy_seed must be >= 0 (got {self.toy_seed})")
         levels = [x.strip() for x in str(self.toy_levels).split(",")]
         need(all(x in ("1", "2", "3", "4") for x in levels) and len(set(levels)) == len(levels),
              f"--toy_levels {self.toy_levels!r}: give distinct levels from 1-4, comma-separated (e.g. 1,2,3,4)")

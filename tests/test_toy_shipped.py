@@ -1,0 +1,105 @@
+"""The seed-0 toy ships with fasthint (fasthint/toy/warmstart/): every machine starts the default run
+from the same weights, and its hash is the one the README states.
+
+A rebuild (``--toy_rebuild``) is the same recipe run here: on the recording machine (the CPU and
+vector ISA in toy.json) it gives the shipped weights within RECORDING_TOL; on another CPU the 1000
+warm-start steps round differently and drift, so there it must still be a working toy of the same
+quality (greedy accuracy per level within CROSS_CPU_EVAL of the shipped one's, on the held-out set).
+"""
+import hashlib
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from fasthint.models import resolve_model_path
+from fasthint.toy.model import SHIPPED_DIR, SHIPPED_KEY, TOY_VERSION, build_tokenizer, cpu_name, shipped_toy
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(SHIPPED_DIR, "model.safetensors")
+RECORDING_TOL = 0.0  # measured: a rebuild on the recording machine is bit-identical (docs/RESULTS.md)
+CROSS_CPU_EVAL = 0.10  # per level; measured under ATEN_CPU_CAPABILITY=avx2/default rebuilds (docs/RESULTS.md)
+
+
+def _meta() -> dict:
+    with open(os.path.join(SHIPPED_DIR, "toy.json")) as fh:
+        return json.load(fh)
+
+
+def test_shipped_toy_hash_is_the_readmes():
+    with open(WEIGHTS, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    with open(os.path.join(REPO, "README.md")) as fh:
+        stated = re.findall(r"sha256 `([0-9a-f]{64})`", fh.read())
+    assert stated == [digest], "README.md must state the shipped toy's sha256 once: sha256 `<hex>`"
+    meta = _meta()
+    assert meta["sha256"] == digest and meta["toy_version"] == TOY_VERSION
+    assert (meta["seed"], meta["warmstart_steps"]) == SHIPPED_KEY
+    assert os.path.getsize(WEIGHTS) < 4_000_000  # fp32, 0.87M parameters
+
+
+def test_the_default_toy_is_the_shipped_one_and_builds_nothing(tmp_path):
+    assert shipped_toy() == SHIPPED_DIR
+    assert resolve_model_path("toy", str(tmp_path), *SHIPPED_KEY) == SHIPPED_DIR
+    assert not os.path.exists(tmp_path / "toy")  # no warm start, nothing written to the cache
+
+
+def test_other_toys_and_rebuilds_are_built_into_the_cache(tmp_path):
+    other = resolve_model_path("toy", str(tmp_path), 1, 2)
+    again = resolve_model_path("toy", str(tmp_path), SHIPPED_KEY[0], 2, rebuild=True)
+    for p in (other, again):
+        assert p.startswith(str(tmp_path)) and os.path.isfile(os.path.join(p, "model.safetensors"))
+        with open(os.path.join(p, "toy.json")) as fh:
+            meta = json.load(fh)
+        assert meta["toy_version"] == TOY_VERSION and meta["cpu"] == cpu_name()
+    assert resolve_model_path("toy", str(tmp_path), 1, 2) == other  # cached: not built twice
+
+
+def test_the_shipped_tokenizer_is_the_built_one():
+    from transformers import AutoTokenizer
+
+    loaded, built = AutoTokenizer.from_pretrained(SHIPPED_DIR), build_tokenizer()
+    text = "<|im_start|>user\n27*22+89-42=?<|im_end|>\n\\boxed{-7} é"
+    assert loaded(text)["input_ids"] == built(text)["input_ids"]
+    assert loaded.chat_template == built.chat_template and loaded.eos_token_id == built.eos_token_id
+
+
+def _greedy_accuracy(path: str, tmp: str) -> dict:
+    """No-hint greedy accuracy per level on the toy's held-out set (100 problems per level)."""
+    from fasthint.toy.task import ensure_toy_data
+    from fasthint.data import render_chat
+    from fasthint.engines.base import SamplingConfig
+    from fasthint.engines.hf import HFEngine
+    from fasthint.rewards import math_reward
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, eval_path = ensure_toy_data(tmp, SHIPPED_KEY[0], 10)
+    with open(eval_path) as fh:
+        rows = [json.loads(line) for line in fh]
+    tok = AutoTokenizer.from_pretrained(path)
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(path), tok)
+    outs = engine.generate([render_chat(tok, [{"role": "user", "content": r["question"]}]) for r in rows],
+                           SamplingConfig(n=1, temperature=0.0, max_new_tokens=64))
+    acc: dict = {}
+    for r, o in zip(rows, outs):
+        acc.setdefault(r["level"], []).append(math_reward(tok.decode(o.token_ids, skip_special_tokens=True),
+                                                          r["answer"]))
+    return {lv: sum(v) / len(v) for lv, v in sorted(acc.items())}
+
+
+@pytest.mark.slow
+def test_the_shipped_toy_equals_a_rebuild(tmp_path):
+    from safetensors.torch import load_file
+
+    rebuilt = resolve_model_path("toy", str(tmp_path), *SHIPPED_KEY, rebuild=True)  # the full warm start
+    a, b = load_file(os.path.join(rebuilt, "model.safetensors")), load_file(WEIGHTS)
+    assert a.keys() == b.keys()
+    diff = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    if cpu_name() == _meta()["cpu"] and torch.get_num_threads() == _meta()["threads"]:
+        assert diff <= RECORDING_TOL, f"rebuilt on the recording machine, max |weight diff| {diff:.3e}"
+    else:  # another CPU: the same recipe, so a toy of the same quality
+        want, got = _greedy_accuracy(SHIPPED_DIR, str(tmp_path)), _greedy_accuracy(rebuilt, str(tmp_path))
+        for level in want:
+            assert abs(got[level] - want[level]) <= CROSS_CPU_EVAL, (level, got, want, diff)
