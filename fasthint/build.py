@@ -189,7 +189,8 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn], reward_funcs: Optiona
     algo = make_algorithm(cfg)
     timings: dict = {}
     hints = hint_provider(cfg, algo, engine, tokenizer, timings)
-    optimizer, scheduler = OptimConfig.build(cfg, policy.parameters())
+    optimizer, scheduler = OptimConfig.build(cfg, policy.parameters(),
+                                             cfg.max_steps * cfg.steps_per_generation * cfg.num_iterations)
     return Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,
                 engine, score, score.close, algo, hints, optimizer, scheduler,
                 PromptSampler(len(rows), cfg.prompts_per_step, cfg.seed),

@@ -63,7 +63,7 @@ class TrainConfig(*reversed(COMPONENTS)):
 
     GROUP = "run"
     algo: str = option("grpo", f"training algorithm, one of {ALGOS}.")
-    prompts_per_step: int = option(64, "prompts per optimizer step (each gets num_generations completions).")
+    prompts_per_step: int = option(32, "prompts per optimizer step (each gets num_generations completions).")
     max_steps: int = option(100, "optimizer steps.")
     seed: int = option(0, "random seed of the training run (data order, sampling); the toy's is --toy_seed.")
     cache_dir: str = option("~/.cache/fasthint", "cache for the toy model, tokenizer, data and warm start.")

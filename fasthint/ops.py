@@ -3,9 +3,10 @@
 ``"torch"`` is the bounded-memory chunked path that also serves CPU training; ``"native"`` the same path
 with its per-row work in C++ (``csrc/``, CPU, built on first use; the torch code where it cannot be
 built); ``"triton"`` the fused Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``);
-``"reference"`` the materialising oracle (tests, benchmarks). ``"auto"``: native on CPU when it
-builds, else torch; on CUDA, Triton for the advantages and, for the head ops, whichever of Triton and
-torch a one-time probe finds correct and faster (``fasthint.autoselect``).
+``"reference"`` the materialising oracle (tests, benchmarks). ``"auto"``: on CPU native when the head
+has at least ``NATIVE_MIN_HEAD`` weights and the extension builds, else torch; on CUDA, Triton for the
+advantages and, for the head ops, whichever of Triton and torch a one-time probe finds correct and
+faster (``fasthint.autoselect``).
 
 The head ops take an optional final-logit soft-cap (Gemma-2): ``softcap=c`` computes
 ``log_softmax(c * tanh((hidden @ weight.T + bias) / c) / temperature)[targets]`` (gradient factor
@@ -30,6 +31,10 @@ from fasthint_kernels.reference import PGSpec, check_softcap, group_advantages_r
 from fasthint import autoselect
 
 IMPLS = ("auto", "triton", "torch", "native", "reference")
+# Below this many head weights (vocabulary x width) ``auto`` keeps the torch path on CPU: building the
+# native extension takes about 25 s on 2 cores, and on the toy's head (259 x 128) it then saves
+# 0.015 s of a 0.75 s step (docs/RESULTS.md, issue 27), so it would never pay for itself there.
+NATIVE_MIN_HEAD = 1 << 20
 log = logging.getLogger("fasthint")
 _ADV_TRITON_FAILED = False
 
@@ -47,7 +52,7 @@ def _resolve_head_impl(impl: str, op: str, hidden: torch.Tensor, weight: torch.T
     if _check_impl(impl) != "auto":
         return impl
     if hidden.device.type != "cuda":
-        return "native" if usable(hidden, weight) else "torch"
+        return "native" if weight.numel() >= NATIVE_MIN_HEAD and usable(hidden, weight) else "torch"
     return autoselect.choose_cuda_impl(op, hidden, weight, temperature, return_entropy, softcap=softcap,
                                        linear_logprobs=linear_logprobs, fused_linear_loss=fused_linear_loss)
 

@@ -174,3 +174,42 @@ class StepProgress:
             logging.getLogger("fasthint").info(
                 "step %d/%d reward %.3f acc %.3f hint %.2f (%.1f s/step, eta %s)", step, self.total, reward, acc,
                 hint, per_step, duration(per_step * (self.total - step)))
+
+
+class RunClock:
+    """A run's wall time by phase, printed at its end (where the minutes went): building (model,
+    data, engine), evaluations, and per step rollouts, scoring, hint writing and the update; what
+    is left (metrics, logging, Python between phases) is "other"."""
+
+    PHASES = ("build", "evaluation", "rollouts", "scoring", "hints", "update", "checkpoints")
+    STEP_KEYS = {"rollouts": "time/generate_s", "scoring": "time/score_s", "hints": "time/hint_s",
+                 "update": "time/train_s"}
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] += seconds
+
+    def since(self, phase: str, t0: float) -> None:
+        """Adds the time from ``t0`` (a ``time.perf_counter()``) to now to ``phase``."""
+        self.add(phase, time.perf_counter() - t0)
+
+    def step(self, metrics: dict) -> None:
+        """Counts one training step from its ``time/*`` metrics."""
+        self.steps += 1
+        for phase, key in self.STEP_KEYS.items():
+            self.add(phase, float(metrics.get(key, 0.0)))
+
+    def summary(self) -> str:
+        """One line, e.g. ``time 2m52s: build 4s, evaluation 13s, rollouts 1m21s (0.81 s/step), ...``."""
+        def fmt_s(s: float) -> str:
+            return f"{s:.1f}s" if s < 59.95 else duration(s)
+
+        total = time.perf_counter() - self.t0
+        parts = [f"{p} {fmt_s(s)}" + (f" ({s / self.steps:.2f} s/step)" if p in self.STEP_KEYS and self.steps else "")
+                 for p, s in self.seconds.items() if s >= 0.05 or (p in ("rollouts", "update") and self.steps)]
+        other = total - sum(self.seconds.values())
+        return f"time {fmt_s(total)} for {self.steps} steps: " + ", ".join(parts + [f"other {fmt_s(other)}"])

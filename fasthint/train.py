@@ -39,7 +39,8 @@ from fasthint.engines.correction import ISCorrectedEngine, merge_stats
 from fasthint.errors import FastHintError
 from fasthint.loss import PolicyLoss
 from fasthint.metrics import MetricsLogger, plot_metrics, read_metrics, write_completions
-from fasthint.reporting import StepProgress, completion_records, fmt, print_table, step_metrics, sync_algo_state
+from fasthint.reporting import (RunClock, StepProgress, completion_records, fmt, print_table, step_metrics,
+                                sync_algo_state)
 from fasthint.update import policy_update, train_step  # noqa: F401 - train_step: tests import it here
 
 log = logging.getLogger("fasthint")
@@ -53,25 +54,30 @@ def fit(cfg: TrainConfig, reward_fn: Optional[RewardFn] = None, reward_funcs: Op
     float``, the original form, replaces both when given.
     """
     cfg.validate()
+    clock = RunClock()
     try:
         run = build(cfg, reward_fn, reward_funcs)
+        clock.since("build", clock.t0)
         try:
-            return _fit(run)
+            return _fit(run, clock)
         finally:
             run.engine.close()  # vLLM tears down its process groups: before the trainer's
     finally:
         dist.close()
 
 
-def _fit(run: Run) -> dict:
+def _fit(run: Run, clock: RunClock) -> dict:
     cfg, policy, algo, sampler, tracker, timings = run.cfg, run.policy, run.algo, run.sampler, run.tracker, run.timings
     main = dist.rank() == 0
     rank, world = dist.rank(), dist.world_size()
 
     def evaluate() -> dict:  # rank 0 evaluates (with the whole model unless vLLM samples); the others wait
+        t0 = time.perf_counter()
         with dist.gathered(policy, enabled=getattr(run.engine, "runs_policy", True)):
             out = evaluate_no_hint(run.engine, run.tokenizer, run.eval_rows, run.score, cfg) if main else None
-        return dist.broadcast(out)
+        out = dist.broadcast(out)
+        clock.since("evaluation", t0)
+        return out
 
     # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ---------
     start, rng = 0, None
@@ -105,12 +111,14 @@ def _fit(run: Run) -> dict:
                          next_rows=lambda: [run.rows[i] for i in next(sampler)])
 
     def save(step: int) -> None:
+        t0 = time.perf_counter()
         state = {"step": step, "sampler": sampler.state(), "algorithm": algo.state_dict(),
                  "solve_tracker": tracker.state_dict(), "eval_before": results["eval_before"], "config": vars(cfg)}
         save_training_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), policy.lm, run.tokenizer,
                                  run.optimizer, run.scheduler, state, state_dict=_full_state(policy))
         if main:
             prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
+        clock.since("checkpoints", t0)
 
     if rng is not None:  # last, so that the next step draws exactly what the uninterrupted run drew
         restore_rng(*rng)
@@ -154,6 +162,7 @@ def _fit(run: Run) -> dict:
                 if main:
                     write_completions(cfg.output_dir, step, records, cfg.num_completions_to_print)
             last["time/step_s"] = time.perf_counter() - t_step
+            clock.step(last)
             last["tokens_per_s"] = last.pop("_completion_tokens") / last["time/step_s"]
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:  # the last: _finish
                 last.update(evaluate())
@@ -165,10 +174,10 @@ def _fit(run: Run) -> dict:
     finally:
         if logger is not None:
             logger.close()
-    return _finish(run, results, last, evaluate, logger)
+    return _finish(run, results, last, evaluate, logger, clock)
 
 
-def _finish(run: Run, results: dict, last: dict, evaluate: Callable, logger) -> dict:
+def _finish(run: Run, results: dict, last: dict, evaluate: Callable, logger, clock: RunClock) -> dict:
     """No-hint evaluation after training, the final model, plot and eval.json (rank 0 writes)."""
     cfg = run.cfg
     results["eval_after"] = evaluate()
@@ -177,6 +186,7 @@ def _finish(run: Run, results: dict, last: dict, evaluate: Callable, logger) -> 
     final = os.path.join(cfg.output_dir, "final")
     sd = _full_state(run.policy)
     results.update(last=last, checkpoint=final, plot=None)
+    t0 = time.perf_counter()
     if dist.rank() == 0:
         save_hf_checkpoint(run.policy.lm, run.tokenizer, final, state_dict=sd,
                            extra_json={"algorithm_state.json": {"algo": cfg.algo, **run.algo.state_dict(),
@@ -189,6 +199,9 @@ def _finish(run: Run, results: dict, last: dict, evaluate: Callable, logger) -> 
                           {k: results[k] for k in ("eval_before", "eval_after")})
         print_table(results["eval_before"], results["eval_after"])
     dist.barrier()
+    clock.since("checkpoints", t0)
+    if dist.rank() == 0:
+        log.info(clock.summary())
     return results
 
 

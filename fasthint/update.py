@@ -8,6 +8,8 @@ zero-weight ones), because each forward/backward of a sharded model is a collect
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -26,8 +28,11 @@ class OptimConfig(Options):
     """The optimiser and how a step is cut into forward/backward passes."""
 
     GROUP = "optimisation"
-    learning_rate: float = option(2e-4, "AdamW learning rate (constant after warm-up); the default suits "
+    learning_rate: float = option(2e-4, "AdamW learning rate (the peak, after warm-up); the default suits "
                                         "the toy: for real models use about 1e-6.")
+    lr_scheduler_type: str = option("cosine", "learning rate after warm-up (TRL's name): constant, linear or "
+                                              "cosine (both towards 0 at the last optimiser step); the recipes "
+                                              "set constant, as the papers ran.")
     warmup_steps: int = option(0, "linear learning-rate warm-up steps.")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     adam_beta1: float = option(0.9, "AdamW beta1.")
@@ -49,17 +54,35 @@ class OptimConfig(Options):
 
     def check(self) -> None:
         need(self.learning_rate > 0, f"--learning_rate must be > 0 (got {self.learning_rate})")
+        need(self.lr_scheduler_type in LR_SCHEDULES,
+             f"--lr_scheduler_type {self.lr_scheduler_type!r}: use one of {', '.join(LR_SCHEDULES)}")
         at_least(self, ("micro_batch_size", "steps_per_generation", "num_iterations"), 1)
         at_least(self, ("warmup_steps", "micro_batch_tokens"), 0)
         need(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0 (got {self.max_grad_norm})")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam_beta1/2 must be in [0, 1)")
 
-    def build(self, params) -> tuple:
-        """AdamW over ``params`` and its schedule: linear warm-up over ``warmup_steps``, then constant."""
+    def build(self, params, total_steps: int = 0) -> tuple:
+        """AdamW over ``params`` and its schedule: linear warm-up over ``warmup_steps``, then
+        ``lr_scheduler_type`` over the rest of ``total_steps`` optimiser steps."""
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, betas=(self.adam_beta1, self.adam_beta2),
                                       weight_decay=self.weight_decay)
-        warmup = self.warmup_steps
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, self.lr_scheduler_type, self.warmup_steps, total_steps))
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(kind: str, warmup: int, total: int, step: int) -> float:
+    """The learning rate's factor before optimiser step ``step`` (0-based): (s + 1) / (warmup + 1)
+    during warm-up, then 1 (constant) or decaying towards 0 at step ``total`` (linear, cosine; as
+    transformers' schedules, so the last of ``total`` steps still moves the weights)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    frac = min(1.0, (step - warmup) / (total - warmup))
+    return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 def _as_policy(model) -> PolicyLoss:

@@ -203,8 +203,11 @@ def test_linear_logprobs_entropy_only_upstream():
 def test_linear_logprobs_auto_and_errors():
     h, w, b, y, *_ = _problem(torch.float32, bias=True, seed=7)
     a = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP)
-    t = ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl="native" if native.available() else "torch")
-    assert torch.equal(a, t)  # auto on CPU: the native row kernels when they build
+    assert torch.equal(a, ops.linear_logprobs(h, w, y, bias=b, temperature=TEMP, impl="torch"))  # a small head
+    big = w.repeat(ops.NATIVE_MIN_HEAD // w.numel() + 1, 1)  # auto on CPU: the native row kernels when they build
+    a = ops.linear_logprobs(h, big, y, temperature=TEMP)
+    t = ops.linear_logprobs(h, big, y, temperature=TEMP, impl="native" if native.available() else "torch")
+    assert torch.equal(a, t)
     with pytest.raises(ValueError):
         ops.linear_logprobs(h, w[:, :-1], y)
     with pytest.raises(ValueError):

@@ -80,6 +80,26 @@ def test_a_redirected_run_logs_plain_progress_lines(tmp_path):
     steps = re.findall(r"INFO step (\d)/3 reward \d\.\d{3} acc \d\.\d{3} hint \d\.\d{2} \(\d+\.\d s/step, eta \d+s\)$",
                        text, flags=re.M)
     assert steps == ["2", "3"], text[-3000:]
+    # where the time went, once at the end: the phases add up to the total (with "other")
+    clock = re.findall(r"INFO time (\S+) for 3 steps: (.*)$", text, flags=re.M)
+    assert len(clock) == 1 and "rollouts" in clock[0][1] and "update" in clock[0][1], text[-3000:]
+
+
+def test_run_clock_splits_the_wall_time_by_phase(monkeypatch):
+    from fasthint import reporting
+
+    now = [100.0]
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
+    clock = reporting.RunClock()
+    now[0] = 104.0
+    clock.since("build", 100.0)
+    for _ in range(2):
+        clock.step({"time/generate_s": 30.0, "time/score_s": 0.2, "time/train_s": 20.0, "time/step_s": 51.0})
+    clock.add("evaluation", 10.0)
+    now[0] = 100.0 + 4 + 102 + 10 + 6
+    assert clock.seconds["rollouts"] == 60.0 and clock.seconds["update"] == 40.0 and clock.steps == 2
+    assert clock.summary() == ("time 2m02s for 2 steps: build 4.0s, evaluation 10.0s, rollouts 1m00s (30.00 s/step), "
+                               "scoring 0.4s (0.20 s/step), update 40.0s (20.00 s/step), other 7.6s")
 
 
 class _Terminal(io.StringIO):
