@@ -82,9 +82,23 @@ def test_default_run_reproduces_the_recorded_figures(tmp_path):
             assert g[k] == pytest.approx(w[k], abs=tol[k]), f"step {w['step']} {k}; {note}"
 
 
+def compare() -> dict:
+    """Runs the first steps here and returns how far each figure is from the recording (run it under
+    ``ATEN_CPU_CAPABILITY=avx2`` etc. to see what another CPU's rounding does)."""
+    with open(RECORDED) as fh:
+        rec = json.load(fh)
+    with tempfile.TemporaryDirectory() as d:
+        got = run_first_steps(d)
+    return {"cpu": _cpu(), "eval": {k: got["eval_before"][k] - w for k, w in rec["eval_before"].items()},
+            "steps": {k: max(abs(g[k] - w[k]) for g, w in zip(got["steps"], rec["steps"])) for k in STEP_KEYS}}
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--compare"]:
+        print(json.dumps(compare(), indent=1))
+        sys.exit(0)
     if sys.argv[1:] != ["--record"]:
-        sys.exit("usage: python tests/test_default_run.py --record")
+        sys.exit("usage: python tests/test_default_run.py --record | --compare")
     with tempfile.TemporaryDirectory() as d:
         figures = run_first_steps(d)
     figures = {"command": "python -m fasthint.train --max_steps 3 --save_steps 0 (fresh --cache_dir)",
