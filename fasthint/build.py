@@ -36,7 +36,7 @@ RewardFn = Callable[[str, dict], float]
 
 def setup(cfg: TrainConfig) -> torch.device:
     """Joins the process group under torchrun; seeds (model construction is the same on every rank)."""
-    device = dist.init()
+    device = dist.init(cfg.dist_timeout_minutes)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     random.seed(cfg.seed)

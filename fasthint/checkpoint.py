@@ -286,7 +286,7 @@ RESUME_MAY_CHANGE = frozenset({"max_steps", "save_steps", "save_total_limit", "r
                                "cache_dir", "reward_timeout_s", "generation_batch_size", "micro_batch_size",
                                "vllm_gpu_memory_utilization", "vllm_sleep_mode", "eval_steps",
                                "gradient_checkpointing", "log_completions", "logging_steps", "num_completions_to_print",
-                               "eval_data_split"})
+                               "eval_data_split", "dist_timeout_minutes", "toy_rebuild"})
 
 
 def find_resume(cfg) -> Optional[str]:

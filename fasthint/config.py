@@ -68,6 +68,8 @@ class TrainConfig(*reversed(COMPONENTS)):
     seed: int = option(0, "random seed of the training run (data order, sampling); the toy's is --toy_seed.")
     cache_dir: str = option("~/.cache/fasthint", "cache for the toy model, tokenizer, data and warm start.")
     num_threads: int = option(0, "torch CPU threads (0 = torch's default: one per physical core).")
+    dist_timeout_minutes: float = option(60, "how long a collective waits for the slowest rank under torchrun "
+                                             "(torch's default, 10, is shorter than a 7B run's rank-0 phases).")
 
     def validate(self) -> "TrainConfig":
         """Resolves the algorithm's ``auto`` settings, then checks every component once; raises
@@ -86,6 +88,7 @@ class TrainConfig(*reversed(COMPONENTS)):
             component.check(self)
         at_least(self, ("prompts_per_step", "max_steps"), 1)
         at_least(self, ("num_threads",), 0)
+        need(self.dist_timeout_minutes > 0, f"--dist_timeout_minutes must be > 0 (got {self.dist_timeout_minutes})")
         need(self.num_generations >= 2 or self.adv_scale == "none",
              f"--num_generations {self.num_generations}: GRPO needs groups of at least 2 completions")
         return self

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import datetime
 import os
 import sys
 from typing import Any, Iterator, Optional
@@ -36,16 +37,28 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def init() -> torch.device:
-    """Joins the process group when launched with WORLD_SIZE > 1; returns this process's device."""
+def init(timeout_minutes: float = 60) -> torch.device:
+    """Joins the process group when launched with WORLD_SIZE > 1; returns this process's device.
+
+    On CUDA the group has a backend for each device, ``cpu:gloo,cuda:nccl``: NCCL alone takes no CPU
+    tensor ("No backend type associated with device type cpu"), and the trainer's small reductions
+    of Python floats and object gathers are CPU work. ``device_id`` binds the group to this rank's
+    GPU (NCCL's communicator is made eagerly, and a rank on the wrong GPU fails here, not mid-step).
+    ``timeout_minutes`` is how long a collective waits for the slowest rank (torch's default of 10
+    minutes is shorter than a rank-0 phase of a 7B run, such as a first evaluation or a 30 GB save)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
+    device = torch.device("cpu")
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if cuda:
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device, timeout=timeout)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+    return device
 
 
 def close() -> None:

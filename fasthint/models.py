@@ -193,8 +193,8 @@ def load_trainable_policy(path: str, device: torch.device, attn_implementation: 
             enable_gradient_checkpointing(model)
         return PolicyLoss(model), tokenizer
     full = None
-    if dist.rank() == 0:
-        full, tok = load_policy(path, torch.device("cpu"), attn_implementation)
+    if dist.rank() == 0:  # the CPU copy only carries weights and runs check_head: CPU attention (flash-attn
+        full, tok = load_policy(path, torch.device("cpu"), "auto")  # refuses CPU tensors), sdpa or eager
     err = dist.broadcast(check_head(full, tok) if full is not None else None)
     if err:
         raise ModelError(err)

@@ -132,11 +132,11 @@ def _fit(run: Run, clock: RunClock) -> dict:
             timings.clear()
             batch = [run.rows[i] for i in next(sampler)][rank::world]  # whole prompts (groups) per rank
             # the whole policy on every rank: for rollouts when the engine runs it (hf), else (vllm: its
-            # own weights) only for the algorithm's forward passes
+            # own weights) only for an algorithm whose samples() runs it (Guide, HINT)
             with dist.gathered(policy, enabled=engine.runs_policy):
                 # ---- rollout (+ hints) and score: groups keyed by prompt uid ------------------------
                 groups, info = algo.rollout(batch, ctx)
-                with dist.gathered(policy, enabled=not engine.runs_policy):
+                with dist.gathered(policy, enabled=not engine.runs_policy and algo.samples_run_policy):
                     # ---- advantages and training contexts (the algorithm decides) ------------------
                     policy.train()
                     samples, info_train = algo.samples(groups, ctx, policy.lm)

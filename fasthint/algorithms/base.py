@@ -135,6 +135,10 @@ class Algorithm:
     name = "grpo"
     options: tuple = ()  # the Options dataclasses this algorithm reads (composed into TrainConfig)
     hint_provider_default: Optional[str] = None  # algorithms that hint name their default provider
+    # samples() runs the policy (a no-grad forward per rank, independently of the others): only then does
+    # the trainer gather the sharded policy whole for it when the engine keeps its own weights (vLLM); a
+    # 7B policy gathered for nothing is ~15 GB more while vLLM is awake
+    samples_run_policy: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -54,6 +54,7 @@ class HINTConfig(Options):
 
 class _HintedResample(Algorithm):
     hint_provider_default = "dataset"
+    samples_run_policy = True  # hinted completions are rescored on the no-hint prompt
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
         groups = {g.uid: g for g in sample_groups(ctx, rows)}

@@ -17,6 +17,7 @@ trainer relies on lives in this file:
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -27,6 +28,16 @@ from fasthint.engines.base import Completion, SamplingConfig
 from fasthint.errors import ConfigError
 
 SUPPORTED_VLLM = "0.32"
+
+
+def free_cached_memory() -> None:
+    """Hands the blocks that torch's caching allocator holds but no tensor uses back to the device
+    (after a garbage collection, so that unreachable tensors go too). vLLM's ``wake_up`` allocates
+    outside torch's allocator and cannot use them: without this, the memory the policy update freed
+    stays reserved by torch and the wake can run out of memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class VLLMEngine:
@@ -97,10 +108,12 @@ class VLLMEngine:
         prefix cache, whose keys and values came from the old weights. With sleep mode the weights are
         woken first and the KV cache last."""
         if self.sleep_mode:
+            free_cached_memory()  # blocks the update freed stay reserved by torch's allocator otherwise
             self.llm.wake_up(tags=["weights"])
         self._runner().reload_weights(weights_iterator=dist.full_parameters(model, self.dtype))
         self.llm.reset_prefix_cache()
         if self.sleep_mode:
+            free_cached_memory()  # the weight stream's gathers and casts
             self.llm.wake_up(tags=["kv_cache"])
 
     def sleep(self) -> None:
