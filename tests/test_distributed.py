@@ -29,8 +29,10 @@ def test_two_ranks_one_step_equals_one_rank(tmp_path, loss_agg, steps):
     """Same parameters after one SGD step (lr 0.5, gradient clipping) from 5 groups split 3/2 over two
     ranks (so one rank runs an idle micro-batch) as from one process; with ``steps_per_generation`` 2,
     after two steps on 4 groups (each rank's first half is the global first half), old log-probs
-    recomputed first. Tolerance 1e-7: fp32 sums in another order (the gradient reduction) are the
-    only difference (measured: ~4e-9)."""
+    recomputed first. Tolerance 1e-7 plus 2 ulps of the weight (rtol 2^-22): fp32 sums in another
+    order (the gradient reduction) are the only difference, about 4e-9 in the update (measured), but
+    the update lands on norm weights near 1.0, where one float32 ulp is 1.2e-7: with torch held to its
+    scalar kernels (ATEN_CPU_CAPABILITY=default) one such weight rounded the other way."""
     from safetensors.torch import load_file
 
     script = os.path.join(REPO, "tests", "dist_step.py")
@@ -42,7 +44,7 @@ def test_two_ranks_one_step_equals_one_rank(tmp_path, loss_agg, steps):
     moved = max((one[k] - init[k]).abs().max().item() for k in one)
     assert moved > 5e-5  # the step changed the parameters (by far more than the tolerance)
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-7, msg=k)
+        torch.testing.assert_close(two[k], one[k], rtol=2.0 ** -22, atol=1e-7, msg=k)
     s1, s2 = json.load(open(tmp_path / "one.json")), json.load(open(tmp_path / "two.json"))
     for k in ("loss", "grad_norm", "entropy", "num_tokens/trained", "clip_ratio/high"):
         assert s2[k] == pytest.approx(s1[k], rel=1e-5, abs=1e-7), k
@@ -213,7 +215,7 @@ def test_two_nodes_c10d_rendezvous_equal_one_process(tmp_path):
     init = {k: v for k, v in _initial().items() if k in one}
     assert max((one[k] - init[k]).abs().max().item() for k in one) > 5e-5
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-7, msg=k)
+        torch.testing.assert_close(two[k], one[k], rtol=2.0 ** -22, atol=1e-7, msg=k)
 
 
 @pytest.mark.slow
