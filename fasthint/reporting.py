@@ -2,6 +2,7 @@
 no-hint evaluation."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -196,6 +197,15 @@ class RunClock:
     def since(self, phase: str, t0: float) -> None:
         """Adds the time from ``t0`` (a ``time.perf_counter()``) to now to ``phase``."""
         self.add(phase, time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the time the ``with`` block takes to ``name``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.since(name, t0)
 
     def step(self, metrics: dict) -> None:
         """Counts one training step from its ``time/*`` metrics."""

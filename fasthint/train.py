@@ -72,12 +72,9 @@ def _fit(run: Run, clock: RunClock) -> dict:
     rank, world = dist.rank(), dist.world_size()
 
     def evaluate() -> dict:  # rank 0 evaluates (with the whole model unless vLLM samples); the others wait
-        t0 = time.perf_counter()
-        with dist.gathered(policy, enabled=getattr(run.engine, "runs_policy", True)):
+        with clock.phase("evaluation"), dist.gathered(policy, enabled=getattr(run.engine, "runs_policy", True)):
             out = evaluate_no_hint(run.engine, run.tokenizer, run.eval_rows, run.score, cfg) if main else None
-        out = dist.broadcast(out)
-        clock.since("evaluation", t0)
-        return out
+        return dist.broadcast(out)
 
     # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ---------
     start, rng = 0, None
