@@ -2,7 +2,8 @@
 # The default run's settings across seeds (docs/RESULTS.md, "Robust default settings"): each setting x
 # seed trains 100 steps on the shipped toy with one thread, two runs at a time (so the step times are
 # about twice a lone run's), then prints per run the 10-step reward means, the gap between the best and
-# the last, and the no-hint greedy accuracy after training. Usage:
+# the last, and the no-hint greedy accuracy after training; the table is appended to
+# bench/results/toy_default_sweep.md ($RESULTS) with the machine, versions and commit. Usage:
 #   bash bench/toy_default_sweep.sh "0 1 2" "base|--lr_scheduler_type constant --prompts_per_step 64" "default|"
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,14 @@ for ((i = 0; i < ${#jobs_list[@]}; i += 2)); do
   if ((i + 1 < ${#jobs_list[@]})); then run "${jobs_list[i + 1]}" & fi
   wait
 done
-.venv/bin/python - "$OUT" <<'PY'
-import glob, json, os, sys
+RESULTS=${RESULTS:-bench/results/toy_default_sweep.md}  # the table is appended there too
+mkdir -p "$(dirname "$RESULTS")"
+.venv/bin/python - "$OUT" <<'PY' | tee -a "$RESULTS"
+import glob, json, os, platform, subprocess, sys
+import torch
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"\n{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+      f"commit {commit}, {sys.argv[1]}\n")
 print("| run | 10-step reward means, first -> last (best) | gap | greedy after: all / L1 / L2 / L3 | s/step |")
 print("|---|---|---|---|---|")
 for d in sorted(glob.glob(os.path.join(sys.argv[1], "*-s*/"))):
