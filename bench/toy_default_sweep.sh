@@ -31,7 +31,9 @@ mkdir -p "$(dirname "$RESULTS")"
 import glob, json, os, platform, subprocess, sys
 import torch
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-print(f"\n{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+           platform.processor())
+print(f"\n{cpu} ({os.cpu_count()} cores; each run --num_threads 1, two at a time), torch {torch.__version__}, "
       f"commit {commit}, {sys.argv[1]}\n")
 print("| run | 10-step reward means, first -> last (best) | gap | greedy after: all / L1 / L2 / L3 | s/step |")
 print("|---|---|---|---|---|")
