@@ -414,17 +414,38 @@ def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Te
                                bias=head.bias, **head_transform(lm.config).loss_kwargs(temperature))
 
 
+def token_capped_chunks(samples: list[Sample], max_seqs: int, max_tokens: int = 0,
+                        packed: bool = False) -> list[list[Sample]]:
+    """``samples`` cut in order into runs of at most ``max_seqs`` sequences and, when ``max_tokens > 0``,
+    at most ``max_tokens`` tokens: padded, sequences x the longest; ``packed``, their sum (what
+    ``batch.make_micro_batches`` counts). A sample longer than the budget is a run of its own."""
+    out: list[list[Sample]] = []
+    run: list[Sample] = []
+    longest = total = 0
+    for s in samples:
+        n = len(s.prompt_ids) + len(s.completion_ids)
+        grown = total + n if packed else (len(run) + 1) * max(longest, n)
+        if run and (len(run) == max_seqs or (max_tokens > 0 and grown > max_tokens)):
+            out.append(run)
+            run, longest, total = [], 0, 0
+        run.append(s)
+        longest, total = max(longest, n), total + n
+    return out + ([run] if run else [])
+
+
 @torch.no_grad()
 def recompute_logprobs(model, samples: list[Sample], cfg) -> list[torch.Tensor]:
     """Current-policy log-probs of each sample's completion in its ``prompt_ids`` context (fp32 CPU
-    tensors, one per sample): Guide's and HINT's no-hint numerators before the update."""
+    tensors, one per sample, in order): the old log-probs of a multi-step update, Guide's and HINT's
+    no-hint numerators. Forwards are capped like the update's micro-batches: ``micro_batch_size``
+    sequences and ``micro_batch_tokens`` tokens (a no-grad forward of a 7B at 64 x 10k tokens would
+    need tens of GB for its MLP intermediates alone)."""
     device = next(model.parameters()).device
     autocast = autocast_bf16(cfg)
+    packed = bool(getattr(cfg, "padding_free", False))
     out: list[torch.Tensor] = []
-    for s in range(0, len(samples), cfg.micro_batch_size):
-        chunk = samples[s:s + cfg.micro_batch_size]
-        mb = _collate_packed(chunk, device) if getattr(cfg, "padding_free", False) else \
-            _collate(chunk, model.config.pad_token_id or 0, device)
+    for chunk in token_capped_chunks(samples, cfg.micro_batch_size, getattr(cfg, "micro_batch_tokens", 0), packed):
+        mb = _collate_packed(chunk, device) if packed else _collate(chunk, model.config.pad_token_id or 0, device)
         lp = micro_batch_logprobs(model, mb, cfg.temperature, autocast)
         out += list(lp.float().cpu().split([len(x.completion_ids) for x in chunk]))
     return out

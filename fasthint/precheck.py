@@ -176,3 +176,17 @@ def exit_on_bad_args(argv: list[str]) -> None:
     except FastHintError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def without_flags(argv: list[str], flags: tuple) -> list[str]:
+    """``argv`` less ``flags`` (``--flag value`` or ``--flag=value``): a front end's own options, so that
+    the rest can be checked as ``fasthint.train``'s (``fasthint.rehearse``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in flags)):
+            out.append(a)
+    return out

@@ -133,12 +133,12 @@ def _fit(run: Run, clock: RunClock) -> dict:
             with dist.gathered(policy, enabled=engine.runs_policy):
                 # ---- rollout (+ hints) and score: groups keyed by prompt uid ------------------------
                 groups, info = algo.rollout(batch, ctx)
+                run.engine.sleep()  # vLLM sleep mode: freed before Guide/HINT forwards; the sync wakes it
                 with dist.gathered(policy, enabled=not engine.runs_policy and algo.samples_run_policy):
                     # ---- advantages and training contexts (the algorithm decides) ------------------
                     policy.train()
                     samples, info_train = algo.samples(groups, ctx, policy.lm)
             # ---- policy update ------------------------------------------------------------------------
-            run.engine.sleep()  # vLLM sleep mode frees its memory; the sync below wakes it
             t0 = time.perf_counter()
             upd = policy_update(policy, samples, cfg, run.optimizer, run.scheduler, run.ref_model, algo.objective(),
                                 algo.before_update)

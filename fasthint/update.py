@@ -196,15 +196,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     for i in range(n_mb):
         real = i < len(mbs)
         mb = mbs[i] if real else _idle_micro_batch(pad, device)
-        ref_logp = micro_batch_logprobs(ref_model, mb, cfg.temperature, autocast) if ref_model is not None else None
-        loss, stats = policy(
-            mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
-            model_kwargs=model_inputs(lm, mb) if mb.packed else None,
-            advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
-            temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms, loss_agg=cfg.loss_agg,
-            num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs, seq_weights=mb.weights,
-            token_fields=_token_fields(mb), sampler_mask=1.0 - mb.hinted if mb.hinted is not None else None,
-            grad_filter=cfg.head_grad_filter or None)
+        loss, stats = micro_batch_loss(policy, mb, cfg, terms, norm, num_seqs, ref_model, autocast)
         if not real:  # keeps the collectives of a sharded model in step; contributes nothing
             (loss * 0.0).backward()
             continue
@@ -242,6 +234,23 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     return out
 
 
+def micro_batch_loss(policy: PolicyLoss, mb, cfg, terms: list[Term], norm: float, num_seqs: float,
+                     ref_model=None, autocast: bool = False, **loss_overrides) -> tuple:
+    """``(loss, stats)`` of micro-batch ``mb`` under the objective ``terms`` with the global normalisers
+    (the reference model's log-probs first when there is one): the forward of every update step, and
+    of its rehearsal (``fasthint.rehearse``; ``loss_overrides`` replace keyword arguments there)."""
+    ref_logp = micro_batch_logprobs(ref_model, mb, cfg.temperature, autocast) if ref_model is not None else None
+    kwargs = dict(advantages=mb.advantages, mask=torch.ones_like(mb.old_logp), old_logp=mb.old_logp,
+                  temperature=cfg.temperature, return_entropy=True, ref_logp=ref_logp, terms=terms,
+                  loss_agg=cfg.loss_agg, num_tokens=norm, seq_ids=mb.seq_ids, num_seqs=num_seqs,
+                  seq_weights=mb.weights, token_fields=_token_fields(mb),
+                  sampler_mask=1.0 - mb.hinted if mb.hinted is not None else None,
+                  grad_filter=cfg.head_grad_filter or None)
+    kwargs.update(loss_overrides)
+    return policy(mb.input_ids, mb.attention_mask, mb.score_index, mb.targets, autocast=autocast,
+                  model_kwargs=model_inputs(policy.lm, mb) if mb.packed else None, **kwargs)
+
+
 def _token_fields(mb) -> dict:
     """The per-token fields the objective's terms read: Guide's ``gamma``, the TIS ``is_weight``."""
     fields = {"gamma": mb.gamma, "is_weight": mb.is_weights}
@@ -260,6 +269,9 @@ def _clip_and_step(policy, cfg, optimizer, scheduler, stepped: bool) -> float:
         raise FastHintError("the gradient norm is not finite: lower --learning_rate; nothing was updated")
     optimizer.step()
     scheduler.step()
+    # the gradients go now, not at the next step's start: between steps (rollouts, vLLM awake) they
+    # would hold 4 bytes per parameter / world of device memory for nothing (fasthint.rehearse)
+    optimizer.zero_grad(set_to_none=True)
     return gn.item()
 
 

@@ -130,3 +130,29 @@ def test_models_that_cannot_pack_are_refused():
     assert trainer_attention("flash_attention_2", True) == "flash_attention_2"
     with pytest.raises(ModelError, match="--padding_free false"):
         trainer_attention("eager", True)  # e.g. Gemma-2 without flash-attn
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_recompute_logprobs_caps_tokens(monkeypatch, packed):
+    """The no-grad recompute is capped by --micro_batch_tokens like the update's micro-batches (it was
+    cut by sequence count only: 64 sequences of 10k tokens in one forward), in order, same values."""
+    import fasthint.loss as loss_mod
+
+    model = _model(VARLEN_SDPA).eval()
+    samples = _samples()
+    lengths = [len(s.prompt_ids) + len(s.completion_ids) for s in samples]
+    cap = max(lengths) + 1
+    seen = []
+    real = loss_mod.micro_batch_logprobs
+    monkeypatch.setattr(loss_mod, "micro_batch_logprobs",
+                        lambda lm, mb, *a: seen.append(mb.input_ids.numel()) or real(lm, mb, *a))
+    uncapped = recompute_logprobs(model, samples, TrainConfig(micro_batch_size=64, padding_free=packed).validate())
+    assert seen == [mb for mb in seen[:1]] and seen[0] > cap  # one forward of everything before
+    seen.clear()
+    capped = recompute_logprobs(model, samples, TrainConfig(micro_batch_size=64, micro_batch_tokens=cap,
+                                                            padding_free=packed).validate())
+    assert len(seen) > 1 and max(seen) <= cap
+    assert len(capped) == len(samples)
+    for x, y, s in zip(uncapped, capped, samples):
+        assert len(y) == len(s.completion_ids)
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-5)

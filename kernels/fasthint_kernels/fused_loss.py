@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from fasthint_kernels.chunked import (
     _acc_dtype,
@@ -141,7 +142,9 @@ class ChunkedFusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp=None, _grad_ent=None):
         dh, dw, db = ctx.saved_tensors
-        unit = bool(grad_loss == 1)  # loss.backward(): hand over the stored gradients, no copy
+        # loss.backward(): hand over the stored gradients, no copy; a fake gradient (fasthint.rehearse)
+        # has no value, so the copy is counted
+        unit = not is_fake(grad_loss) and bool(grad_loss == 1)
 
         def scaled(t: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
             if t is None:

@@ -1,0 +1,80 @@
+"""``python -m fasthint.rehearse``: the real step on a fake cluster (issue 28). A tiny Qwen2 (the
+toy's shape) at world 8 runs every phase in a few seconds; the sharded state is checked against the
+hand count, the verdict against the card, bad input against the CLI's contract."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fasthint import rehearse
+from fasthint.config import TrainConfig
+
+TINY = ["--max_new_tokens", "32", "--max_prompt_length", "32", "--prompts_per_step", "16", "--num_generations", "4"]
+
+
+def _run(argv, capsys):
+    code = rehearse.main(argv)
+    return code, capsys.readouterr()
+
+
+def test_tiny_model_world_8_fits_and_matches_the_hand_count(tmp_path, capsys):
+    out_path = tmp_path / "r.json"
+    code, out = _run(TINY + ["--nproc_per_node", "4", "--nnodes", "2", "--gpu_memory_gb", "80", "--json",
+                             str(out_path), "--steps_per_generation", "2", "--algo", "guide"], capsys)
+    assert code == 0, out.err
+    assert out.out.strip().splitlines()[-1].startswith("fits: peak")
+    data = json.loads(out_path.read_text())
+    assert data["world"] == 8 and data["fits"]
+    names = [(p["phase"], p["rank"]) for p in data["phases"]]
+    for rank in (0, 1):  # rank 0 and a non-zero rank, every phase of a Guide step with 2 optimizer steps
+        for phase in ("rollout", "algorithm forwards", "old log-probs", "update", "weight sync", "checkpoint"):
+            assert (phase, rank) in names
+    hand, got = data["hand_count"], data["sharded_state_gb"]
+    for kind in ("params", "grads", "optimizer"):  # rank 0's shards: the hand count up to uneven rows
+        assert got[kind] == pytest.approx(hand[kind], rel=0.05), kind
+    # the update holds the policy's activations and its gradients; the gathered phases the whole bf16 policy
+    phases = {(p["phase"], p["rank"]): p for p in data["phases"]}
+    assert phases[("update", 0)]["act+temp"] > 0
+    whole_bf16 = 2 * hand["parameters"] / 1e9  # (plus, at a peak during the gather, a unit's all-gather buffer)
+    assert whole_bf16 <= phases[("old log-probs", 0)]["gathered"] <= 2.05 * whole_bf16
+    assert data["peak"]["gb"] == max(p["total"] for p in data["phases"])
+
+
+def test_does_not_fit_exits_3(capsys):
+    code, out = _run(TINY + ["--nproc_per_node", "8", "--gpu_memory_gb", "1"], capsys)
+    assert code == 3
+    assert out.out.strip().splitlines()[-1].startswith("does not fit: ")
+    assert "GB of 1" in out.out
+
+
+def test_vllm_reservation_counts_by_phase(capsys, tmp_path):
+    """vLLM counts by what it reserves (utilisation x card) while awake, not by what it uses; asleep
+    (sleep mode) it keeps a stated residue, and its bf16 weights during the sync."""
+    path = tmp_path / "v.json"
+    code, _ = _run(TINY + ["--engine", "vllm", "--vllm_sleep_mode", "true", "--vllm_gpu_memory_utilization", "0.5",
+                           "--nproc_per_node", "2", "--gpu_memory_gb", "40", "--json", str(path)], capsys)
+    assert code == 0
+    ph = {p["phase"]: p for p in json.loads(path.read_text())["phases"] if p["rank"] == 0}
+    asleep = rehearse.ASSUMPTIONS["vllm_asleep_gb"][0]
+    assert ph["rollout"]["vllm"] == pytest.approx(20.0)
+    assert ph["update"]["vllm"] == pytest.approx(asleep)
+    params = json.loads(path.read_text())["hand_count"]["parameters"]
+    assert ph["weight sync"]["vllm"] == pytest.approx(asleep + 2 * params / 1e9)
+
+
+def test_bad_input_is_one_line_exit_2():
+    for argv in (["--gpu_memory_gb", "-3"], ["--nproc_per_node", "x"], ["--model", "org/NoSuchModel"]):
+        r = subprocess.run([sys.executable, "-m", "fasthint.rehearse", *argv], capture_output=True, text=True)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr
+
+
+def test_hub_ids_resolve_to_the_shipped_shapes():
+    cfg = rehearse.model_config("Qwen/Qwen2.5-7B-Instruct", None)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (3584, 28, 152064)
+    plan = rehearse.plan(TrainConfig(prompts_per_step=128, num_generations=8, steps_per_generation=2,
+                                     max_prompt_length=2048, max_new_tokens=8192, micro_batch_tokens=20480,
+                                     padding_free=True).validate(), world=8, rank=0, pad=0)
+    assert (plan.samples, plan.per_step, plan.micro_batches) == (128, 64, 32)
+    assert plan.largest.input_ids.numel() == 20480
