@@ -17,6 +17,7 @@ from fasthint.algorithms.hint_providers import make_hint_provider
 from fasthint.config import TrainConfig
 from fasthint.data import PromptSampler, render_prompt
 from fasthint.engines import make_engine
+from fasthint.engines.sync_check import SyncCheckedEngine
 from fasthint.eval import evaluate_accuracy
 from fasthint.loss import PolicyLoss
 from fasthint.models import (
@@ -184,6 +185,9 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn], reward_funcs: Optiona
     longest = max(cfg.max_prompt_length + cfg.max_new_tokens,  # a hint request and its reply, when sent
                   cfg.hint_max_prompt_length + cfg.hint_max_new_tokens if self_hints else 0)
     engine = make_engine(cfg, model, tokenizer, resume_dir or model_path, seed=cfg.seed, max_model_len=longest)
+    # engine/trainer agreement after the first weight sync (an engine with its own weights), or every one
+    engine = SyncCheckedEngine(engine, cfg, every_sync=cfg.check_engine_sync,
+                               first_sync=cfg.check_engine_sync or not getattr(engine, "runs_policy", True))
     torch.manual_seed(cfg.seed + 7919 * dist.rank())  # each rank samples its own completions (after vLLM seeds)
     score = Rewards(pre.reward_funcs, cfg, tokenizer, cfg.max_new_tokens)
     algo = make_algorithm(cfg)

@@ -316,6 +316,10 @@ def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float) -> list[Pha
         with gathered(tr, enabled=engine_runs_policy):
             if cfg.vllm_importance_sampling_correction:  # ISCorrectedEngine rescores every rollout
                 micro_batch_logprobs(lm, pl.largest_chunk, cfg.temperature, False)
+    if cfg.engine == "vllm" and not algo.samples_run_policy:  # engines.sync_check after the first sync
+        with phase("sync check", "asleep", "the trainer scores some engine rollouts (bounded by the largest "
+                   "recompute chunk)") as tr:
+            forward(tr, pl.largest_chunk)
     if algo.samples_run_policy:
         with phase("algorithm forwards", "asleep", f"{cfg.algo} rescores completions (vLLM asleep in sleep mode)") \
                 as tr:

@@ -107,15 +107,14 @@ def _fit(run: Run, clock: RunClock) -> dict:
                          render=renderer(run.prompts, run.tokenizer, cfg, timings), hints=run.hints,
                          next_rows=lambda: [run.rows[i] for i in next(sampler)])
 
+    @clock.phase("checkpoints")
     def save(step: int) -> None:
-        t0 = time.perf_counter()
         state = {"step": step, "sampler": sampler.state(), "algorithm": algo.state_dict(),
                  "solve_tracker": tracker.state_dict(), "eval_before": results["eval_before"], "config": vars(cfg)}
         save_training_checkpoint(os.path.join(cfg.output_dir, f"checkpoint-{step}"), policy.lm, run.tokenizer,
                                  run.optimizer, run.scheduler, state, state_dict=_full_state(policy))
         if main:
             prune_checkpoints(cfg.output_dir, cfg.save_total_limit)
-        clock.since("checkpoints", t0)
 
     if rng is not None:  # last, so that the next step draws exactly what the uninterrupted run drew
         restore_rng(*rng)
@@ -134,7 +133,9 @@ def _fit(run: Run, clock: RunClock) -> dict:
                 # ---- rollout (+ hints) and score: groups keyed by prompt uid ------------------------
                 groups, info = algo.rollout(batch, ctx)
                 run.engine.sleep()  # vLLM sleep mode: freed before Guide/HINT forwards; the sync wakes it
-                with dist.gathered(policy, enabled=not engine.runs_policy and algo.samples_run_policy):
+                check = run.engine.due  # after a weight sync: does the engine sample from the trainer's weights?
+                with dist.gathered(policy, enabled=not engine.runs_policy and (algo.samples_run_policy or check)):
+                    info.update(run.engine.verify(policy.lm, step))
                     # ---- advantages and training contexts (the algorithm decides) ------------------
                     policy.train()
                     samples, info_train = algo.samples(groups, ctx, policy.lm)

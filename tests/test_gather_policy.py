@@ -27,12 +27,15 @@ def test_samples_gather_the_policy_only_when_the_algorithm_runs_it(tmp_path, mon
     monkeypatch.setattr(train_mod.dist, "gathered", recording)
     monkeypatch.setattr(HFEngine, "sleep", lambda self: calls.append("sleep"), raising=False)
     monkeypatch.setattr(HFEngine, "runs_policy", False)  # like vLLM: rollouts need no gathered policy
-    cfg = fasthint.TrainConfig(algo=algo, max_steps=1, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
+    cfg = fasthint.TrainConfig(algo=algo, max_steps=2, output_dir=str(tmp_path / "o"), cache_dir=str(tmp_path / "c"),
                                toy_warmstart_steps=0, toy_train_size=40, eval_data="", prompts_per_step=4,
                                num_generations=4, max_new_tokens=8, progress_bar=False, save_steps=0)
     fasthint.fit(cfg, reward_fn=lambda text, row: 0.0)  # every group fails: Guide hints and rescores
-    # the step: rollout; vLLM's sleep before samples() (Guide's forwards then run beside no engine cache)
-    assert calls == [False, "sleep", REGISTRY[algo].samples_run_policy]
+    # each step: rollout; vLLM's sleep before samples() (Guide's forwards then run beside no engine cache);
+    # samples() gathered on step 1 for every algorithm (the engine/trainer agreement check after the first
+    # sync, engines.sync_check), then only for an algorithm that runs the policy there
+    own = REGISTRY[algo].samples_run_policy
+    assert calls == [False, "sleep", True, False, "sleep", own]
     assert REGISTRY[algo].samples_run_policy == (algo == "guide")
 
 

@@ -78,3 +78,13 @@ def test_hub_ids_resolve_to_the_shipped_shapes():
                                      padding_free=True).validate(), world=8, rank=0, pad=0)
     assert (plan.samples, plan.per_step, plan.micro_batches) == (128, 64, 32)
     assert plan.largest.input_ids.numel() == 20480
+
+
+def test_gpu_smoke_script_runs_on_cpu():
+    """scripts/gpu_smoke.py (the lent GPU's first check) runs its whole path on CPU at the toy's shape."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "gpu_smoke.py"), "--tiny"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "3 steps: loss" in r.stdout and "rehearsal's trainer peak" in r.stdout

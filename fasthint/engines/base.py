@@ -55,6 +55,11 @@ class RolloutConfig(Options):
     vllm_gpu_memory_utilization: float = option(0.5, "vllm: share of GPU memory for the engine's weights and "
                                                      "KV cache.")
     vllm_sleep_mode: bool = option(False, "vllm: free the engine's GPU memory during each policy update.")
+    check_engine_sync: bool = option(False, "after every weight sync, not only the first (which --engine vllm always "
+                                            "checks), score some of the engine's rollouts with the trainer and stop "
+                                            "when they disagree (fasthint.engines.sync_check).")
+    engine_sync_max_logp_diff: float = option(0.05, "the engine/trainer agreement check's limit: mean |delta logp| "
+                                                    "per token in nats (rounding of bf16 engines: about 1e-3 to 1e-2).")
     vllm_importance_sampling_correction: bool = option(
         False, "vllm: re-score each rollout with the trainer (one no-grad forward) and weight each token's "
                "loss by the truncated ratio trainer/sampler (TIS); metrics sampling/is_ratio/*.")
@@ -68,6 +73,8 @@ class RolloutConfig(Options):
         need(self.temperature > 0, f"--temperature must be > 0 (got {self.temperature})")
         need(0 < self.top_p <= 1, f"--top_p must be in (0, 1] (got {self.top_p})")
         one_of("engine", self.engine, ENGINES)
+        need(self.engine_sync_max_logp_diff > 0,
+             f"--engine_sync_max_logp_diff must be > 0 nats (got {self.engine_sync_max_logp_diff}); e.g. 0.05")
         need(0 < self.vllm_gpu_memory_utilization <= 1,
              f"--vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
         one_of("vllm_importance_sampling_level", self.vllm_importance_sampling_level, IS_LEVELS)
