@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fasthint.precheck import exit_on_bad_args, without_flags
+from fasthint.precheck import exit_on_bad_args, load_yaml, without_flags
 
 if __name__ == "__main__":  # bad training flags or files are answered before torch loads
     exit_on_bad_args(without_flags(sys.argv[1:], ("--nproc_per_node", "--nnodes", "--gpu_memory_gb", "--json")))
@@ -225,12 +225,18 @@ def _by_kind(tracker: FSDPMemTracker, which: str = "peak") -> dict:
 
 
 @contextlib.contextmanager
-def _tracked(policy, optimizer, out: dict):
-    """Tracks one phase; its peak bytes by kind land in ``out``."""
+def _tracked(policy, optimizer, out: dict, whole=None):
+    """Tracks one phase; its peak bytes by kind land in ``out``. ``whole``: a module held whole on
+    every rank outside FSDP through the phase (the frozen reference under ``--beta``): its bytes are
+    added to the gathered weights (they are there before the phase starts: the tracker sees no
+    allocation of them)."""
     tracker = _Tracker(policy, optimizer)
     with tracker:
         yield tracker
     out.update(_by_kind(tracker))
+    if whole is not None:
+        out["gathered"] += float(sum(t.untyped_storage().nbytes() for t in
+                                     {id(t): t for t in [*whole.parameters(), *whole.buffers()]}.values()))
 
 
 def _build(model_cfg, cfg: TrainConfig, mode: FakeTensorMode):
@@ -257,6 +263,7 @@ def _build(model_cfg, cfg: TrainConfig, mode: FakeTensorMode):
         optimizer.zero_grad(set_to_none=True)
         if ref is not None:  # build.build: the frozen reference, whole on every rank
             ref.to_empty(device="cpu").requires_grad_(False).eval()
+            ref.tie_weights()  # to_empty unties a tied head
     return policy, optimizer, ref
 
 
@@ -298,7 +305,7 @@ def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float) -> list[Pha
     def phase(name: str, vllm_state: str, note: str = ""):
         kinds: dict = {}
         phases.append(Phase(name, rank, kinds, _vllm(cfg, vllm_state, gpu_gb, weights), note))
-        return _tracked(policy, optimizer, kinds)
+        return _tracked(policy, optimizer, kinds, ref)
 
     @contextlib.contextmanager
     def gathered(tracker, enabled: bool = True):
@@ -421,11 +428,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         ns, rest = _cluster_args(argv)
+        config_file = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else None
+        if not any(a == "--bf16" or a.startswith("--bf16=") for a in rest) and \
+                "bf16" not in (load_yaml(config_file) if config_file else {}):
+            rest = rest + ["--bf16", "true"]  # a GPU's default (on this CPU ModelConfig.check would pick fp32)
         cfg = parse_args(rest)
-        if cfg.bf16 is None:  # a GPU run's default (ModelConfig.check would resolve it for this CPU)
-            cfg.bf16 = True
         cfg.validate()
-        cfg._config_file = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else None
+        cfg._config_file = config_file
         out = run(cfg, ns.nproc_per_node * ns.nnodes, ns.gpu_memory_gb)
     except FastHintError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -88,3 +88,18 @@ def test_gpu_smoke_script_runs_on_cpu():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "3 steps: loss" in r.stdout and "rehearsal's trainer peak" in r.stdout
+
+
+def test_the_frozen_reference_is_counted_whole_on_every_rank(capsys, tmp_path):
+    """``--beta > 0`` loads the reference whole (bf16, the GPU default the rehearsal assumes when
+    ``--bf16`` is not given) on every rank: every phase holds it."""
+    paths = {beta: tmp_path / f"{beta}.json" for beta in ("0", "0.04")}
+    for beta, path in paths.items():
+        assert _run(TINY + ["--nproc_per_node", "4", "--beta", beta, "--json", str(path)], capsys)[0] == 0
+    without, with_ref = (json.loads(paths[b].read_text()) for b in ("0", "0.04"))
+    ref = 2 * with_ref["hand_count"]["parameters"] / 1e9
+    for a, b in zip(without["phases"], with_ref["phases"]):
+        assert a["phase"] == b["phase"]
+        assert b["gathered"] - a["gathered"] == pytest.approx(ref, rel=0.02), a["phase"]
+        if a["phase"] != "update":  # (the update also runs the reference's forward)
+            assert b["trainer"] - a["trainer"] == pytest.approx(ref, rel=0.02), a["phase"]
