@@ -47,14 +47,16 @@ def setup(cfg: TrainConfig) -> torch.device:
 
 
 def evaluate_no_hint(engine, tokenizer, rows: list[dict], score, cfg: TrainConfig) -> dict:
-    """No-hint greedy accuracy (and avg@k and pass@k of sampled completions) overall and per level."""
+    """No-hint greedy accuracy (and avg@k and pass@k of sampled completions) overall and per level;
+    collective under torch.distributed (each rank evaluates its share, :func:`evaluate_accuracy`)."""
     if not rows:
         return {}
     kw = dict(max_new_tokens=cfg.max_new_tokens, prompt_template=cfg.prompt_format)
     out = evaluate_accuracy(engine, tokenizer, rows, score, **kw)
     if cfg.eval_samples:
         k = cfg.eval_samples
-        sampled = evaluate_accuracy(engine, tokenizer, rows, score, temperature=cfg.temperature, n=k, **kw)
+        sampled = evaluate_accuracy(engine, tokenizer, rows, score, temperature=cfg.temperature, n=k, seed=cfg.seed,
+                                    **kw)
         out.update({key.replace("eval/accuracy", f"eval/avg@{k}"): v for key, v in sampled.items()
                     if key.startswith("eval/accuracy")})
         out.update({key: v for key, v in sampled.items() if key.startswith("eval/pass@")})

@@ -28,7 +28,7 @@ from fasthint.checkpoint import write_json_atomic
 from fasthint.config import parse_args
 from fasthint.data import PromptFormat, check_prompt_format, render_prompt
 from fasthint.engines import make_engine
-from fasthint.engines.base import RolloutConfig, SamplingConfig
+from fasthint.engines.base import RolloutConfig, SamplingConfig, completion_seed
 from fasthint.errors import FastHintError
 from fasthint.metrics import save_figure
 from fasthint.models import load_policy, resolve_model_path
@@ -38,26 +38,45 @@ from fasthint.rewards import RewardScorer
 
 def evaluate_accuracy(engine, tokenizer, rows: list[dict], reward_fn: Callable[[list[str], list[dict]], list[float]],
                       *, max_new_tokens: int, prompt_template: "PromptFormat | str" = "{question}",
-                      temperature: float = 0.0,
-                      n: int = 1) -> dict:
+                      temperature: float = 0.0, n: int = 1, seed: int = 0) -> dict:
     """Mean reward of ``n`` samples per prompt (greedy by default): ``eval/accuracy`` and, when
     rows carry a ``level``, ``eval/accuracy_level_{L}``; with ``n > 1`` also the unbiased
-    ``eval/pass@k`` (k in :func:`ks_for`, a sample counts as correct at reward >= 1)."""
-    prompts = [render_prompt(tokenizer, r["question"], prompt_template) for r in rows]
-    comps = engine.generate(prompts, SamplingConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens))
-    texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-    rewards = reward_fn(texts, [rows[c.prompt_index] for c in comps])
-    rewards = getattr(rewards, "correct", rewards)  # fasthint.reward_funcs.Scores: correctness, not the total
+    ``eval/pass@k`` (k in :func:`ks_for`, a sample counts as correct at reward >= 1).
+
+    Under ``torch.distributed`` every rank samples and scores its share of the prompts (rank r takes
+    prompts r, r + N, ...) and the rewards are gathered: every rank returns the whole evaluation.
+    Prompt i's completions are drawn from seed ``completion_seed(seed, i)`` (``SamplingConfig.seeds``),
+    so 1 rank and N ranks sample the same completions, and the training RNG is left as it was."""
+    rank, world = dist.rank(), dist.world_size()
+    mine = list(range(rank, len(rows), world))
+    rewards_of: list[list[float]] = [[] for _ in mine]
+    if mine:
+        prompts = [render_prompt(tokenizer, rows[i]["question"], prompt_template) for i in mine]
+        comps = engine.generate(prompts, SamplingConfig(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+                                                        seeds=[completion_seed(seed, i) for i in mine]))
+        texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+        rewards = reward_fn(texts, [rows[mine[c.prompt_index]] for c in comps])
+        rewards = getattr(rewards, "correct", rewards)  # fasthint.reward_funcs.Scores: correctness, not the total
+        for c, r in zip(comps, rewards):
+            rewards_of[c.prompt_index].append(float(r))
+    per_prompt: list[list[float]] = [[] for _ in rows]
+    for idx, part in dist.all_gather((mine, rewards_of)):
+        for i, r in zip(idx, part):
+            per_prompt[i] = r
+    return accuracy_metrics(rows, per_prompt, n)
+
+
+def accuracy_metrics(rows: list[dict], per_prompt: list[list[float]], n: int) -> dict:
+    """:func:`evaluate_accuracy`'s figures from each prompt's rewards (``per_prompt[i]``: row i's ``n``)."""
+    flat = [r for rs in per_prompt for r in rs]
     by_level: dict = defaultdict(list)
-    for c, r in zip(comps, rewards):
-        by_level[rows[c.prompt_index].get("level")].append(r)
-    out = {"eval/accuracy": sum(rewards) / max(1, len(rewards)), "eval/num_prompts": len(rows)}
+    for row, rs in zip(rows, per_prompt):
+        by_level[row.get("level")].extend(rs)
+    out = {"eval/accuracy": sum(flat) / max(1, len(flat)), "eval/num_prompts": len(rows)}
     for level in sorted(k for k in by_level if k is not None):
         out[f"eval/accuracy_level_{level}"] = sum(by_level[level]) / len(by_level[level])
     if n > 1:
-        counts = [0] * len(rows)
-        for c, r in zip(comps, rewards):
-            counts[c.prompt_index] += int(r >= 1.0)
+        counts = [sum(int(r >= 1.0) for r in rs) for rs in per_prompt]
         out.update({f"eval/{k}": v for k, v in benchmark_metrics(counts, n).items() if k.startswith("pass@")})
     return out
 

@@ -17,9 +17,10 @@ counts bytes by kind (docs/MEMORY.md lists what each phase runs). Peak memory de
 micro-batch, not on how many there are; the counts are reported beside it.
 
 Bytes are counted on a CPU mesh: FSDP2 under ``FakeTensorMode`` would need torch's CUDA build for a
-'cuda' mesh. Kernel choices that differ on a GPU (flash-attn's varlen kernel instead of per-sequence
-SDPA, the Triton head instead of the chunked torch head) change temporaries, not the parameters,
-gradients, optimizer states or checkpointed activations. What lives outside the trainer's tensors is
+'cuda' mesh. The head runs as on a GPU: each phase is rehearsed with the Triton kernels (custom ops
+whose fake kernels allocate their workspaces) and with the chunked torch path at its CUDA chunk, which
+``impl="auto"`` chooses between there, and the larger counts (column ``head``). Packed attention is one
+causal SDPA per row, as flash-attn's varlen kernel holds it. What lives outside the trainer's tensors is
 added per phase from stated figures (:data:`ASSUMPTIONS`). GB means 10^9 bytes throughout.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from fasthint import dist, ops
+from fasthint_kernels import chunked
 from fasthint.algorithms import REGISTRY
 from fasthint.batch import Sample, make_micro_batches
 from fasthint.config import TrainConfig, parse_args
@@ -116,16 +118,23 @@ AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
 
 
+HEADS = ("triton", "torch")
+
+
 @contextlib.contextmanager
-def _torch_head():
-    """The head's chunked torch path for ``impl="auto"`` (the native C++ rows have no fake kernel; they
-    use the same ``[chunk, V]`` workspace)."""
-    real = ops.usable
-    ops.usable = lambda *args: False
+def _gpu_head(head: str):
+    """The head as a GPU runs it. There ``impl="auto"`` picks the Triton kernels or the chunked torch path
+    by a one-time probe (``fasthint.autoselect``), so every phase is rehearsed with each (``head``) and
+    the larger counts: Triton through its custom ops' fake kernels, which allocate its workspaces (the
+    dz buffer, the fp32 dH accumulator); torch with the CUDA chunk (a ``[chunk, V]`` fp32 buffer of
+    2^28 logits), not the CPU one."""
+    resolve, elems = ops._resolve_head_impl, chunked.DEFAULT_CHUNK_ELEMS
+    ops._resolve_head_impl = lambda impl, *args, **kwargs: head if impl == "auto" else impl
+    chunked.DEFAULT_CHUNK_ELEMS = chunked.CUDA_CHUNK_ELEMS
     try:
         yield
     finally:
-        ops.usable = real
+        ops._resolve_head_impl, chunked.DEFAULT_CHUNK_ELEMS = resolve, elems
 
 
 class _Tracker(FSDPMemTracker):
@@ -152,6 +161,7 @@ class Phase:
     kinds: dict
     vllm: float
     note: str = ""
+    head: str = ""  # the head path of the larger of HEADS ("either": the same bytes)
 
     @property
     def trainer(self) -> float:
@@ -286,13 +296,24 @@ def rehearse_rank(cfg: TrainConfig, model_cfg, world: int, rank: int, gpu_gb: fl
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         built = _build(model_cfg, cfg, mode)
         pl = plan(cfg, world, rank, model_cfg.pad_token_id or 0)
-        with mode, _Propagation.marked(), _torch_head():
-            return _phases(cfg, built, pl, gpu_gb), pl
+        runs = []
+        for head in HEADS:
+            with mode, _Propagation.marked(), _gpu_head(head):
+                runs.append(_phases(cfg, built, pl, gpu_gb, head))
+        return [_larger(same) for same in zip(*runs)], pl
     finally:
         tdist.destroy_process_group()
 
 
-def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float) -> list[Phase]:
+def _larger(same: tuple) -> Phase:
+    """One phase rehearsed with each head: the one that needs more (head "either" when they tie)."""
+    top = max(same, key=lambda p: p.total)
+    if all(p.total == top.total for p in same):
+        top.head = "either"
+    return top
+
+
+def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float, head: str) -> list[Phase]:
     policy, optimizer, ref = built
     lm = policy.lm
     world, rank = dist.world_size(), dist.rank()
@@ -304,7 +325,7 @@ def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float) -> list[Pha
 
     def phase(name: str, vllm_state: str, note: str = ""):
         kinds: dict = {}
-        phases.append(Phase(name, rank, kinds, _vllm(cfg, vllm_state, gpu_gb, weights), note))
+        phases.append(Phase(name, rank, kinds, _vllm(cfg, vllm_state, gpu_gb, weights), note, head))
         return _tracked(policy, optimizer, kinds, ref)
 
     @contextlib.contextmanager
@@ -339,7 +360,7 @@ def _phases(cfg: TrainConfig, built: tuple, pl: Plan, gpu_gb: float) -> list[Pha
         mb = pl.largest
         # the aggregation's normaliser changes no memory; seq-mean-token-mean reads it from the data
         loss, _ = micro_batch_loss(policy, mb, cfg, terms, float(mb.targets.numel()), float(mb.num_seqs), ref,
-                                   False, loss_agg="token-mean", impl="torch")
+                                   False, loss_agg="token-mean", impl=head)
         (loss * world).backward()
         pl.after_backward = _by_kind(tr, "current")
         torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.grad is not None], 1.0)
@@ -367,10 +388,10 @@ def hand_count(model_cfg, world: int) -> dict:
 def report(phases: list[Phase], gpu_gb: float) -> tuple[str, Optional[Phase]]:
     """The table (GB = 1e9 bytes) and the phase at the peak."""
     cols = list(KINDS) + ["trainer", "vLLM", "overhead", "total"]
-    lines = [f"{'phase':<20}{'rank':>5}" + "".join(f"{c:>11}" for c in cols)]
+    lines = [f"{'phase':<20}{'rank':>5}{'head':>7}" + "".join(f"{c:>11}" for c in cols)]
     for ph in phases:
         vals = [ph.kinds.get(k, 0.0) for k in KINDS] + [ph.trainer, ph.vllm, ph.overhead, ph.total]
-        lines.append(f"{ph.name:<20}{ph.rank:>5}" + "".join(f"{v / GB:>11.2f}" for v in vals))
+        lines.append(f"{ph.name:<20}{ph.rank:>5}{ph.head:>7}" + "".join(f"{v / GB:>11.2f}" for v in vals))
     peak = max(phases, key=lambda p: p.total) if phases else None
     return "\n".join(lines), peak
 
@@ -391,7 +412,7 @@ def run(cfg: TrainConfig, world: int, gpu_gb: float) -> dict:
            "optimizer": pl.after_step["optimizer"]}
     return {"world": world, "gpu_memory_gb": gpu_gb, "model": cfg.model, "algo": cfg.algo,
             "table": table, "seconds": time.perf_counter() - t0,
-            "phases": [{"phase": p.name, "rank": p.rank, "note": p.note,
+            "phases": [{"phase": p.name, "rank": p.rank, "head": p.head, "note": p.note,
                         **{k: v / GB for k, v in p.kinds.items()}, "trainer": p.trainer / GB,
                         "vllm": p.vllm / GB, "overhead": p.overhead / GB, "total": p.total / GB} for p in phases],
             "peak": {"phase": peak.name, "rank": peak.rank, "gb": peak.total / GB},

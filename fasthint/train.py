@@ -71,10 +71,9 @@ def _fit(run: Run, clock: RunClock) -> dict:
     main = dist.rank() == 0
     rank, world = dist.rank(), dist.world_size()
 
-    def evaluate() -> dict:  # rank 0 evaluates (with the whole model unless vLLM samples); the others wait
+    def evaluate() -> dict:  # each rank evaluates its share of the prompts (whole model unless vLLM samples)
         with clock.phase("evaluation"), dist.gathered(policy, enabled=getattr(run.engine, "runs_policy", True)):
-            out = evaluate_no_hint(run.engine, run.tokenizer, run.eval_rows, run.score, cfg) if main else None
-        return dist.broadcast(out)
+            return evaluate_no_hint(run.engine, run.tokenizer, run.eval_rows, run.score, cfg)
 
     # ---- resume (optimizer, scheduler, data position, algorithm state, RNG) or start fresh ---------
     start, rng = 0, None

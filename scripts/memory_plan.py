@@ -4,9 +4,9 @@
     python scripts/memory_plan.py --check    # exit 1 when the docs or a recipe disagree with the rehearsal
 
 One source of truth: every figure is what ``python -m fasthint.rehearse --config RECIPE --nproc_per_node 8
---gpu_memory_gb 80`` prints (about 25 s per recipe on 2 CPU cores). Each recipe's header carries a line
-``# rehearsal at 8 x 80 GB: ...`` with its verdict; docs/MEMORY.md carries the tables between its
-``<!-- rehearsal -->`` markers.
+--gpu_memory_gb 80`` prints (about 35 s per recipe on 2 CPU cores: each phase once per head path).
+Each recipe's header carries a line ``# rehearsal at 8 x 80 GB: ...`` with its verdict; docs/MEMORY.md
+carries the tables between its ``<!-- rehearsal -->`` markers.
 """
 from __future__ import annotations
 
@@ -61,9 +61,9 @@ def section(name: str, out: dict) -> str:
              f"{out['plan']['completions_per_rank']} completions of up to {out['plan']['seq_len']} tokens, "
              f"{out['plan']['micro_batches_per_step']} micro-batches per optimizer step of at most "
              f"{out['plan']['largest_micro_batch_tokens']} tokens.", "",
-             "| phase | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+             "| phase | head | " + " | ".join(kinds) + " |", "|---|---|" + "---:|" * len(kinds)]
     for p in rows:
-        lines.append(f"| {p['phase']} | " + " | ".join(f"{p[k]:.2f}" for k in kinds) + " |")
+        lines.append(f"| {p['phase']} | {p['head']} | " + " | ".join(f"{p[k]:.2f}" for k in kinds) + " |")
     diff = max((abs(other[p["phase"]] - p["total"]) for p in rows if p["phase"] in other), default=0.0)
     lines += ["", header_line(out)[2:].strip().replace("rehearsal at", "Rehearsal at", 1)
               + (f"; rank 1 differs by at most {diff:.2f} GB." if other else ".")]

@@ -84,9 +84,9 @@ def test_every_epilogue_variant_against_float64(variant, backward):
 def test_split_backward_in_several_vocabulary_chunks(monkeypatch):
     """The split backward's chunks (256 columns here: 9 chunks of V = 2100, the last ragged) give the
     same answer; the atomic and split backwards agree to fp32 rounding."""
-    import fasthint_kernels.logprobs as lp
+    import fasthint_kernels.head_backward as hb
 
-    monkeypatch.setattr(lp, "SPLIT_ELEMS", 70 * 256)
+    monkeypatch.setattr(hb, "SPLIT_ELEMS", 70 * 256)
     h, w, b, y, g = _case(70, 72, 2100, seed=11, bias=True)
     _check(h, w, b, y, _spec(h, w, b, y, g, 0.7, "all"), 0.7, backward="split")
     with pytest.raises(ValueError, match="backward must be 'split' or 'atomic'"):

@@ -103,3 +103,22 @@ def test_the_frozen_reference_is_counted_whole_on_every_rank(capsys, tmp_path):
         assert b["gathered"] - a["gathered"] == pytest.approx(ref, rel=0.02), a["phase"]
         if a["phase"] != "update":  # (the update also runs the reference's forward)
             assert b["trainer"] - a["trainer"] == pytest.approx(ref, rel=0.02), a["phase"]
+
+
+def test_the_head_is_rehearsed_as_a_gpu_runs_it(capsys, tmp_path):
+    """Qwen2.5-0.5B's shape (vocabulary 151,936 over a 896-wide model) on short sequences, where the
+    head is the peak: each phase is rehearsed with the Triton kernels (their custom ops' fake kernels)
+    and with the chunked torch path at its CUDA chunk, and the larger counts. Here torch's ``[chunk, V]``
+    fp32 buffer (2^28 // V rows) outweighs Triton's dz buffer, so the forwards and the update name
+    torch and hold at least that buffer; phases without a head forward say "either"."""
+    path = tmp_path / "h.json"
+    argv = ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--max_prompt_length", "256", "--max_new_tokens", "768",
+            "--prompts_per_step", "8", "--num_generations", "4", "--micro_batch_tokens", "4096",
+            "--steps_per_generation", "2", "--nproc_per_node", "2", "--json", str(path)]
+    assert _run(argv, capsys)[0] == 0
+    ph = {p["phase"]: p for p in json.loads(path.read_text())["phases"] if p["rank"] == 0}
+    rows = max(2 ** 28 // 151936, 256)
+    for name in ("old log-probs", "update"):
+        assert ph[name]["head"] == "torch", ph[name]
+        assert ph[name]["act+temp"] * 1e9 >= rows * 151936 * 4
+    assert ph["weight sync"]["head"] == ph["checkpoint"]["head"] == "either"

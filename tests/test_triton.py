@@ -38,9 +38,9 @@ def _within(gt, fast, same, rel, name):
 @pytest.mark.parametrize("backward", ["split", "atomic"])
 @pytest.mark.parametrize("bias,entropy", [(False, False), (True, True), (False, True)])
 def test_linear_logprobs_triton_matches_float64(bias, entropy, backward, monkeypatch):
-    import fasthint_kernels.logprobs as lp
+    import fasthint_kernels.head_backward as hb
 
-    monkeypatch.setattr(lp, "DEFAULT_BACKWARD", backward)
+    monkeypatch.setattr(hb, "DEFAULT_BACKWARD", backward)
     h, w, b, y, g_lp, g_ent = _problem(37, 48, 1031, bias, seed=1)
     gt_out, gt_grads = _run("reference", h, w, b, y, g_lp, g_ent, entropy, torch.float64)
     tr_out, tr_grads = _run("triton", h, w, b, y, g_lp, g_ent, entropy, torch.float32)

@@ -54,6 +54,23 @@ def test_vllm_sampling_logprobs_match_the_trainer(setup):
         assert (torch.tensor(c.logprobs, dtype=torch.float64) - want).abs().max() < BOUND
 
 
+def test_seeded_sampling_does_not_depend_on_the_batch(setup):
+    """Evaluation's per-prompt seeds (``SamplingConfig.seeds``, one request per completion): prompt
+    b's completions are the same alone as after prompt a, its 3 completions are not all one, and
+    another seed draws others."""
+    model, tok, engine = setup
+    a, b = (render_prompt(tok, q) for q in ("1+2=?", "10+11-3=?"))
+
+    def sampled(prompts, seeds):
+        return engine.generate(prompts, SamplingConfig(n=3, temperature=1.0, max_new_tokens=12, seeds=seeds))
+
+    both, alone = sampled([a, b], [5, 9]), sampled([b], [9])
+    assert [c.prompt_index for c in both] == [0, 0, 0, 1, 1, 1] and [c.prompt_index for c in alone] == [0, 0, 0]
+    assert [c.token_ids for c in both[3:]] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in alone}) > 1
+    assert [c.token_ids for c in sampled([b], [10])] != [c.token_ids for c in alone]
+
+
 def test_weight_sync_after_an_optimizer_step(setup):
     model, tok, engine = setup
     prompt = render_prompt(tok, "7+8=?")

@@ -12,12 +12,34 @@ IS_LEVELS = ("token", "sequence")
 
 @dataclass
 class SamplingConfig:
-    """How to sample. ``temperature == 0`` means greedy decoding."""
+    """How to sample. ``temperature == 0`` means greedy decoding.
+
+    ``seeds`` (one per prompt, or None): completion ``j`` of prompt ``i`` is drawn from its own random
+    stream, :func:`completion_seed` ``(seeds[i], j)``, so that what it samples does not depend on the
+    other prompts of the batch, on the process that samples it or on the global RNG, which it leaves
+    untouched (evaluation, sharded over ranks). None: the engine's own RNG (training rollouts)."""
 
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    seeds: Optional[list[int]] = None
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def completion_seed(seed: int, j: int) -> int:
+    """The random stream of completion ``j`` of a prompt whose seed is ``seed``: a 63-bit integer
+    (splitmix64 of both, so that nearby seeds give unrelated streams)."""
+    return _splitmix64((seed * 0x9E3779B97F4A7C15 + j) & _MASK64) >> 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 @dataclass

@@ -9,10 +9,12 @@ what the trainer's loss computes too.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
+import numpy as np
 import torch
 
-from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.engines.base import Completion, SamplingConfig, completion_seed
 
 
 class HFEngine:
@@ -43,6 +45,8 @@ class HFEngine:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         """``len(prompts) * sampling.n`` completions, prompt-major (prompt 0's n first)."""
+        if sampling.seeds is not None and len(sampling.seeds) != len(prompts):
+            raise ValueError(f"{len(sampling.seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
         per_call = max(1, self.batch_size // sampling.n)
         out: list[Completion] = []
         was_training = self.model.training
@@ -74,8 +78,11 @@ class HFEngine:
         toks: list[list[int]] = [[] for _ in range(ids.shape[0])]
         lps: list[list[float]] = [[] for _ in range(ids.shape[0])]
         eos = torch.tensor(self.eos_ids, device=device)
+        seeded = sp.seeds is not None and sp.temperature > 0
+        row_seeds = np.array([completion_seed(sp.seeds[offset + r // sp.n], r % sp.n) for r in range(ids.shape[0])]
+                             if seeded else [], dtype=np.uint64)
         for t in range(sp.max_new_tokens):
-            tok, lp = _sample(logits, sp)
+            tok, lp = _sample(logits, sp, _uniforms(row_seeds[alive.numpy()], t) if seeded else None)
             for r, a, b in zip(alive.tolist(), tok.tolist(), lp.tolist()):
                 toks[r].append(a)
                 lps[r].append(b)
@@ -106,9 +113,22 @@ def _output_cache(out):
     return out["cache"] if "cache" in out else out["past_key_values"]
 
 
-def _sample(logits: torch.Tensor, sp: SamplingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def _uniforms(row_seeds: np.ndarray, step: int) -> np.ndarray:
+    """One uniform in [0, 1) per row for decode step ``step``: a counter-based draw (splitmix64 of the
+    row's seed and the step, vectorised in uint64, which wraps), so a row's draws depend on nothing else."""
+    with np.errstate(over="ignore"):
+        x = row_seeds * np.uint64(0x9E3779B97F4A7C15) + np.uint64(step) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _sample(logits: torch.Tensor, sp: SamplingConfig,
+            uniforms: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens and their log-probs at the sampling temperature (raw logits for greedy; nucleus
-    filtering, when ``top_p < 1``, changes what is drawn but not the reported log-prob)."""
+    filtering, when ``top_p < 1``, changes what is drawn but not the reported log-prob). ``uniforms``
+    (one per row): inverse-CDF draws in float64 instead of ``torch.multinomial`` and the global RNG."""
     logits = logits.float()
     if sp.temperature == 0:
         logp = torch.log_softmax(logits, -1)
@@ -120,5 +140,10 @@ def _sample(logits: torch.Tensor, sp: SamplingConfig) -> tuple[torch.Tensor, tor
             sorted_p, order = probs.sort(-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p >= sp.top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        tok = torch.multinomial(probs, 1).squeeze(1)
+        if uniforms is None:
+            tok = torch.multinomial(probs, 1).squeeze(1)
+        else:  # the first token whose cumulative mass exceeds u * total (a zero-mass token never does)
+            cdf = probs.double().cumsum(-1)
+            x = torch.as_tensor(uniforms, device=cdf.device)[:, None] * cdf[:, -1:]
+            tok = torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(1)

@@ -24,7 +24,7 @@ import os
 import torch
 
 from fasthint import dist
-from fasthint.engines.base import Completion, SamplingConfig
+from fasthint.engines.base import Completion, SamplingConfig, completion_seed
 from fasthint.errors import ConfigError
 
 SUPPORTED_VLLM = "0.32"
@@ -77,11 +77,20 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt  # lazy: optional
 
         greedy = sampling.temperature == 0
-        params = SamplingParams(n=sampling.n, temperature=0.0 if greedy else sampling.temperature,
-                                top_p=sampling.top_p, top_k=-1, max_tokens=sampling.max_new_tokens, logprobs=0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        kw = dict(temperature=0.0 if greedy else sampling.temperature, top_p=sampling.top_p, top_k=-1,
+                  max_tokens=sampling.max_new_tokens, logprobs=0)
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        n, params = sampling.n, SamplingParams(n=sampling.n, **kw)
+        if sampling.seeds is not None and not greedy:  # one request per completion, each with its own seed
+            if len(sampling.seeds) != len(prompts):
+                raise ValueError(f"{len(sampling.seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+            requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts for _ in range(n)]
+            params = [SamplingParams(n=1, seed=completion_seed(s, j), **kw) for s in sampling.seeds for j in range(n)]
+            n = 1
+        outs = self.llm.generate(requests, params, use_tqdm=False)
         comps = []
-        for i, out in enumerate(outs):
+        for k, out in enumerate(outs):
+            i = k // (sampling.n // n)
             for c in out.outputs:
                 toks = list(c.token_ids)
                 lps = [d[t].logprob for d, t in zip(c.logprobs, toks)] if c.logprobs else [0.0] * len(toks)

@@ -24,7 +24,7 @@ inside its range):
 The objective is a set of per-token tensors and constexpr switches (``PGSpec``), never an
 algorithm's name: ``fasthint.loss`` lowers its terms to it.
 
-Backward: the head's backward (``fasthint_kernels.logprobs.head_backward``), handed g_t and e_t:
+Backward: the head's backward (``fasthint_kernels.head_backward``), handed g_t and e_t:
 each logit tile is recomputed once and ``dz = g (1[v=y] - p) - e p (log p + H)``, scaled by the
 upstream gradient and 1/T, goes into dH and dW, either through an ``[N, chunk]`` dz buffer and cuBLAS
 (``split``, the default) or with fp32 atomics (``atomic``). FLOPs 2NDV forward + 6NDV backward =
@@ -41,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fasthint_kernels.logprobs import _combine, forward_sweep, head_backward
+from fasthint_kernels.head_backward import head_backward
+from fasthint_kernels.logprobs import _combine, forward_sweep, forward_splits
 from fasthint_kernels.reference import PGSpec, pg_loss_torch
 
 
@@ -121,28 +122,50 @@ def _vec(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return like if x is None else x.detach().float().contiguous()
 
 
+@torch.library.custom_op("fasthint::pg_forward", mutates_args=())
+def _pg_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
+                   old_logp: torch.Tensor, advantages: torch.Tensor, weights: torch.Tensor,
+                   is_weights: Optional[torch.Tensor], gamma: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
+                   eps_low: float, eps_high: float, dual_clip: Optional[float], beta: float, entropy_coef: float,
+                   temperature: float, softcap: Optional[float]) -> list[torch.Tensor]:
+    """[loss_t, logp, lse, entropy, g, e, partials]: the vocabulary sweep and ``_epilogue``; the sweep's
+    ``[4, splits, N]`` partials are returned (a workspace) so that a fake run counts them."""
+    n = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
+    flags = dict(HAS_IW=is_weights is not None, DUAL=dual_clip is not None, SHAPED=gamma is not None,
+                 KL=ref_logp is not None and beta > 0, ENT=entropy_coef > 0)
+    part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)
+    _epilogue[(triton.cdiv(n, 128),)](
+        part, _vec(old_logp, lse), _vec(advantages, lse), _vec(weights, lse), _vec(is_weights, lse),
+        _vec(gamma, lse), _vec(ref_logp, lse), logp, lse, ent, loss, g, ge, n, splits,
+        float(eps_low), float(eps_high), float(dual_clip or 0.0), float(beta), float(entropy_coef), **flags, BLOCK=128)
+    return [loss, logp, lse, ent, g, ge, part]
+
+
+@_pg_forward_op.register_fake
+def _pg_forward_fake(hidden, weight, bias, targets, old_logp, advantages, weights, is_weights, gamma, ref_logp,
+                     eps_low, eps_high, dual_clip, beta, entropy_coef, temperature, softcap):
+    n = hidden.shape[0]
+    vecs = [hidden.new_empty(n, dtype=torch.float32) for _ in range(6)]
+    return vecs + [hidden.new_empty((4, forward_splits(n, weight.shape[0], hidden.device), n), dtype=torch.float32)]
+
+
 class TritonFusedPGLoss(torch.autograd.Function):
-    """The summed loss (0-dim), with per-token log-probs and entropies (no gradient) beside it."""
+    """The summed loss (0-dim), with per-token log-probs and entropies (no gradient) beside it; the
+    forward is the custom op ``fasthint::pg_forward``, the backward ``fasthint::head_backward``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, spec: PGSpec, temperature: float, filter_eps: Optional[float],
                 softcap: Optional[float], backward: Optional[str]):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         targets = targets.contiguous().long()
-        n = hidden.shape[0]
-        f32 = dict(dtype=torch.float32, device=hidden.device)
-        logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
-        old = _vec(spec.old_logp, lse)
-        flags = dict(HAS_IW=spec.is_weights is not None, DUAL=spec.dual_clip is not None, SHAPED=spec.gamma is not None,
-                     KL=spec.ref_logp is not None and spec.beta > 0, ENT=spec.entropy_coef > 0)
-        part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)
-        _epilogue[(triton.cdiv(n, 128),)](
-            part, old, _vec(spec.advantages, lse), _vec(spec.weights, lse), _vec(spec.is_weights, lse),
-            _vec(spec.gamma, lse), _vec(spec.ref_logp, lse), logp, lse, ent, loss, g, ge, n, splits,
-            float(spec.eps_low), float(spec.eps_high), float(spec.dual_clip or 0.0), float(spec.beta),
-            float(spec.entropy_coef), **flags, BLOCK=128)
+        loss, logp, lse, ent, g, ge, _ = torch.ops.fasthint.pg_forward(
+            hidden, weight, bias, targets, spec.old_logp, spec.advantages, spec.weights, spec.is_weights, spec.gamma,
+            spec.ref_logp, float(spec.eps_low), float(spec.eps_high), None if spec.dual_clip is None else
+            float(spec.dual_clip), float(spec.beta), float(spec.entropy_coef), float(temperature), softcap)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g, ge)
-        ctx.temperature, ctx.ent, ctx.filter_eps, ctx.softcap = temperature, flags["ENT"], filter_eps, softcap
+        ctx.temperature, ctx.ent, ctx.filter_eps, ctx.softcap = temperature, spec.entropy_coef > 0, filter_eps, softcap
         ctx.backward = backward
         ctx.mark_non_differentiable(logp, ent)
         return loss.sum(), logp, ent
