@@ -73,3 +73,40 @@ def test_a_fake_backward_counts_its_workspaces():
     want = n * cols * 2 + n * d * 4 + n * d * 2 + v * d * 2  # dz + fp32 dH + dH (bf16) + dW (bf16)
     assert peak == want, (peak, want)
     assert grads[0].shape == (n, d) and grads[1].shape == (v, d) and grads[2] is None
+
+
+@pytest.mark.parametrize("backward", ["split", "atomic"])
+def test_no_tokens_give_empty_outputs_and_zero_gradients(backward, monkeypatch):
+    """An empty micro-batch or recompute chunk (N = 0) reaches the ops: no launch (a zero grid, which
+    ``forward_splits`` divided by on CUDA), empty log-probs and zero weight gradients; fake and real agree."""
+    from fasthint_kernels.fused_pg import fused_pg_loss
+    from fasthint_kernels.logprobs import forward_splits, linear_logprobs_triton
+    from fasthint_kernels.reference import PGSpec
+
+    monkeypatch.setattr(hb, "DEFAULT_BACKWARD", backward)
+    h, w, b, _ = _problem()
+    h = h[:0].clone().requires_grad_(True)
+    w, b = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    y = torch.zeros(0, dtype=torch.long)
+    logp, ent = linear_logprobs_triton(h, w, y, bias=b, temperature=0.7, return_entropy=True)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert h.grad.shape == (0, D) and w.grad.abs().sum() == 0 and b.grad.abs().sum() == 0
+    empty = torch.zeros(0)
+    loss, lp, _ = fused_pg_loss(h, w, y, PGSpec(empty, empty, empty), bias=b, impl="triton", backward=backward)
+    assert loss.item() == 0 and lp.shape == (0,)
+    torch.library.opcheck(torch.ops.fasthint.head_backward.default,
+                          (h.detach(), w.detach(), None, y, empty, empty, empty, None, None, 1.0, None, None,
+                           True, True, False, backward), test_utils=CHECKS)
+    assert forward_splits(0, V, torch.device("cpu")) == 1
+
+
+def test_forward_splits_on_cuda_at_any_n(monkeypatch):
+    """The forward's vocabulary splits for an H100's 132 SMs, N = 0 included (it divided by zero)."""
+    from types import SimpleNamespace
+
+    import fasthint_kernels.logprobs as lp
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda", 0)
+    assert [lp.forward_splits(n, 152064, cuda) for n in (0, 64, 4096, 16384, 65536)] == [16, 16, 5, 2, 1]

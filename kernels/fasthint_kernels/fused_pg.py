@@ -133,6 +133,8 @@ def _pg_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     n = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
+    if n == 0:  # an empty micro-batch: no launch (a zero grid)
+        return [loss, logp, lse, ent, g, ge, lse.new_empty((4, forward_splits(0, weight.shape[0], hidden.device), 0))]
     flags = dict(HAS_IW=is_weights is not None, DUAL=dual_clip is not None, SHAPED=gamma is not None,
                  KL=ref_logp is not None and beta > 0, ENT=entropy_coef > 0)
     part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)

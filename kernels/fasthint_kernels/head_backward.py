@@ -67,9 +67,10 @@ def _dz_tile(z, y, offs_v, lse, g, e, ent, inv_t, WITH_ENT: tl.constexpr):
 def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv,
                 NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                 BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum dz (fp32 atomics)."""
+    """dH[rows] += dz W[cols], dW[cols] += dz^T H[rows], db[cols] += sum dz (fp32 atomics, relaxed: a sum
+    needs atomicity, not ordering; the default acq_rel adds a fence to every add)."""
     if NEED_DB:
-        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+        tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -77,13 +78,14 @@ def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_
             w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
                         other=0.0)
             tl.atomic_add(DH + offs_n[:, None] * D + offs_d[None, :],
-                          tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :])
+                          tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :],
+                          sem="relaxed")
         if NEED_DW:
             h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
                         other=0.0)
             tl.atomic_add(DW + offs_v[:, None] * D + offs_d[None, :],
                           tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC),
-                          mask=mask_v[:, None] & mask_d[None, :])
+                          mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -162,8 +164,10 @@ _bwd_tuned = triton.autotune(
                           (64, 128, 32, 4, 4), (128, 128, 32, 8, 4)]),
     key=["D", "V"], reset_to_zero=["DH", "DW", "DB"],
     prune_configs_by={"early_config_prune": prune_by_shared(BWD_EXTRA_TILE)})(_bwd)
-_dz_chunk_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "VC"],
-                                  prune_configs_by={"early_config_prune": prune_by_shared()})(_dz_chunk)
+# keyed by the head's shape, not by the chunk width VC: VC follows N (SPLIT_ELEMS // N), so a VC key
+# re-tuned for most new batch sizes (about 150 keys for N between 8k and 20k, ~1 s of tuning each)
+_dz_chunk_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "V"],
+                                  prune_configs_by={"early_config_prune": prune_by_shared(store_tile=True)})(_dz_chunk)
 SPLIT_ELEMS = 1 << 28  # the split backward's dz buffer: at most this many elements (512 MiB in bf16)
 # which backward runs by default ("split" or "atomic"; the module doc argues the default, a GPU
 # measurement settles it: bench/logprobs.py's triton and triton_atomic providers)
@@ -202,10 +206,13 @@ def _head_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     flags = dict(HAS_BIAS=bias is not None, SOFTCAP=softcap is not None, ENT=ge is not None,
                  DOT_PREC=dot_precision(hidden.dtype), **fixed_tiles(hidden.shape[1]))
     consts = (1.0 / temperature, float(softcap or 1.0))
-    if backward == "split" and filter_eps is None:
-        return _backward_split(args, scale, bias, consts, flags, need_dh, need_dw, need_db)
     n, d = hidden.shape
     v = weight.shape[0]
+    if n == 0:  # no token: zero gradients, no launch (a zero grid)
+        return (hidden.new_zeros((0, d)) if need_dh else _none(hidden), weight.new_zeros((v, d)) if need_dw else
+                _none(hidden), bias.new_zeros(v) if need_db else _none(hidden), _none(hidden), _none(hidden))
+    if backward == "split" and filter_eps is None:
+        return _backward_split(args, scale, bias, consts, flags, need_dh, need_dw, need_db)
     # unneeded outputs get their own dummies: the autotuner zeroes DH, DW and DB between trials
     dh = torch.zeros((n, d), **f32) if need_dh else torch.zeros(1, **f32)
     dw = torch.zeros((v, d), **f32) if need_dw else torch.zeros(1, **f32)
@@ -248,6 +255,8 @@ def _head_backward_fake(hidden, weight, bias, targets, lse, ent, g, ge, scale, t
     dh = hidden.new_empty((n, d)) if need_dh else _none(hidden)
     dw = weight.new_empty((v, d)) if need_dw else _none(hidden)
     db = bias.new_empty(v) if need_db else _none(hidden)
+    if n == 0:
+        return dh, dw, db, _none(hidden), _none(hidden)
     cast_dw = need_dw and not split and weight.dtype != torch.float32
     ws = hidden.new_empty((n, min(_split_cols(n, v), v))) if split else \
         hidden.new_empty((v, d) if cast_dw else 0, dtype=torch.float32)

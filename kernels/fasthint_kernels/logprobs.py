@@ -137,7 +137,7 @@ def forward_splits(n: int, v: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, triton.cdiv(2 * sms, triton.cdiv(n, 64)), triton.cdiv(v, 1024)))
+    return max(1, min(16, triton.cdiv(2 * sms, max(1, triton.cdiv(n, 64))), triton.cdiv(v, 1024)))
 
 
 def forward_sweep(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -163,6 +163,8 @@ def _head_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     are returned (a workspace) so that a fake run counts them."""
     n = hidden.shape[0]
     logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    if n == 0:  # an empty micro-batch or recompute chunk: no launch (a zero grid)
+        return logp, lse, ent, lse.new_empty((4, forward_splits(0, weight.shape[0], hidden.device), 0))
     part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, with_ent)
     _finish[(triton.cdiv(n, 128),)](part, logp, lse, ent, n, splits, WITH_ENT=with_ent, BLOCK=128)
     return logp, lse, ent, part

@@ -54,15 +54,20 @@ def _capped_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_w
                  HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """(z, 1 - t^2): the tile's logits after the optional soft-cap ``z = cap tanh(a / cap) / T``
-    (masked columns -inf) and the cap's derivative factor (1 without a cap)."""
+    (masked columns -inf) and the cap's derivative factor (ones without a cap). One return: Triton's
+    code generator visits every return of a function, constexpr branches included, and refuses two
+    of different types (the interpreter, which follows Python, accepted them)."""
     if SOFTCAP:
         a = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, 1.0,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
         t = _tanh(tl.where(mask_v[None, :], a / cap, 0.0))
-        return tl.where(mask_v[None, :], cap * t * inv_t, float("-inf")), 1.0 - t * t
-    z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
-                    HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
-    return z, 1.0
+        z = tl.where(mask_v[None, :], cap * t * inv_t, float("-inf"))
+        dcap = 1.0 - t * t
+    else:
+        z = _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_t,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT_PREC)
+        dcap = tl.full((BLOCK_N, BLOCK_V), 1.0, tl.float32)
+    return z, dcap
 
 
 def tile_configs(shapes: list[tuple[int, int, int, int, int]]) -> list:
@@ -99,14 +104,18 @@ def fixed_tiles(d: int) -> dict:
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 
-def shared_estimate(cfg, elem_bytes: int, extra_tile: int = 0) -> int:
-    """Bytes of shared memory a tile configuration needs, an upper bound of what Triton 3.9 allocates
-    (checked against every compile by tests/test_kernels_compile.py): ``num_stages - 1`` buffers of
-    the dot's two operand tiles, ``(BLOCK_N + BLOCK_V) x BLOCK_D`` elements, plus ``extra_tile`` bytes per
-    ``BLOCK_N x BLOCK_V`` element (the backward's transposed dz operand and its reductions: 5)."""
+def shared_estimate(cfg, elem_bytes: int, extra_tile: int = 0, store_tile: bool = False) -> int:
+    """Bytes of shared memory a tile configuration needs: an upper bound of what Triton 3.9 allocates,
+    checked against every compile by ``scripts/kernels_compile.py`` (tests/test_kernels_compile.py).
+    The dot's pipeline holds ``num_stages - 1`` buffers of its two operand tiles, ``(BLOCK_N + BLOCK_V)
+    x BLOCK_D`` elements (measured: fp32 takes them all, bf16 and fp16 one); ``extra_tile`` bytes per
+    ``BLOCK_N x BLOCK_V`` element live beside them (the atomic backward's transposed dz operand and its
+    reductions: 5); ``store_tile``: a ``BLOCK_N x BLOCK_V`` tile stored in the input dtype goes through
+    shared memory after the loop, reusing the pipeline's (the split backward's dz)."""
     k = cfg.kwargs
-    stages = max(1, cfg.num_stages - 1)
-    return stages * (k["BLOCK_N"] + k["BLOCK_V"]) * k["BLOCK_D"] * elem_bytes + extra_tile * k["BLOCK_N"] * k["BLOCK_V"]
+    tile = k["BLOCK_N"] * k["BLOCK_V"]
+    pipeline = max(1, cfg.num_stages - 1) * (k["BLOCK_N"] + k["BLOCK_V"]) * k["BLOCK_D"] * elem_bytes
+    return max(pipeline + extra_tile * tile, elem_bytes * tile if store_tile else 0)
 
 
 def device_shared_limit(device=None) -> int:
@@ -116,13 +125,14 @@ def device_shared_limit(device=None) -> int:
     return int(props["max_shared_mem"])
 
 
-def prune_by_shared(extra_tile: int = 0, pointer: str = "H"):
+def prune_by_shared(extra_tile: int = 0, store_tile: bool = False, pointer: str = "H"):
     """An ``early_config_prune`` for ``triton.autotune``: keeps the configurations whose
     :func:`shared_estimate` fits this GPU (or ``limit=``), in the dtype of argument ``pointer``; keeps
     the smallest when none fits (the launch then fails loudly rather than tuning nothing)."""
     def prune(configs, named_args, limit: Optional[int] = None, **kwargs):
         elem = named_args[pointer].element_size()
         cap = limit if limit is not None else device_shared_limit()
-        kept = [c for c in configs if shared_estimate(c, elem, extra_tile) <= cap]
-        return kept or [min(configs, key=lambda c: shared_estimate(c, elem, extra_tile))]
+        need = {id(c): shared_estimate(c, elem, extra_tile, store_tile) for c in configs}
+        kept = [c for c in configs if need[id(c)] <= cap]
+        return kept or [min(configs, key=lambda c: need[id(c)])]
     return prune
