@@ -110,3 +110,16 @@ def test_forward_splits_on_cuda_at_any_n(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda", 0)
     assert [lp.forward_splits(n, 152064, cuda) for n in (0, 64, 4096, 16384, 65536)] == [16, 16, 5, 2, 1]
+
+
+def test_only_a_missing_out_dtype_gemm_disables_it():
+    """The chunked path's fp32-accumulating GEMM (``out_dtype``) falls back for good only where it does
+    not exist; an out-of-memory or any other error of one call is raised (it used to switch the fast
+    GEMM off for the whole process and go on with 1 GiB fp32 copies)."""
+    from fasthint_kernels.chunked import out_dtype_unsupported
+
+    assert out_dtype_unsupported(TypeError("mm() got an unexpected keyword argument 'out_dtype'"))
+    assert out_dtype_unsupported(NotImplementedError("aten::mm.dtype_out not implemented"))
+    assert out_dtype_unsupported(RuntimeError("out_dtype is only supported for bf16 and fp16 inputs"))
+    assert not out_dtype_unsupported(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"))
+    assert not out_dtype_unsupported(RuntimeError("CUDA error: an illegal memory access was encountered"))

@@ -214,10 +214,21 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
             torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
         else:
             torch.mm(a, b, out_dtype=torch.float32, out=out)
-    except (TypeError, RuntimeError, NotImplementedError):  # an older torch: the fp32 path below
-        _OUT_DTYPE_MM = False
+    except (TypeError, NotImplementedError, RuntimeError) as e:
+        if not out_dtype_unsupported(e):
+            raise  # out of memory, a bad launch: the caller's error, not a reason to drop the fast GEMM
+        _OUT_DTYPE_MM = False  # this torch or GPU has no out_dtype GEMM: the fp32 path from now on
         return False
     return True
+
+
+def out_dtype_unsupported(e: BaseException) -> bool:
+    """Whether ``torch.mm(..., out_dtype=)`` failed because it does not exist or is not supported for
+    these inputs here (an older torch: TypeError; a backend without it: NotImplementedError or a
+    RuntimeError naming out_dtype), rather than for this call (out of memory, an illegal access)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(e, (TypeError, NotImplementedError)) or "out_dtype" in str(e)
 
 
 def _accumulate_grads(dz: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, dh: Optional[torch.Tensor],

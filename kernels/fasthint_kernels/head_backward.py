@@ -71,19 +71,20 @@ def _accumulate(H, W, DH, DW, DB, dz, offs_n, offs_v, mask_n, mask_v, D, stride_
     needs atomicity, not ordering; the default acq_rel adds a fence to every add)."""
     if NEED_DB:
         tl.atomic_add(DB + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
+    rows_n, rows_v = offs_n.to(tl.int64)[:, None], offs_v.to(tl.int64)[:, None]  # int64: V x D reaches 2^31
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         if NEED_DH:
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+            w = tl.load(W + rows_v * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
                         other=0.0)
-            tl.atomic_add(DH + offs_n[:, None] * D + offs_d[None, :],
+            tl.atomic_add(DH + rows_n * D + offs_d[None, :],
                           tl.dot(dz.to(w.dtype), w, input_precision=DOT_PREC), mask=mask_n[:, None] & mask_d[None, :],
                           sem="relaxed")
         if NEED_DW:
-            h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+            h = tl.load(H + rows_n * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
                         other=0.0)
-            tl.atomic_add(DW + offs_v[:, None] * D + offs_d[None, :],
+            tl.atomic_add(DW + rows_v * D + offs_d[None, :],
                           tl.dot(tl.trans(dz.to(h.dtype)), h, input_precision=DOT_PREC),
                           mask=mask_v[:, None] & mask_d[None, :], sem="relaxed")
 
@@ -155,7 +156,7 @@ def _dz_chunk(H, W, B, Y, LSE, ENTR, G, GE, DZ, SCALE, N, V, D, v_start, VC, str
     dz, _, _, _, valid = _tile_grad(H, W, B, Y, LSE, ENTR, G, GE, SCALE, offs_n, offs_v, mask_n, mask_v, D,
                                     stride_hn, stride_wv, inv_t, cap, HAS_BIAS, SOFTCAP, ENT, BLOCK_N, BLOCK_V,
                                     BLOCK_D, DOT_PREC)
-    tl.store(DZ + offs_n[:, None] * stride_dz + offs_c[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
+    tl.store(DZ + offs_n.to(tl.int64)[:, None] * stride_dz + offs_c[None, :], dz.to(DZ.dtype.element_ty), mask=valid)
 
 
 BWD_EXTRA_TILE = 5  # shared bytes per dz element beside the operand tiles (tiles.shared_estimate)

@@ -24,12 +24,14 @@ def _logit_tile(H, W, B, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv
                 DOT_PREC: tl.constexpr):
     """z[BLOCK_N, BLOCK_V] in fp32 (masked vocab columns = -inf)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    rows_h = offs_n.to(tl.int64)[:, None] * stride_hn  # int64: V x D reaches 2^31 at D = 16k
+    rows_w = offs_v.to(tl.int64)[:, None] * stride_wv
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        h = tl.load(H + offs_n[:, None] * stride_hn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
+        h = tl.load(H + rows_h + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :],
                     other=0.0)
-        w = tl.load(W + offs_v[:, None] * stride_wv + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
+        w = tl.load(W + rows_w + offs_d[None, :], mask=mask_v[:, None] & mask_d[None, :],
                     other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
