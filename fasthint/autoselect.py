@@ -18,7 +18,7 @@ import time
 from typing import Callable, Optional
 
 import torch
-from fasthint_kernels.reference import PGSpec
+from fasthint_kernels.reference import PGSpec, fp32_dots_exact
 
 log = logging.getLogger("fasthint")
 
@@ -94,6 +94,12 @@ def _triton_correct(op: str, h, w, y, temperature: float, softcap, linear_logpro
                for a, b, c in zip(gt, fast, same))
 
 
+def fp32_exact_head(dtype: torch.dtype) -> bool:
+    """An fp32 head under torch's full-fp32 matmuls: ``auto`` takes the torch path without probing (cuBLAS
+    runs fp32 GEMMs at full speed; Triton's exact fp32 dots do not use tensor cores and spill)."""
+    return dtype == torch.float32 and fp32_dots_exact()
+
+
 def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temperature: float,
                      return_entropy: bool, *, linear_logprobs: Callable, fused_linear_loss: Callable,
                      softcap: Optional[float] = None) -> str:
@@ -104,6 +110,12 @@ def choose_cuda_impl(op: str, hidden: torch.Tensor, weight: torch.Tensor, temper
     key = (op, hidden.device.index, weight.dtype, weight.shape[1], weight.shape[0], return_entropy, softcap)
     if key in _DECISIONS:
         return _DECISIONS[key]
+    if hidden.is_cuda and fp32_exact_head(weight.dtype):
+        log.info("fasthint: %s on an fp32 head with full-fp32 matmuls uses the chunked torch path (Triton's fp32 "
+                 "dots would run on FMA units and spill: bench/results/kernels_compile.csv); allow TF32 "
+                 "(torch.backends.cuda.matmul.allow_tf32 = True) to let the probe consider them", op)
+        _DECISIONS[key] = "torch"
+        return "torch"
     v = min(weight.shape[0], PROBE_VOCAB)
     h, w, y, up = _problem(weight.shape[1], v, weight.dtype, hidden.device)
     clipped, spec = _pg_objective(torch.full_like(up, -float(torch.log(torch.tensor(float(v))))), up, len(y))

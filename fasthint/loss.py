@@ -381,9 +381,20 @@ class PolicyLoss(torch.nn.Module):
             hidden = base(input_ids=input_ids, use_cache=False, **inputs).last_hidden_state
         if targets is None:  # hidden states only
             return hidden
-        h = hidden.flatten(0, 1).index_select(0, score_index)
+        h, weight, bias = head_inputs(hidden.flatten(0, 1).index_select(0, score_index), head, autocast)
         loss_kwargs.update(self.head_transform.loss_kwargs(loss_kwargs.pop("temperature", 1.0)))
-        return fused_policy_loss(h, head.weight, targets, bias=head.bias, **loss_kwargs)
+        return fused_policy_loss(h, weight, targets, bias=bias, **loss_kwargs)
+
+
+def head_inputs(hidden: torch.Tensor, head: torch.nn.Module, autocast: bool) -> tuple:
+    """(hidden states, weight, bias) as the head's kernels get them. Under single-process ``--bf16``
+    autocast (which leaves the final norm and the head in fp32) they are cast to bf16, as FSDP's bf16
+    mixed precision hands them over (``dist.shard``), so both paths run the same bf16 kernels; the fp32
+    master weight gets its gradient through the cast."""
+    if not autocast:
+        return hidden, head.weight, head.bias
+    bf16 = torch.bfloat16
+    return hidden.to(bf16), head.weight.to(bf16), None if head.bias is None else head.bias.to(bf16)
 
 
 def model_inputs(lm, mb) -> dict:
@@ -409,9 +420,9 @@ def micro_batch_logprobs(lm, mb, temperature: float, autocast: bool) -> torch.Te
     with torch.autocast(mb.input_ids.device.type, dtype=torch.bfloat16, enabled=autocast):
         hidden = getattr(lm, lm.base_model_prefix)(input_ids=mb.input_ids, use_cache=False,
                                                    **model_inputs(lm, mb)).last_hidden_state
-    head = lm.get_output_embeddings()
-    return ops.linear_logprobs(hidden.flatten(0, 1).index_select(0, mb.score_index), head.weight, mb.targets,
-                               bias=head.bias, **head_transform(lm.config).loss_kwargs(temperature))
+    h, weight, bias = head_inputs(hidden.flatten(0, 1).index_select(0, mb.score_index), lm.get_output_embeddings(),
+                                  autocast)
+    return ops.linear_logprobs(h, weight, mb.targets, bias=bias, **head_transform(lm.config).loss_kwargs(temperature))
 
 
 def token_capped_chunks(samples: list[Sample], max_seqs: int, max_tokens: int = 0,

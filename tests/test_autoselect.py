@@ -87,3 +87,19 @@ def test_policy_loss_probe_checks_and_times_the_epilogue_kernel(small_probe, mon
     with caplog.at_level(logging.WARNING, logger="fasthint"):
         assert autoselect.choose_cuda_impl("policy_loss", h, w, 0.7, True, **OPS) == "torch"
     assert "disagree" in caplog.text
+
+
+def test_fp32_heads_under_exact_matmuls_take_the_torch_path():
+    """fp32 heads on CUDA under torch's default full-fp32 matmuls skip the probe and use torch (the
+    Triton kernels' exact fp32 dots run on FMA units and spill, issue 29); with TF32 allowed they are
+    probed like bf16 heads. The rule reads torch's own settings."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert autoselect.fp32_exact_head(torch.float32) and not autoselect.fp32_exact_head(torch.bfloat16)
+        matmul.allow_tf32 = True
+        assert not autoselect.fp32_exact_head(torch.float32)
+    finally:
+        matmul.allow_tf32 = before

@@ -405,3 +405,38 @@ def test_policy_loss_errors():
     with pytest.raises(ValueError, match="impl"):
         fused_policy_loss(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), d["adv"][:3],
                           d["mask"][:3], d["old"][:3], impl="cuda-magic")
+
+
+def test_single_process_bf16_hands_the_head_bf16_inputs(monkeypatch):
+    """Single-process ``--bf16`` autocasts the body but leaves the final norm and the head in fp32; the
+    head's kernels get bf16 hidden states and weights, as under FSDP's bf16 mixed precision (issue 29),
+    in the update and in the no-grad log-probs alike, and the fp32 master weight gets an fp32 gradient."""
+    from types import SimpleNamespace
+
+    from fasthint import ops
+    from fasthint.loss import PolicyLoss, micro_batch_logprobs
+    from fasthint.toy.model import build_model, build_tokenizer
+
+    seen = []
+    real_loss, real_lp = ops.fused_linear_loss, ops.linear_logprobs
+    monkeypatch.setattr(ops, "fused_linear_loss", lambda h, w, *a, **k: seen.append((h.dtype, w.dtype)) or
+                        real_loss(h, w, *a, **k))
+    monkeypatch.setattr(ops, "linear_logprobs", lambda h, w, *a, **k: seen.append((h.dtype, w.dtype)) or
+                        real_lp(h, w, *a, **k))
+    tok = build_tokenizer()
+    policy = PolicyLoss(build_model(tok, seed=0))
+    ids = torch.randint(3, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    idx, targets = torch.arange(4, 11), ids[0, 5:12]
+    n = targets.numel()
+    for autocast in (True, False):
+        loss, _ = policy(ids[:1], torch.ones_like(ids[:1]), idx, targets, autocast=autocast,
+                         advantages=torch.ones(n), mask=torch.ones(n), old_logp=torch.full((n,), -3.0))
+        loss.backward()
+        head = policy.lm.get_output_embeddings().weight
+        assert head.dtype == head.grad.dtype == torch.float32 and bool(head.grad.abs().sum() > 0)
+        policy.zero_grad()
+        mb = SimpleNamespace(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1]), packed=False,
+                             score_index=idx, targets=targets)
+        micro_batch_logprobs(policy.lm, mb, 1.0, autocast)
+    bf, f32 = torch.bfloat16, torch.float32
+    assert seen == [(bf, bf), (bf, bf), (f32, f32), (f32, f32)]

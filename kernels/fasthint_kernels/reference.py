@@ -42,6 +42,13 @@ def group_advantages_ref(rewards: torch.Tensor, group_ids: torch.Tensor, *, scal
     return out.to(torch.float32) if rewards.dtype != torch.float64 else out
 
 
+def fp32_dots_exact() -> bool:
+    """Whether torch keeps fp32 matmuls in full fp32 (its default: ``float32_matmul_precision`` "highest"
+    and ``torch.backends.cuda.matmul.allow_tf32`` off). The Triton kernels follow it: full-fp32 dots
+    ("ieee", FMA units, not tensor cores) when True, TF32 tensor cores when the user allowed them."""
+    return torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+
+
 def check_softcap(softcap: Optional[float]) -> Optional[float]:
     """``None`` (no soft-capping) or the cap ``c`` as a float; anything but a finite ``c > 0`` raises."""
     if softcap is None:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fasthint_kernels.reference import fp32_dots_exact
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -87,9 +89,7 @@ FWD_CONFIGS = tile_configs([(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256,
 
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs follow torch's TF32 setting: full fp32 dots unless the user allowed TF32."""
-    exact = dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" \
-        and not torch.backends.cuda.matmul.allow_tf32
-    return "ieee" if exact else "tf32"
+    return "ieee" if dtype == torch.float32 and fp32_dots_exact() else "tf32"
 
 
 def fixed_tiles(d: int) -> dict:
