@@ -87,7 +87,7 @@ def kernels() -> list[Kernel]:
         Kernel("head_backward._dz_chunk", head_backward._dz_chunk,
                _types(f"{_HEAD} LSE ENTR G GE:*fp32 DZ:*{{x}} SCALE:*fp32 N V D v_start VC stride_hn stride_wv "
                       "stride_dz:i32 inv_t cap:fp32"),
-               ("HAS_BIAS", "SOFTCAP", "ENT"), configs=head_backward._dz_chunk_tuned.configs,
+               ("HAS_BIAS", "SOFTCAP", "ENT"), {"GROUP_N": 8}, configs=head_backward._dz_chunk_tuned.configs,
                prune=head_backward._dz_chunk_tuned.early_config_prune, store_tile=True),
         Kernel("advantages._group_adv", advantages._group_adv,
                _types("R:*fp64 ORDER STARTS:*i64 OUT:*fp32 inv_batch_std eps:fp32"), (),
