@@ -21,12 +21,18 @@ Two backwards, both recomputing each logit tile exactly once (``head_backward``)
   target skips its products, with a tested error bound (tests/test_fused_pg.py).
 
 Cost (N tokens, D hidden, V vocabulary; BN x BV tiles). FLOPs: forward 2NDV, backward 2NDV (recompute)
-+ 2NDV (dH) + 2NDV (dW) = 8NDV in both, against the floor of any head loss, 6NDV (logits, dH, dW:
-three bare GEMMs), i.e. 4/3 of it. At Qwen2.5-7B's head (N = 16k, D = 3,584, V = 152,064, bf16):
++ 2NDV (dH) + 2NDV (dW) = 8NDV in both: the floor of a head that never holds ``[N, V]`` logits (the
+logits, their recompute, dH, dW: four bare GEMMs, ``bench/logprobs.py``'s "x floor"); a design that
+keeps a chunk's logits through its backward does 6NDV with ``[chunk, V]`` buffers.
+At Qwen2.5-7B's head (N = 16k, D = 3,584, V = 152,064, bf16):
 - split: 4NDV of the 8 on cuBLAS; HBM traffic beside the GEMMs' operands: dz written once and read
   twice (6 N V bytes = 15 GB, ~3.5 ms at 4.3 TB/s) and the fp32 dH accumulator read and written once
   per chunk (~10 chunks x 8 N D bytes = 4.7 GB); extra memory: the dz buffer (0.5 GB) and fp32 dH
-  (0.24 GB).
+  (0.24 GB). At N = 64k the chunks are 4k columns wide (C N <= 2^28), 38 of them: the dH
+  accumulator's traffic grows to 38 x 8 N D = 71 GB and dz's to 60 GB, together ~30 ms at 4.3 TB/s
+  against ~0.4 s for the backward's 6NDV of GEMMs at ~700 TFLOP/s (7%). Kept as it is: a wider chunk
+  costs N C 2 bytes more (2 GB at C = 16k), and blocking the tokens instead needs an fp32 dW
+  accumulator across blocks (2.2 GB).
 - atomic: the backward issues N D V (1/BV + 1/BN) fp32
   atomic adds: 1.4e11 with 128 x 128 tiles, the design's risk (L2 reductions on that scale can cost
   more than the GEMMs) unless gradient filtering skips most tiles, as Cut Cross-Entropy relies on for a
