@@ -62,12 +62,12 @@ def main(argv=None) -> int:
 
     from fasthint_kernels import aot
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()  # the source compiled (read when the workers start)
     n = len(aot.plan(args.level, only=args.only))
     jobs = [(args.level, i, not args.no_usage, args.only) for i in range(n)]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         rows = list(pool.map(_job, jobs))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     for r in rows:
         r.update(fits=r["ok"] and r["shared"] <= r["limit"], triton=triton.__version__, commit=commit)
     if args.csv:
