@@ -98,28 +98,22 @@ def test_no_tokens_give_empty_outputs_and_zero_gradients(backward, monkeypatch):
     torch.library.opcheck(torch.ops.fasthint.head_backward.default,
                           (h.detach(), w.detach(), None, y, empty, empty, empty, None, None, 1.0, None, None,
                            True, True, False, backward), test_utils=CHECKS)
-    assert forward_splits(0, V, torch.device("cpu")) == 1
+    assert forward_splits(0, V, D, 4, torch.device("cpu")) == 1
 
 
 def test_forward_splits_on_cuda_at_any_n(monkeypatch):
-    """The forward's vocabulary splits for an H100's 132 SMs, N = 0 included (it divided by zero)."""
+    """The forward's vocabulary splits on an H100 (132 SMs, 50 MB of L2) at Qwen2.5-7B's head in bf16:
+    enough programs to fill the SMs when N is small (N = 0 included: it divided by zero), and from
+    N = 4k on, enough for the resident programs' H tiles (264 / splits tiles of 0.46 MB) to stay within
+    half of L2: 5 splits hold 24 MB. A small D needs no more than the fill; CPU sweeps in one."""
     from types import SimpleNamespace
 
     import fasthint_kernels.logprobs as lp
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    h100 = SimpleNamespace(multi_processor_count=132, L2_cache_size=50 * 2**20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h100)
     cuda = torch.device("cuda", 0)
-    assert [lp.forward_splits(n, 152064, cuda) for n in (0, 64, 4096, 16384, 65536)] == [16, 16, 5, 2, 1]
-
-
-def test_only_a_missing_out_dtype_gemm_disables_it():
-    """The chunked path's fp32-accumulating GEMM (``out_dtype``) falls back for good only where it does
-    not exist; an out-of-memory or any other error of one call is raised (it used to switch the fast
-    GEMM off for the whole process and go on with 1 GiB fp32 copies)."""
-    from fasthint_kernels.chunked import out_dtype_unsupported
-
-    assert out_dtype_unsupported(TypeError("mm() got an unexpected keyword argument 'out_dtype'"))
-    assert out_dtype_unsupported(NotImplementedError("aten::mm.dtype_out not implemented"))
-    assert out_dtype_unsupported(RuntimeError("out_dtype is only supported for bf16 and fp16 inputs"))
-    assert not out_dtype_unsupported(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB"))
-    assert not out_dtype_unsupported(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert [lp.forward_splits(n, 152064, 3584, 2, cuda) for n in (0, 64, 1024, 4096, 16384, 65536)] == \
+        [16, 16, 16, 5, 5, 5]
+    assert [lp.forward_splits(n, 152064, 896, 2, cuda) for n in (4096, 16384, 65536)] == [5, 2, 2]
+    assert lp.forward_splits(16384, 152064, 3584, 2, torch.device("cpu")) == 1

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 from triton.compiler import ASTSource
 
 from fasthint_kernels import advantages, fused_pg, head_backward, logprobs
@@ -70,7 +71,8 @@ def kernels() -> list[Kernel]:
     """Every Triton kernel fasthint launches on CUDA."""
     launch = [triton.Config({}, num_warps=4, num_stages=3)]  # triton's defaults (fixed-grid kernels)
     return [
-        Kernel("logprobs._fwd", logprobs._fwd, _types(f"{_HEAD} PART:*fp32 {_SIZES} inv_t cap:fp32"),
+        Kernel("logprobs._fwd", logprobs._fwd,
+               _types(f"{_HEAD} PART:*fp32 N V D splits stride_hn stride_wv:i32 inv_t cap:fp32"),
                ("HAS_BIAS", "SOFTCAP", "WITH_ENT"), configs=logprobs._fwd_tuned.configs,
                prune=logprobs._fwd_tuned.early_config_prune),
         Kernel("logprobs._finish", logprobs._finish, _types("PART LOGP LSE ENT:*fp32 N SPLITS:i32"),
@@ -152,8 +154,6 @@ def compile_one(k: Kernel, target: int, dtype: str, switches: dict, cfg, usage: 
 
 def ptxas_usage(ptx: str, target: int) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from Triton's bundled ``ptxas -v`` on ``ptx``."""
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-
     arch = sm_arch_from_capability(target)
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from fasthint_kernels.head_backward import head_backward
-from fasthint_kernels.logprobs import _combine, forward_sweep, forward_splits
+from fasthint_kernels.logprobs import _combine, _splits, forward_sweep
 from fasthint_kernels.reference import PGSpec, pg_loss_torch
 
 
@@ -134,7 +134,7 @@ def _pg_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     f32 = dict(dtype=torch.float32, device=hidden.device)
     logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
     if n == 0:  # an empty micro-batch: no launch (a zero grid)
-        return [loss, logp, lse, ent, g, ge, lse.new_empty((4, forward_splits(0, weight.shape[0], hidden.device), 0))]
+        return [loss, logp, lse, ent, g, ge, lse.new_empty((4, _splits(hidden, weight), 0))]
     flags = dict(HAS_IW=is_weights is not None, DUAL=dual_clip is not None, SHAPED=gamma is not None,
                  KL=ref_logp is not None and beta > 0, ENT=entropy_coef > 0)
     part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)
@@ -150,7 +150,7 @@ def _pg_forward_fake(hidden, weight, bias, targets, old_logp, advantages, weight
                      eps_low, eps_high, dual_clip, beta, entropy_coef, temperature, softcap):
     n = hidden.shape[0]
     vecs = [hidden.new_empty(n, dtype=torch.float32) for _ in range(6)]
-    return vecs + [hidden.new_empty((4, forward_splits(n, weight.shape[0], hidden.device), n), dtype=torch.float32)]
+    return vecs + [hidden.new_empty((4, _splits(hidden, weight), n), dtype=torch.float32)]
 
 
 class TritonFusedPGLoss(torch.autograd.Function):

@@ -15,8 +15,9 @@ soft-cap c: z = c tanh(a / c) / T, whose factor 1 - tanh^2 multiplies the backwa
 Kernels: ``_fwd`` (grid: token tiles x vocabulary splits, autotuned per (D, V); each program sweeps its
 split once and leaves partial (m, s, q, z_y), which ``_combine`` merges per token in a small second
 kernel: ``_finish`` here, the objective's epilogue in ``fused_pg``). On a GPU the splits keep the SMs
-busy when N is small (``forward_splits``: at N = 4k, 64 token tiles of 64 would fill half an H100);
-the forward reads W once per token tile (N / BN passes, shared in L2 by the tiles that run together).
+busy when N is small and keep the resident programs' H tiles within L2 (``forward_splits``; programs
+numbered split-minor, ``_fwd``); W is read once per wave of resident token tiles, shared in L2 by the
+programs of one split.
 The backward recomputes each logit tile once (``head_backward.py``: the split and atomic forms, their
 bytes and extra memory). Ops: ``torch.ops.fasthint.head_logprobs`` and ``fasthint::head_backward``,
 custom ops with fake implementations (FakeTensorMode: ``python -m fasthint.rehearse``; torch.compile).
@@ -57,15 +58,20 @@ def _online_update(z, y, offs_v, mask_v, m, s, q, zy, WITH_ENT: tl.constexpr):
 
 
 @triton.jit
-def _fwd(H, W, B, Y, PART, N, V, D, stride_hn, stride_wv, inv_t, cap,
+def _fwd(H, W, B, Y, PART, N, V, D, splits, stride_hn, stride_wv, inv_t, cap,
          HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, WITH_ENT: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The sweep of token tile program_id(0) over vocabulary split program_id(1) of num_programs(1):
-    its partial (m, s, q, zy) go to ``PART [4, splits, N]``; ``_combine`` merges the splits."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    """The sweep of one token tile over one of ``splits`` vocabulary splits: its partial (m, s, q, zy)
+    go to ``PART [4, splits, N]``; ``_combine`` merges the splits. Programs are numbered split-minor
+    (program p: token tile p // splits, split p % splits), so the programs resident together hold
+    resident / splits token tiles of H, which each of their vocabulary tiles reads again; token-major
+    they held every token tile (117 MB at N = 16k, D = 3,584, bf16, against 50 MB of L2: H then streamed
+    from HBM once per vocabulary tile, N D 2 V / BV = 139 GB at BV = 128). ``forward_splits`` picks
+    enough splits for those tiles to stay in L2; W's tiles are shared by the programs of one split."""
+    pid = tl.program_id(0)
+    split = pid % splits
+    offs_n = (pid // splits) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
     per = tl.cdiv(tl.cdiv(V, splits), BLOCK_V) * BLOCK_V
     v_lo = split * per
     v_hi = tl.minimum(V, v_lo + per)
@@ -129,15 +135,30 @@ _fwd_tuned = triton.autotune(configs=FWD_CONFIGS, key=["D", "V"],
 FWD_SPLITS: Optional[int] = None  # tests: a fixed number of vocabulary splits in the forward
 
 
-def forward_splits(n: int, v: int, device: torch.device) -> int:
-    """Vocabulary splits of the forward sweep: enough (token tile, split) programs for two per SM when
-    N is small (N = 4k gives 64 token tiles of 64 on an H100's 132 SMs), 1 on CPU, at most 16."""
+def forward_splits(n: int, v: int, d: int, elem: int, device: torch.device) -> int:
+    """Vocabulary splits of the forward sweep (1 on CPU, at most 16, at least 1024 columns each), the
+    larger of two needs, for ~2 resident programs per SM and 64-token tiles of ``d x elem`` bytes:
+
+    - fill: enough (token tile, split) programs to occupy the SMs when N is small (at N = 4k, 64 token
+      tiles would fill half of an H100's 132 SMs);
+    - L2: the programs launch split-minor (``_fwd``), so the resident ones hold (resident / splits)
+      token tiles of H, which every vocabulary tile of the sweep reads again; enough splits keep those
+      tiles within half of L2. At Qwen2.5-7B's head on an H100 (D = 3,584, bf16: 0.46 MB per tile; 264
+      resident programs; 50 MB of L2) that is 5 splits: 24 MB of H resident instead of 121 MB."""
     if FWD_SPLITS:
         return FWD_SPLITS
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, triton.cdiv(2 * sms, max(1, triton.cdiv(n, 64))), triton.cdiv(v, 1024)))
+    props = torch.cuda.get_device_properties(device)
+    resident, tiles, tile_bytes = 2 * props.multi_processor_count, max(1, triton.cdiv(n, 64)), 64 * d * elem
+    fill = triton.cdiv(resident, tiles)
+    budget = getattr(props, "L2_cache_size", 40 << 20) // 2
+    fit = triton.cdiv(resident * tile_bytes, budget) if tiles * tile_bytes > budget else 1
+    return max(1, min(16, max(fill, fit), triton.cdiv(v, 1024)))
+
+
+def _splits(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    return forward_splits(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.element_size(), hidden.device)
 
 
 def forward_sweep(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor,
@@ -145,11 +166,11 @@ def forward_sweep(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """``_fwd`` over every (token tile, vocabulary split): the ``[4, splits, N]`` partials and splits."""
     n, d = hidden.shape
     v = weight.shape[0]
-    splits = forward_splits(n, v, hidden.device)
+    splits = forward_splits(n, v, d, hidden.element_size(), hidden.device)
     part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
     kernel = _fwd if INTERPRET else _fwd_tuned
-    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](
-        hidden, weight, bias if bias is not None else part, targets, part, n, v, d, hidden.stride(0),
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)](
+        hidden, weight, bias if bias is not None else part, targets, part, n, v, d, splits, hidden.stride(0),
         weight.stride(0), 1.0 / temperature, float(softcap or 1.0), HAS_BIAS=bias is not None,
         SOFTCAP=softcap is not None, WITH_ENT=with_ent, DOT_PREC=dot_precision(hidden.dtype), **fixed_tiles(d))
     return part, splits
@@ -164,7 +185,7 @@ def _head_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
     n = hidden.shape[0]
     logp, lse, ent = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
     if n == 0:  # an empty micro-batch or recompute chunk: no launch (a zero grid)
-        return logp, lse, ent, lse.new_empty((4, forward_splits(0, weight.shape[0], hidden.device), 0))
+        return logp, lse, ent, lse.new_empty((4, _splits(hidden, weight), 0))
     part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, with_ent)
     _finish[(triton.cdiv(n, 128),)](part, logp, lse, ent, n, splits, WITH_ENT=with_ent, BLOCK=128)
     return logp, lse, ent, part
@@ -174,7 +195,7 @@ def _head_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional
 def _head_logprobs_fake(hidden, weight, bias, targets, temperature, softcap, with_ent):
     n = hidden.shape[0]
     vec = [hidden.new_empty(n, dtype=torch.float32) for _ in range(3)]
-    return (*vec, hidden.new_empty((4, forward_splits(n, weight.shape[0], hidden.device), n), dtype=torch.float32))
+    return (*vec, hidden.new_empty((4, _splits(hidden, weight), n), dtype=torch.float32))
 
 
 class TritonLinearLogprobs(torch.autograd.Function):
