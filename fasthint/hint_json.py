@@ -28,17 +28,33 @@ import json5
 from fasthint.hints import Hints, as_hint_levels
 
 ESCAPE_LETTERS = frozenset("bfnrtv")
-# LaTeX commands that start with a JSON escape letter: kept verbatim (anything else there is the escape)
+# Every LaTeX command KaTeX supports (https://katex.org/docs/supported; plus the common amsmath ones it
+# lacks) whose name starts with a JSON escape letter: kept verbatim. A letter run that is not one of
+# them is the escape (``\nStep 2``: a newline, then "Step 2").
 LATEX_COMMANDS = frozenset("""
-    bar backslash begin beta bf big bigcap bigcup bigg biggl biggr bigl bigr bigoplus bigotimes binom
-    bmod bmatrix boldsymbol bot bowtie boxed bullet
-    fbox flat forall frac frak frown
-    nabla ne neg neq nexists newline ngeq ngtr ni nleq nless nmid nolimits nonumber not notin nparallel
-    nsubseteq nu nwarrow
-    rangle rbrace rbrack rceil rfloor rho right rightarrow rightleftharpoons rm rmoustache rvert rVert
-    tag tan tanh tau tbinom text textbf textit textrm textstyle tfrac therefore theta thinspace tilde
-    times to top triangle triangleleft triangleq triangleright tt
-    varepsilon varphi varpi varrho varsigma vartheta vdash vdots vec vee vert vmatrix
+    backepsilon backprime backsim backsimeq backslash bar barwedge bbox bcancel because begin beta beth
+    between bf bfseries big bigcap bigcirc bigcup bigg biggl biggm biggr bigl bigm bigodot bigoplus
+    bigotimes bigr bigsqcup bigstar bigtriangledown bigtriangleup biguplus bigvee bigwedge binom
+    blacklozenge blacksquare blacktriangle blacktriangledown blacktriangleleft blacktriangleright bm bmatrix
+    bmod bold boldsymbol bot bowtie boxdot boxed boxminus boxplus boxtimes bra braket brace brack breve
+    bull bullet bumpeq
+    fallingdotseq fbox fcolorbox flat footnotesize forall frac frak frown
+    nabla natural ncong ne nearrow neg negmedspace negthickspace negthinspace neq newcommand newline
+    nexists ngeq ngeqq ngeqslant ngtr ni nleftarrow nleftrightarrow nleq nleqq nleqslant nless nmid
+    nobreak nobreakspace nolimits nonumber normalsize not notag notin notni nparallel nprec npreceq
+    nrightarrow nshortmid nshortparallel nsim nsubseteq nsubseteqq nsucc nsucceq nsupseteq nsupseteqq
+    ntriangleleft ntrianglelefteq ntriangleright ntrianglerighteq nu nvDash nvdash nwarrow
+    raisebox rangle rarr rbrace rbrack rceil rfloor rgroup rhd rho right rightarrow rightarrowtail
+    rightharpoondown rightharpoonup rightleftarrows rightleftharpoons rightrightarrows rightsquigarrow
+    rightthreetimes risingdotseq rlap rm rmoustache rparen rule rvert rVert
+    tag tan tanh tau tbinom text textbf textcolor textit textmd textnormal textrm textsc textsf textsl
+    textstyle texttt textup tfrac tg th therefore theta thetasym thickapprox thicksim thinspace tilde
+    times tiny to top triangle triangledown triangleleft trianglelefteq triangleq triangleright
+    trianglerighteq tt twoheadleftarrow twoheadrightarrow
+    varepsilon varinjlim varkappa varliminf varlimsup varnothing varphi varpi varprojlim varpropto varpsi
+    varrho varsigma varsubsetneq varsubsetneqq varsupsetneq varsupsetneqq vartheta vartriangle
+    vartriangleleft vartriangleright vcentcolon vcenter vdash vDash vdots vec vee veebar verb vert vline
+    vmatrix vphantom
     """.split())
 _FENCE = re.compile(r"```[ \t]*(?:json5?)?[ \t]*\n?(.*?)```", re.DOTALL | re.IGNORECASE)
 _SMART = str.maketrans({"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2018": "'", "\u2019": "'"})

@@ -109,6 +109,7 @@ class Term:
 
     uses_entropy = False
     sampler_stats = False  # its stats compare the trainer with the sampler: reported over unhinted tokens
+    acts_without_advantage = False  # its loss is not zero on a sample whose advantage is 0 (KL, entropy bonus)
 
     @staticmethod
     def importance_weight(t: Tokens):
@@ -176,6 +177,7 @@ class KLPenalty(Term):
     """``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` (no term without reference log-probs)."""
 
     beta: float = 0.0
+    acts_without_advantage = True
 
     def k3(self, logp, t):
         d = t.ref_logp.to(logp.dtype) - logp
@@ -194,6 +196,7 @@ class EntropyBonus(Term):
 
     coef: float = 0.0
     uses_entropy = True
+    acts_without_advantage = True
 
     def loss(self, logp, t):
         if t.entropy is None:

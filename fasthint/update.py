@@ -166,11 +166,12 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
     ``terms``: the per-token objective (``fasthint.loss``; the algorithm's ``objective()``); default
     the clipped surrogate and k3 KL from ``cfg``.
 
-    ``model`` is the causal LM or its :class:`fasthint.loss.PolicyLoss` (FSDP root). Without KL, a sample whose
-    advantage (or weight) is 0 adds exactly nothing to the loss or its gradient, so it is skipped (it
-    still counts in the normaliser); token metrics are then over the trained tokens of all ranks:
-    entropy and KL over all of them, the clip ratios and the sampler/trainer log-prob mismatch over
-    the unhinted ones (a hinted token may train in another context than it was sampled in).
+    ``model`` is the causal LM or its :class:`fasthint.loss.PolicyLoss` (FSDP root). Without KL or an entropy
+    bonus (a term that ``acts_without_advantage``), a sample whose advantage (or weight) is 0 adds exactly
+    nothing to the loss or its gradient, so it is skipped (it still counts in the normaliser); token
+    metrics are then over the trained tokens of all ranks: entropy and KL over all of them, the clip
+    ratios and the sampler/trainer log-prob mismatch over the unhinted ones (a hinted token may train
+    in another context than it was sampled in).
     """
     policy = _as_policy(model)
     lm = policy.lm
@@ -180,7 +181,7 @@ def train_step(model, samples: list[Sample], cfg, optimizer, scheduler, ref_mode
         samples = [s for s in samples if not s.truncated]
     n_tokens, num_seqs = dist.all_sum([sum(len(s.completion_ids) for s in samples), len(samples)])
     norm = n_tokens if cfg.loss_agg == "token-mean" else num_seqs * cfg.max_new_tokens
-    if ref_model is None:
+    if ref_model is None and not any(t.acts_without_advantage for t in terms):  # they would add exactly 0
         samples = [s for s in samples if s.advantage != 0.0 and s.weight != 0.0]
     pad = lm.config.pad_token_id or 0
     device = next(lm.parameters()).device

@@ -425,3 +425,34 @@ def test_dapo_reports_rewards_of_every_sampled_group():
     groups, info = algo.rollout(rows, _ctx(rows))
     assert len(groups) == 2 and len(info["_sampled_rewards"]) == 4 * G
     assert sum(info["_sampled_rewards"]) == sum(sum(g.rewards) for g in groups)
+
+
+def test_sage_light_stores_the_level_it_showed_and_falls_back_to_the_last_hints():
+    """Issue 30, fix 6: when the provider gives no hint, SAGE-light shows the last good hint set of that
+    prompt (SAGE's code does), and with none it records level 0, the level shown; it recorded the
+    planned level, so levels climbed with no hint ever shown."""
+    class Flaky:
+        """Hints at the first request for a row, none after; rows marked no_hint never get any."""
+
+        def __init__(self):
+            self.seen, self.stats = set(), {}
+
+        def hints(self, rows):
+            out = [None if r.get("no_hint") or r["uid"] in self.seen else {1: "L1", 2: "L2", 3: "L3"} for r in rows]
+            self.seen.update(r["uid"] for r in rows)
+            self.stats = {"requested": len(rows), "parse_fail": sum(h is None for h in out)}
+            return out
+
+    rows = _rows([9, 9], {1: {"no_hint": True}})
+    algo = make_algorithm(TrainConfig(algo="sage_light").validate())
+    ctx = _ctx(rows, ScriptedEngine(), Flaky())
+    levels, shown = [], []
+    for _ in range(4):
+        groups, _ = algo.rollout(rows, ctx)
+        levels.append([g.level for g in groups])
+        shown.append([g.prompt_ids[0] % 100 for g in groups])  # the hint level in the prompt
+    # row 0: hints once, then the same set again as its level climbs; row 1: never a hint, level 0
+    assert shown == levels == [[0, 0], [1, 0], [2, 0], [3, 0]]
+    restored = make_algorithm(TrainConfig(algo="sage_light").validate())
+    restored.load_state_dict(algo.state_dict())
+    assert restored.last_hints == algo.last_hints == {"10": {1: "L1", 2: "L2", 3: "L3"}}

@@ -50,6 +50,13 @@ REPLIES = [
     ('{"level_1": 3, "level_2": 2.5, "level_3": "x"}', ("3", "2.5", "x")),
     # extra keys ignored
     ('{"level_1": "a", "level_2": "b", "level_3": "c", "answer": "42"}', ("a", "b", "c")),
+    # commands that start with a JSON escape letter (b f n r t v) and were read as escapes (issue 30)
+    ('{"level_1": "A = \\varnothing", "level_2": "\\because x > 0", "level_3": "\\texttt{gcd} and \\bigwedge"}',
+     (f"A = {BS}varnothing", f"{BS}because x > 0", f"{BS}texttt{{gcd}} and {BS}bigwedge")),
+    ('{"level_1": "\\nexists x", "level_2": "\\rightarrow \\therefore", "level_3": "\\tfrac{1}{2} \\vdots \\nmid"}',
+     (f"{BS}nexists x", f"{BS}rightarrow {BS}therefore", f"{BS}tfrac{{1}}{{2}} {BS}vdots {BS}nmid")),
+    ('{"level_1": "\\bmod 7\\nThen \\binom{n}{k}", "level_2": "\\triangle ABC", "level_3": "\\boldsymbol{v}"}',
+     (f"{BS}bmod 7\nThen {BS}binom{{n}}{{k}}", f"{BS}triangle ABC", f"{BS}boldsymbol{{v}}")),
 ]
 GARBAGE = [
     '{"level_1": "a", "level_2": "b"}',                       # a level missing

@@ -170,3 +170,29 @@ def test_entropy_bonus_is_configured_by_entropy_coef():
     with pytest.raises(ValueError, match="entropy"):
         lp = torch.zeros(3)
         policy_loss(lp, lp, lp, torch.ones(3), terms=[EntropyBonus(0.1)])  # no entropy given
+
+
+def test_the_entropy_bonus_trains_on_zero_advantage_samples():
+    """With ``--entropy_coef`` > 0 a sample whose advantage is 0 still has a loss (the bonus), so the
+    update must not skip it (issue 30: it was skipped whenever there was no KL): a batch of all-zero
+    advantages moves the parameters with the bonus and not without it."""
+    from fasthint.batch import Sample
+    from fasthint.data import render_prompt
+    from fasthint.toy.model import build_model, build_tokenizer
+    from fasthint.update import train_step
+
+    tok = build_tokenizer()
+    g = torch.Generator().manual_seed(2)
+    samples = [Sample(render_prompt(tok, f"{i}+2=?"), torch.randint(3, len(tok), (6,), generator=g).tolist(),
+                      (-3.0 * torch.rand(6, generator=g)).tolist(), advantage=0.0) for i in range(4)]
+    moved = {}
+    for coef in (0.0, 0.05):
+        cfg = TrainConfig(entropy_coef=coef, micro_batch_size=4, learning_rate=1e-3).validate()
+        model = build_model(tok, seed=0).train()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        stats = train_step(model, samples, cfg, opt, sched, terms=make_algorithm(cfg).objective())
+        moved[coef] = (stats["grad_norm"], any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
+    assert moved[0.0] == (0.0, False)
+    assert moved[0.05][0] > 0 and moved[0.05][1]

@@ -116,6 +116,7 @@ class SAGELight(Algorithm):
         super().__init__(cfg)
         self.levels: dict[str, int] = {}      # uid -> current hint level
         self.last_acc: dict[str, float] = {}  # uid -> accuracy at the previous visit
+        self.last_hints: dict[str, dict] = {}  # uid -> the last hint set the provider gave (SAGE's fallback)
 
     def next_level(self, uid: str) -> int:
         """The level for this visit, from the previous visit's accuracy (first visit: 0)."""
@@ -133,21 +134,29 @@ class SAGELight(Algorithm):
         need = [r for r in rows if levels[r["uid"]] > 0]
         hint_text: dict[int, Optional[str]] = {}
         info = {"hint/requested": 0, "hint/parse_fail": 0.0}
+        shown: dict[str, int] = {}
         if need and ctx.hints is not None:
             for r, h in zip(need, ctx.hints.hints(need)):
-                lv, hint_text[r["uid"]] = at_level(h, levels[r["uid"]])
-                levels[r["uid"]] = lv if h is not None and lv else levels[r["uid"]]
+                uid = r["uid"]
+                if h is not None:
+                    self.last_hints[uid] = h
+                # no hint this visit: the last good set, as SAGE's code falls back to it
+                shown[uid], hint_text[uid] = at_level(h if h is not None else self.last_hints.get(uid), levels[uid])
             info.update(hint_stats(ctx))
+        for r in need:  # the level shown, not the one planned: 0 when no hint could be had
+            levels[r["uid"]] = shown.get(r["uid"], 0)
         texts = [hint_text.get(r["uid"]) for r in rows]
         groups = {g.uid: g for g in sample_groups(ctx, rows, texts, [levels[r["uid"]] for r in rows])}
-        for r in rows:  # the level is the planned one even when no hint could be had this visit
+        for r in rows:
             self.levels[r["uid"]] = levels[r["uid"]]
             self.last_acc[r["uid"]] = groups[r["uid"]].accuracy
         return [groups[r["uid"]] for r in rows], info
 
     def state_dict(self) -> dict:
-        return {"levels": dict(self.levels), "last_acc": dict(self.last_acc)}
+        return {"levels": dict(self.levels), "last_acc": dict(self.last_acc),
+                "last_hints": {u: {str(lv): t for lv, t in h.items()} for u, h in self.last_hints.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.levels = {str(k): int(v) for k, v in state.get("levels", {}).items()}
         self.last_acc = {str(k): float(v) for k, v in state.get("last_acc", {}).items()}
+        self.last_hints = {str(u): {int(lv): t for lv, t in h.items()} for u, h in state.get("last_hints", {}).items()}
