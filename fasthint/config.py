@@ -82,7 +82,7 @@ class TrainConfig(*reversed(COMPONENTS)):
         if self.hint_provider == "auto":
             self.hint_provider = algo.hint_provider_default or "dataset"
         toy = self.model == "toy"  # the toy's context is 1024 tokens: smaller hint limits of its own
-        self.hint_max_new_tokens = self.hint_max_new_tokens or (128 if toy else 512)
+        self.hint_max_new_tokens = self.hint_max_new_tokens or (128 if toy else 8192)
         self.hint_max_prompt_length = self.hint_max_prompt_length or (896 if toy else 2048)
         for component in COMPONENTS:
             component.check(self)

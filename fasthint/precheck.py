@@ -41,12 +41,12 @@ OPTION_TYPES: dict[str, type] = {
     "warmup_steps": int, "weight_decay": float, "adam_beta1": float, "adam_beta2": float, "max_grad_norm": float,
     "micro_batch_size": int, "micro_batch_tokens": int, "padding_free": bool, "steps_per_generation": int,
     "num_iterations": int, "dapo_max_rounds": int, "hint_provider": str, "hint_temperature": float,
-    "hint_max_new_tokens": int, "hint_max_prompt_length": int, "hint_level": int, "guide_filter": bool,
-    "aapo_lambda": float, "sage_escalation": str, "sage_light_min_acc": float, "sage_light_max_acc": float,
-    "eval_max_prompts": int, "eval_samples": int, "eval_steps": int, "save_steps": int, "save_total_limit": int,
-    "resume": str, "output_dir": str, "report_to": str, "progress_bar": bool, "log_completions": bool,
-    "logging_steps": int, "num_completions_to_print": int, "toy_train_size": int, "toy_levels": str,
-    "toy_warmstart_steps": int, "toy_seed": int, "toy_rebuild": bool,
+    "hint_max_new_tokens": int, "hint_retries": int, "hint_max_prompt_length": int, "hint_level": int,
+    "guide_filter": bool, "aapo_lambda": float, "sage_escalation": str, "sage_light_min_acc": float,
+    "sage_light_max_acc": float, "eval_max_prompts": int, "eval_samples": int, "eval_steps": int, "save_steps": int,
+    "save_total_limit": int, "resume": str, "output_dir": str, "report_to": str, "progress_bar": bool,
+    "log_completions": bool, "logging_steps": int, "num_completions_to_print": int, "toy_train_size": int,
+    "toy_levels": str, "toy_warmstart_steps": int, "toy_seed": int, "toy_rebuild": bool,
 }
 # </options>
 # The defaults of the settings checked here (also kept equal to TrainConfig's by the test).

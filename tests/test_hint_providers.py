@@ -214,6 +214,42 @@ def test_self_provider(tokenizer):
     assert not any("6+0=?" in s or "1+1+1" in s for s in sent)
 
 
+class FlakyEngine(FakeEngine):
+    """The first ``bad`` replies to a question are cut-off JSON (a truncated reply), then the scripted one."""
+
+    def __init__(self, tokenizer, replies, bad: dict[str, int]):
+        super().__init__(tokenizer, replies)
+        self.bad = dict(bad)
+
+    def generate(self, prompts, sampling):
+        out = super().generate(prompts, sampling)
+        for c in out:
+            text = self.tokenizer.decode(prompts[c.prompt_index], skip_special_tokens=True)
+            (q,) = [q for q in self.replies if f"Question: {q}\n" in text]
+            if self.bad.get(q, 0) > 0:
+                self.bad[q] -= 1
+                c.token_ids = self.tokenizer('{"level_1": "half a hi', add_special_tokens=False)["input_ids"]
+                c.truncated = True
+        return out
+
+
+def test_self_provider_retries_a_reply_that_does_not_parse(tokenizer):
+    """SAGE's code asks again (3 times) for a reply that does not parse; fasthint did not, so a truncated
+    reply silently became "no hint" (issue 30). Only the failed requests are sent again; a greedy
+    provider does not retry (it would get the same reply)."""
+    good = json.dumps({"level_1": "a", "level_2": "b", "level_3": "c"})
+    rows = [{"question": q, "answer": "7", "solution": f"{q[:-1]}7\n\\boxed{{7}}"} for q in ("3+4=?", "9-2=?", "8-1=?")]
+    engine = FlakyEngine(tokenizer, {r["question"]: good for r in rows}, {"9-2=?": 2, "8-1=?": 5})
+    p = SelfHintProvider(engine, tokenizer, temperature=0.7, max_new_tokens=96, retries=3)
+    out = p.hints(rows)
+    assert out == [{1: "a", 2: "b", 3: "c"}, {1: "a", 2: "b", 3: "c"}, None]  # 8-1 failed 4 times of 4
+    assert [len(prompts) for prompts, _ in engine.calls] == [3, 2, 2, 1]
+    assert p.stats["retries"] == 5 and p.stats["parse_fail"] == 1 and p.stats["reply_truncated"] == 1
+    greedy = FlakyEngine(tokenizer, {r["question"]: good for r in rows}, {"9-2=?": 1})
+    g = SelfHintProvider(greedy, tokenizer, temperature=0.0, retries=3)
+    assert g.hints(rows)[1] is None and len(greedy.calls) == 1 and g.stats["retries"] == 0
+
+
 def test_self_provider_nothing_to_send(tokenizer):
     engine = FakeEngine(tokenizer, {})
     p = SelfHintProvider(engine, tokenizer)

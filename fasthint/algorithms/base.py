@@ -186,13 +186,15 @@ class Algorithm:
 REGISTRY[Algorithm.name] = Algorithm
 
 
-HINT_SHARES = ("parse_fail", "skipped", "leak_level_1", "leak_level_2", "leak_level_3")
+HINT_SHARES = ("parse_fail", "skipped", "reply_truncated", "retries", "leak_level_1", "leak_level_2", "leak_level_3")
 
 
 def hint_stats(ctx: RolloutContext) -> dict:
     """``hint/requested`` and, as shares of the requests of the last call: ``hint/parse_fail`` (a reply
-    that did not parse, or a malformed hint column), ``hint/skipped`` (no solution, request too long)
-    and ``hint/leak_level_N`` (level N stated the answer and was dropped with the stronger ones)."""
+    that did not parse, or a malformed hint column), ``hint/skipped`` (no solution, request too long),
+    ``hint/reply_truncated`` (a self-hint reply cut at ``--hint_max_new_tokens``), ``hint/retries``
+    (requests asked again after a reply that did not parse, per request) and ``hint/leak_level_N``
+    (level N stated the answer and was dropped with the stronger ones)."""
     st = getattr(ctx.hints, "stats", None) or {}
     req = st.get("requested", 0)
     return {"hint/requested": req, **{f"hint/{k}": st.get(k, 0) / req if req else 0.0 for k in HINT_SHARES}}

@@ -44,8 +44,11 @@ class HintConfig(Options):
                                         "column, solution = reference-solution prefixes; auto = self for sage/"
                                         "sage_light, dataset for guide/hint.")
     hint_temperature: float = option(1.0, "sampling temperature of self-written hints (0 = greedy).")
-    hint_max_new_tokens: int = option(0, "maximum length of a self-written hint reply (JSON); 0 = auto: 512 "
-                                         "(an olympiad hint set runs to hundreds of tokens), 128 for the toy.")
+    hint_max_new_tokens: int = option(0, "maximum length of a self-written hint reply (JSON); 0 = auto: 8192 "
+                                         "(SAGE's code; a reasoning model thinks before it writes the hints), "
+                                         "128 for the toy.")
+    hint_retries: int = option(3, "self-written hints: ask again, at --hint_temperature, for a reply that does not "
+                                  "parse, up to this many times (SAGE's code: 3; none when greedy).")
     hint_max_prompt_length: int = option(0, "longest hint request (system prompt, question and reference "
                                             "solution) sent; longer ones are skipped (hint/skipped); 0 = auto: "
                                             "2048, 896 for the toy.")
@@ -55,7 +58,7 @@ class HintConfig(Options):
         one_of("hint_provider", self.hint_provider, HINT_PROVIDERS)
         need(1 <= self.hint_level <= 3, f"--hint_level must be 1, 2 or 3 (got {self.hint_level})")
         need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
-        at_least(self, ("hint_max_new_tokens", "hint_max_prompt_length"), 0)
+        at_least(self, ("hint_max_new_tokens", "hint_max_prompt_length", "hint_retries"), 0)
 
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
@@ -96,18 +99,20 @@ class SelfHintProvider(HintProvider):
     """The current policy writes the hints from the reference solution (one batched generate call).
 
     Rows without a solution, or whose rendered request exceeds ``max_prompt_length`` tokens, are not
-    sent (``stats['skipped']``); a reply that fails to parse gives None (``stats['parse_fail']``); a
-    level that states the gold answer is dropped with the stronger ones (``stats['leak_level_N']``;
-    ``fasthint.hint_leak``), and a reply whose level 1 leaks gives None."""
+    sent (``stats['skipped']``); a reply that fails to parse is asked for again up to ``retries`` times
+    (sampled, not greedy; ``stats['retries']``), then gives None (``stats['parse_fail']``); a reply cut
+    at ``max_new_tokens`` counts in ``stats['reply_truncated']``; a level that states the gold answer
+    is dropped with the stronger ones (``stats['leak_level_N']``; ``fasthint.hint_leak``), and a reply
+    whose level 1 leaks gives None."""
 
     name = "self"
 
     def __init__(self, engine, tokenizer, *, temperature: float = 1.0, max_new_tokens: int = 512,
-                 max_prompt_length: int = 2048) -> None:
+                 max_prompt_length: int = 2048, retries: int = 0) -> None:
         super().__init__()
         self.engine, self.tokenizer = engine, tokenizer
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length, self.retries = max_prompt_length, retries
 
     def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
         out: list[Optional[Hints]] = [None] * len(rows)
@@ -122,21 +127,33 @@ class SelfHintProvider(HintProvider):
             prompts.append(ids)
             owners.append(i)
         leaks: dict = {}
-        fails = 0
-        if prompts:
-            sampling = SamplingConfig(n=1, temperature=self.temperature, top_p=1.0,
-                                      max_new_tokens=self.max_new_tokens)
-            replies: dict[int, list[int]] = {}
-            for c in self.engine.generate(prompts, sampling):
-                replies.setdefault(c.prompt_index, list(c.token_ids))
-            for p, i in enumerate(owners):
-                if p not in replies:
-                    continue
-                levels = parse_hint_json(self.tokenizer.decode(replies[p], skip_special_tokens=True))
-                fails += levels is None
-                out[i] = self._judge_leaks(levels, str(rows[i].get("answer", "")), leaks)
-        return self._finish(rows, out, parse_fail=fails, **leaks, sent=len(prompts),
-                            skipped=len(rows) - len(prompts))
+        replies, retries = self._replies(prompts)
+        for p, i in enumerate(owners):
+            if p in replies:
+                out[i] = self._judge_leaks(replies[p][0], str(rows[i].get("answer", "")), leaks)
+        return self._finish(rows, out, parse_fail=sum(lv is None for lv, _ in replies.values()), **leaks,
+                            sent=len(prompts), skipped=len(rows) - len(prompts), retries=retries,
+                            reply_truncated=sum(cut for _, cut in replies.values()))
+
+    def _replies(self, prompts: list[list[int]]) -> tuple[dict, int]:
+        """{prompt index: (parsed levels or None, reply truncated)} and how many requests were retried:
+        one batched generate call, then one per retry for the replies that did not parse."""
+        sampling = SamplingConfig(n=1, temperature=self.temperature, top_p=1.0, max_new_tokens=self.max_new_tokens)
+        replies: dict[int, tuple] = {}
+        todo, retried = list(range(len(prompts))), 0
+        for attempt in range(1 + (self.retries if self.temperature > 0 else 0)):
+            if not todo:
+                break
+            retried += len(todo) if attempt else 0
+            got: dict[int, object] = {}
+            for c in self.engine.generate([prompts[p] for p in todo], sampling):
+                got.setdefault(c.prompt_index, c)
+            for k, p in enumerate(todo):
+                if k in got:
+                    text = self.tokenizer.decode(list(got[k].token_ids), skip_special_tokens=True)
+                    replies[p] = (parse_hint_json(text), bool(got[k].truncated))
+            todo = [p for p in todo if p not in replies or replies[p][0] is None]
+        return replies, retried
 
 
 class DatasetHintProvider(HintProvider):
