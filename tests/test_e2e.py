@@ -162,3 +162,37 @@ def test_periodic_evaluation_logs_eval_metrics_in_the_step_row(tmp_path):
         assert r["eval/num_prompts"] == 4 and 0 <= r["eval/accuracy"] <= 1 and "eval/avg@2" in r
         assert r["eval/pass@1"] == pytest.approx(r["eval/avg@2"]) and r["eval/pass@2"] >= r["eval/pass@1"]
     assert res["eval_after"]["eval/num_prompts"] == 4
+
+
+@pytest.mark.slow
+def test_hint_aapo_acts_on_the_second_optimizer_step_of_a_toy_run(tmp_path, caplog):
+    """Issue 30: with 2 optimizer steps per rollout batch (HINT's recipe), the second step's ratio
+    pi_theta / pi_old has left 1, so each logged step's Affinity (the mean over the steps that can
+    move it) is below 1 and hinted groups are down-weighted; with one step per batch AAPO cannot act,
+    which is said once at the start."""
+    import logging
+
+    import fasthint
+
+    calls: dict = {}
+
+    def even_rows_fail(completion: str, row: dict) -> float:
+        """Odd rows: mixed rewards. Even rows: a group of 4 fails (the hint fires), then the hinted
+        group gets mixed rewards (2 of 4), so its advantages and Affinity are not zero."""
+        k = calls[row["uid"]] = calls.get(row["uid"], 0) + 1
+        if int(row["uid"]) % 2:
+            return float(len(completion) % 2 == 0)
+        return float(k % 8 > 4 and k % 2 == 0)
+
+    cfg = _tiny_cfg(tmp_path, algo="hint", max_steps=2, prompts_per_step=8, steps_per_generation=2,
+                    learning_rate=5e-3, aapo_lambda=1.0)
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        fasthint.fit(cfg, reward_fn=even_rows_fail)
+    assert "never acts" not in caplog.text
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0.0 < r["affinity"] < 1.0 for r in rows), [r.get("affinity") for r in rows]
+    one_step = _tiny_cfg(tmp_path / "one", algo="hint", aapo_lambda=1.0)
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        fasthint.algorithms.make_algorithm(one_step.validate())
+    assert caplog.text.count("never acts with one optimizer step") == 1

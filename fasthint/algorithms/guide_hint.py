@@ -24,6 +24,7 @@ denominator of the ratio and in the loss of hinted completions:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,14 @@ class HINT(_HintedResample):
     name = "hint"
     options = (HintConfig, HINTConfig)
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.aapo_lambda > 0 and cfg.steps_per_generation * cfg.num_iterations == 1:
+            logging.getLogger("fasthint").warning(
+                "--aapo_lambda %g never acts with one optimizer step per rollout batch (the ratio is 1 there): "
+                "set --steps_per_generation 2 (HINT's code syncs its sampler every 2 steps) or --aapo_lambda 0",
+                cfg.aapo_lambda)
+
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
         samples, hinted = self._split(groups, ctx)
         info: dict = {}
@@ -140,15 +149,13 @@ class HINT(_HintedResample):
         """Before each optimiser step: every group's Affinity from HINT's no-hint ratio
         ``pi_theta(y|x) / pi_old(y|x)`` under the policy about to step, its metrics, and the AAPO weight
         ``Affinity ** aapo_lambda`` of hinted groups. On the batch's first step the policy is the old
-        one (log r = 0: no forward); later steps (``--steps_per_generation``/``--num_iterations``)
-        score a mini-batch that holds hinted groups with one no-grad forward."""
-        if not first and not any(s.hinted for s in samples):
+        one (log r = 0: Affinity 1, weight 1): no forward and no metric, since a constant is not one;
+        later steps (``--steps_per_generation``/``--num_iterations``) score a mini-batch that holds
+        hinted groups with one no-grad forward."""
+        if first or not any(s.hinted for s in samples):  # log r = 0: Affinity 1, weights 1, nothing to log
             return {}
-        if first:
-            lrs = [torch.zeros(len(s.completion_ids), dtype=torch.float64) for s in samples]
-        else:
-            now = recompute_logprobs(model, samples, self.cfg)
-            lrs = [lp.double() - torch.tensor(s.old_logprobs, dtype=torch.float64) for s, lp in zip(samples, now)]
+        now = recompute_logprobs(model, samples, self.cfg)
+        lrs = [lp.double() - torch.tensor(s.old_logprobs, dtype=torch.float64) for s, lp in zip(samples, now)]
         aff, eur, uc, gids = self._group_affinity(samples, lrs)
         hinted = {s.group for s in samples if s.hinted}
         nonzero = {s.group for s in samples if s.advantage != 0.0}  # a zero-advantage group's Affinity is 0
