@@ -72,7 +72,9 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
     truncs = [t for _, _, ts in light for t in ts]
     sampled = [r for i in infos for r in i.pop("_sampled_rewards", None) or []]  # DAPO: every sampled group
     sampled_hits = [r for i in infos for r in i.pop("_sampled_hits", None) or []]
-    out = {**reward_metrics(gs, sampled, sampled_hits), **group_metrics(gs), "prompts/never_solved": tracker.update(gs),
+    every = [g for i in infos for g in i.pop("_sampled_groups", None) or []] or gs  # DAPO: dropped groups too
+    out = {**reward_metrics(gs, sampled, sampled_hits), **group_metrics(every),
+           "prompts/never_solved": tracker.update(every),
            "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
            "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),
            "time/generate_s": timings.get("generate", 0.0), "time/score_s": timings.get("score", 0.0),

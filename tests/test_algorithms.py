@@ -184,6 +184,24 @@ def test_dapo_keeps_only_informative_groups_and_oversamples(max_rounds, kept, ca
     assert [len(c) for c in eng.calls] == calls  # later rounds ask only for the missing prompts
 
 
+def test_dapo_group_metrics_count_the_dropped_groups():
+    """Issue 30: DAPO trains only the informative groups, so its group metrics over the trained ones were
+    constants (frac_reward_zero_std 0, and prompts/never_solved blind to the all-0 groups it dropped).
+    They are over every sampled group now; the reward figures already were."""
+    from fasthint.algorithms.base import SolveTracker
+    from fasthint.reporting import step_metrics
+
+    rows = _rows([0, 9, 9, 0])  # rows 1 and 2 are never solved: their groups are all 0 and dropped
+    extra = iter([_rows([0, 9]), _rows([0])])
+    algo = make_algorithm(TrainConfig(algo="dapo", dapo_max_rounds=3).validate())
+    groups, info = algo.rollout(rows, _ctx(rows, ScriptedEngine(), next_rows=lambda: next(extra)))
+    assert all(max(g.rewards) > min(g.rewards) for g in groups)
+    assert len(info["_sampled_groups"]) == 4 + 2 + 1 and all(not g.completions for g in info["_sampled_groups"])
+    out = step_metrics(groups, SolveTracker(), info, {})
+    assert out["frac_reward_zero_std"] == pytest.approx(3 / 7)  # the three all-0 groups of the 7 sampled
+    assert out["prompts/never_solved"] > 0.0
+
+
 def test_solve_tracker_counts_hinted_and_unhinted_visits():
     t = SolveTracker()
     g = lambda uid, r, pre=None: Group(uid, {}, [0], [], r, pre_hint_rewards=pre)  # noqa: E731

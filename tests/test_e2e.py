@@ -133,7 +133,7 @@ def test_each_algorithm_trains_on_the_toy(tmp_path, algo):
     if algo == "sage_light":  # step 2 revisits nothing new, levels start at 0 on first visits
         assert set(state["levels"].values()) <= {0, 1}
     if algo == "dapo":
-        assert last["dapo/rounds"] >= 1 and last["frac_reward_zero_std"] == 0.0
+        assert last["dapo/rounds"] >= 1 and last["frac_reward_zero_std"] > 0.0  # over every sampled group
 
 
 @pytest.mark.slow

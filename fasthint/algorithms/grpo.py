@@ -14,7 +14,7 @@ draw the same extra global batches, and exactly ``prompts_per_step`` groups trai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fasthint import dist
 from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
@@ -45,12 +45,14 @@ class DAPO(Algorithm):
         rank, world = dist.rank(), dist.world_size()
         want = int(dist.all_sum([len(rows)])[0])  # this step's prompts over all processes
         kept: list[Group] = []
+        every: list[Group] = []  # every sampled group, without its completions: the group metrics' population
         sampled = rounds = 0
         all_rewards: list[float] = []
         all_hits: list[float] = []
         while True:
             groups = sample_groups(ctx, rows)
             sampled += len(groups)
+            every += [replace(g, row={}, prompt_ids=[], completions=[]) for g in groups]
             all_rewards += [r for g in groups for r in g.rewards]
             all_hits += [r for g in groups for r in g.hits]
             rounds += 1
@@ -62,5 +64,6 @@ class DAPO(Algorithm):
         before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
         total = int(dist.all_sum([sampled])[0])
         info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total),
-                "_sampled_rewards": all_rewards, "_sampled_hits": all_hits}  # reward/accuracy over every sampled group
+                "_sampled_rewards": all_rewards, "_sampled_hits": all_hits,  # reward/accuracy over every sampled
+                "_sampled_groups": every}  # group; frac_reward_zero_std and prompts/never_solved too
         return kept[:max(0, want - before)], info
