@@ -48,7 +48,8 @@ def main(out: str) -> None:
     if dist.rank() == 0:
         merged = {k: v for p in parts for k, v in p.items()}
         with open(out, "w") as fh:
-            json.dump({"advantages": merged, "info": info, "sampler": sampler.state()}, fh)
+            public = {k: v for k, v in info.items() if not k.startswith("_")}  # "_" keys: for the metrics code
+            json.dump({"advantages": merged, "info": public, "sampler": sampler.state()}, fh)
     dist.barrier()  # as the trainer does before closing: no rank tears gloo down while another writes
     dist.close()
 

@@ -77,8 +77,9 @@ def test_bad_command_lines_are_answered_before_torch_is_imported(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "algo": "hint"}],
+@pytest.mark.parametrize("extra", [{}, {"gradient_checkpointing": True, "algo": "hint", "steps_per_generation": 2}],
                          ids=["default", "gradient-checkpointing-hint"])  # hint: no-grad scoring in train mode
+# (hint as its recipe runs it, 2 optimizer steps per rollout batch; with 1, AAPO cannot act and says so)
 def test_a_short_run_raises_no_warning(tmp_path, caplog, extra):
     """Every warning (DeprecationWarning included) and every WARNING log record during a short toy run
     fails the test: a deprecated API in the hot loop shows up here before it breaks."""
