@@ -7,7 +7,10 @@ A number that happens to equal the answer is not a leak: with answer ``2``, "mul
 - the end of a sentence after "answer is", "answer:", "equals", "is equal to" or "=" (the expression
   from the last such marker to the sentence's end, at most ``MAX_RESULT_CHARS`` characters);
 - the level's final expression: a ``$...$``, ``\\(...\\)`` or ``\\[...\\]`` that ends the level (the part
-  after its last ``=`` when it has one).
+  after its last ``=`` when it has one);
+- the level's closing sentence stating a value: "... is 42." or "Hence the area is $42$ square units."
+  (a number or a math span after its last "is" or "was", then at most three words of unit; "there are
+  2 cases" states nothing).
 
 Equality: the same text once spaces, ``$``, thin spaces and ``\\left``/``\\right`` are removed; the same
 number (integers, decimals, ``a/b``, ``\\frac{a}{b}``); or, when the answer is LaTeX, math-verify's
@@ -29,6 +32,8 @@ _RESULT = re.compile(r".*(?:answer\s+is|answer\s*:|equals|is\s+equal\s+to|=)\s*(
                      re.IGNORECASE | re.DOTALL)
 _FINAL_MATH = re.compile(r"(?:\$\$?(?P<a>[^$]+)\$\$?|\\\((?P<b>.+?)\\\)|\\\[(?P<c>.+?)\\\])\s*[.!?;,]*\s*$", re.DOTALL)
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}$")
+_CLOSING = re.compile(r".*\b(?:is|was)\s+(?P<x>\$[^$]+\$|\\\(.+?\\\)|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?)"
+                      r"(?:\s+[A-Za-z]+){0,3}\s*[.!]?\s*$", re.IGNORECASE | re.DOTALL)
 
 
 def _boxed(text: str) -> list[str]:
@@ -55,6 +60,10 @@ def stated_results(hint: str) -> list[str]:
     if m:
         expr = next(g for g in m.groupdict().values() if g is not None)
         out.append(expr.rsplit("=", 1)[-1])
+    sentences = [x for x in _SENTENCES.split(hint.strip()) if x.strip()]
+    m = _CLOSING.match(sentences[-1].strip()) if sentences else None
+    if m:
+        out.append(m.group("x").strip("$").removeprefix("\\(").removesuffix("\\)"))
     return out
 
 

@@ -26,6 +26,11 @@ from fasthint.hints import at_level
     ("so the side is $2\\sqrt{3}$", "\\sqrt{8}", False),
     ("the answer is 13", "12", False),
     ("anything 12", "", False),
+    ("The sum is 42.", "42", True),                                   # a closing sentence states it (issue 30)
+    ("Add the sides. Hence the area is $42$ square units.", "42", True),
+    ("The sum is what we need.", "42", False),
+    ("There are 2 cases.", "2", False),
+    ("The key quantity is 7 and the rest follows", "42", False),
 ])
 def test_states_answer(hint, answer, leaks):
     assert states_answer(hint, answer) is leaks, stated_results(hint)

@@ -64,3 +64,15 @@ def test_recipe_builds_a_run_with_a_tiny_model_of_its_architecture(path, tmp_pat
         run.engine.close()
         run.close_scorer()
         dist.close()
+
+
+def test_the_papers_clip_and_off_policyness():
+    """Issue 30: Guide clips its unhinted completions symmetrically at 0.2 (verl's clip_ratio; fasthint's
+    default eps_high is DAPO's 0.28), and HINT takes 2 optimizer steps per rollout batch, so that its
+    AAPO weights act."""
+    from fasthint.config import parse_args
+
+    guide = parse_args(["--config", os.path.join(REPO, "recipes", "guide_qwen2.5-math-7b.yaml")])
+    assert guide.eps_low == guide.eps_high == 0.2
+    hint = parse_args(["--config", os.path.join(REPO, "recipes", "hint_qwen2.5-7b.yaml")])
+    assert hint.steps_per_generation == 2 and hint.prompts_per_step == 128 and hint.aapo_lambda == 1.0
