@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported anywhere
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,16 +66,21 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()  # the source compiled (read when the workers start)
     n = len(aot.plan(args.level, only=args.only))
     jobs = [(args.level, i, not args.no_usage, args.only) for i in range(n)]
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(_job, jobs))
-    for r in rows:
-        r.update(fits=r["ok"] and r["shared"] <= r["limit"], triton=triton.__version__, commit=commit)
+    fieldnames = [f.name for f in fields(aot.Compiled)] + ["fits", "triton", "commit"]
+    part = args.csv + ".part" if args.csv else os.devnull  # rows as they finish; renamed when all are in
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    rows = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool, open(part, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames)
+        w.writeheader()
+        for r in pool.map(_job, jobs):
+            r.update(fits=r["ok"] and r["shared"] <= r["limit"], triton=triton.__version__, commit=commit)
+            rows.append(r)
+            w.writerow(r)
+            f.flush()
+    if args.csv:
+        os.replace(part, args.csv)
     bad = problems(rows)
     secs = sum(r["seconds"] for r in rows)
     print(f"{len(rows)} compiles (level {args.level}, triton {triton.__version__}, {secs:.0f} s of compile time, "
