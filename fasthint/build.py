@@ -127,7 +127,8 @@ def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
     if name == "self":
         provider = make_hint_provider("self", engine=TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
                                       temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
-                                      max_prompt_length=cfg.hint_max_prompt_length, retries=cfg.hint_retries)
+                                      max_prompt_length=cfg.hint_max_prompt_length, retries=cfg.hint_retries,
+                                      chat_template=cfg.chat_template, chat_template_kwargs=cfg.chat_template_kwargs)
     else:
         provider = make_hint_provider(name)
     provider.hints = timed(provider.hints, timings, "hint")

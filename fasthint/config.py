@@ -43,6 +43,7 @@ from fasthint.data import DataConfig
 from fasthint.reward_funcs import RewardConfig
 from fasthint.engines.base import RolloutConfig
 from fasthint.errors import ConfigError
+from fasthint.hints import SAGE_HINT_TEMPLATE, TOY_HINT_TEMPLATE
 from fasthint.loss import LossConfig
 from fasthint.metrics import LoggingConfig
 from fasthint.models import ModelConfig
@@ -84,6 +85,8 @@ class TrainConfig(*reversed(COMPONENTS)):
         toy = self.model == "toy"  # the toy's context is 1024 tokens: smaller hint limits of its own
         self.hint_max_new_tokens = self.hint_max_new_tokens or (128 if toy else 8192)
         self.hint_max_prompt_length = self.hint_max_prompt_length or (896 if toy else 2048)
+        if self.hint_template == "auto":
+            self.hint_template = TOY_HINT_TEMPLATE if toy else SAGE_HINT_TEMPLATE
         for component in COMPONENTS:
             component.check(self)
         at_least(self, ("prompts_per_step", "max_steps"), 1)

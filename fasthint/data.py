@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 from fasthint.errors import DataError
-from fasthint.hints import as_hint_levels, hinted_question
+from fasthint.hints import TOY_HINT_TEMPLATE, as_hint_levels, fill, hinted_question
 from fasthint.options import Options, need, one_of, option
 from fasthint.rewards import check_gold
 from fasthint.tables import read_table
@@ -46,17 +46,21 @@ class DataConfig(Options):
                                         "'none': plain text for base models (system, then the user turn).")
     chat_template_kwargs: str = option("", "JSON object passed to apply_chat_template, e.g. "
                                            "'{\"enable_thinking\": false}' (Qwen3).")
-    hint_position: str = option("question", "where a hint goes: 'question' (after it, 'Hint: ...') or 'system' "
+    hint_position: str = option("question", "where a hint goes: 'question' (after it, see --hint_template) or 'system' "
                                             "(at the end of the system turn).")
     prompt_template: str = option("{question}", "user-turn text; {question} is replaced by the question "
                                                 "(e.g. add 'put your final answer within \\boxed{}').")
+    hint_template: str = option("auto", "how a hint joins the question: {question} and {hint} are replaced; "
+                                        "'auto': SAGE's wording ('{question}\\n\\nHere is a hint to help you:\\n"
+                                        "{hint}'), the toy's own ('{question}\\nHint: {hint}') for --model toy.")
     max_prompt_length: int = option(512, "prompts longer than this (in tokens) are skipped (an error with "
                                          "--strict_data).")
 
     @property
     def prompt_format(self) -> PromptFormat:
+        hint = TOY_HINT_TEMPLATE if self.hint_template == "auto" else self.hint_template  # auto: resolved in validate
         return PromptFormat(self.prompt_template, self.system_prompt, self.chat_template, self.chat_template_kwargs,
-                            self.hint_position)
+                            self.hint_position, hint)
 
     @property
     def columns(self) -> "Columns":
@@ -66,6 +70,8 @@ class DataConfig(Options):
         need(self.max_prompt_length >= 1, f"--max_prompt_length must be >= 1 (got {self.max_prompt_length})")
         check_prompt_format(self.prompt_template, self.chat_template, self.chat_template_kwargs)
         one_of("hint_position", self.hint_position, ("question", "system"))
+        need(self.hint_template == "auto" or ("{question}" in self.hint_template and "{hint}" in self.hint_template),
+             f"--hint_template must contain {{question}} and {{hint}}, or be 'auto' (got {self.hint_template!r})")
 
 
 _RENDER_KEYS = ("add_generation_prompt", "tokenize", "return_dict")  # render_chat sets these itself
@@ -223,12 +229,13 @@ class PromptFormat:
     chat_template: str = "auto"  # "none": plain text for base models
     chat_template_kwargs: str = ""  # JSON object for apply_chat_template
     hint_position: str = "question"  # or "system"
+    hint_template: str = TOY_HINT_TEMPLATE  # DataConfig.hint_template, resolved
 
     def messages(self, question: str, hint: Optional[str] = None) -> list[dict]:
         """The chat: an optional system turn, then the user turn; a hint after the question or at the
         end of the system turn."""
-        user = self.template.format(question=hinted_question(question, hint) if hint and
-                                    self.hint_position == "question" else question)
+        user = fill(self.template, question=hinted_question(question, hint, self.hint_template) if hint and
+                    self.hint_position == "question" else question)
         system = self.system_prompt
         if hint and self.hint_position == "system":
             system = f"{system}\n\nHint: {hint}" if system else f"Hint: {hint}"

@@ -12,9 +12,20 @@ HINT_LEVELS = 3
 Hints = dict[int, str]  # hint text per level, 1 (weakest) .. HINT_LEVELS (strongest)
 
 
-def hinted_question(question: str, hint: str) -> str:
-    """The question with a hint appended (SAGE/Guide/HINT sample from this context)."""
-    return f"{question}\nHint: {hint}"
+TOY_HINT_TEMPLATE = "{question}\nHint: {hint}"  # the wording the toy's warm start learned
+SAGE_HINT_TEMPLATE = "{question}\n\nHere is a hint to help you:\n{hint}"  # SAGE's code: the default for real models
+
+
+def fill(template: str, **values: str) -> str:
+    """``template`` with each ``{name}`` of ``values`` replaced in one pass; every other brace is kept as
+    written (``\\boxed{}`` in a template, or ``{hint}`` inside a question, stay literal)."""
+    return re.sub("|".join(re.escape("{" + k + "}") for k in values), lambda m: values[m.group(0)[1:-1]], template)
+
+
+def hinted_question(question: str, hint: str, template: str = TOY_HINT_TEMPLATE) -> str:
+    """The question with a hint appended (SAGE/Guide/HINT sample from this context), worded by
+    ``template`` (``--hint_template``: ``{question}`` and ``{hint}`` are replaced)."""
+    return fill(template, question=question, hint=hint)
 
 
 def at_level(hints: Optional[Hints], level: int) -> tuple[int, Optional[str]]:

@@ -268,6 +268,34 @@ def test_self_provider_sends_its_own_chat_not_the_training_template(tokenizer):
     assert "Question: 2+2=?\n\nSolution: 2+2=4" in sent and sent.endswith("<|im_start|>assistant\n")
 
 
+def test_hint_chat_honours_the_runs_chat_template_options(tokenizer):
+    """--chat_template none (a base model) sends the hint chat as plain text; --chat_template_kwargs reach
+    the template (Qwen3's enable_thinking); neither brings in the training prompt's template or system."""
+    import copy
+
+    from fasthint.build import hint_provider
+    from fasthint.config import TrainConfig
+
+    reply = json.dumps({"level_1": "a", "level_2": "b", "level_3": "c"})
+    row = {"question": "2+2=?", "answer": "4", "solution": "2+2=4"}
+    cfg = TrainConfig(algo="sage", hint_provider="self", chat_template="none", system_prompt="Box it.",
+                      prompt_template="Problem: {question}").validate()
+    engine = FakeEngine(tokenizer, {"2+2=?": reply})
+    assert hint_provider(cfg, type("A", (), {"hint_provider_default": "self"}), engine, tokenizer, {}).hints([row])
+    sent = tokenizer.decode(engine.calls[0][0][0], skip_special_tokens=False)
+    assert "<|im_start|>" not in sent and sent.startswith(HINT_SYSTEM_PROMPT + "\n\nQuestion: 2+2=?")
+    assert "Box it." not in sent and "Problem:" not in sent
+
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = tokenizer.chat_template + "{% if enable_thinking is defined and not enable_thinking %}" \
+                                                       "<think>\n\n</think>\n\n{% endif %}"
+    engine = FakeEngine(thinking, {"2+2=?": reply})
+    SelfHintProvider(engine, thinking, chat_template_kwargs='{"enable_thinking": false}').hints([row])
+    assert thinking.decode(engine.calls[0][0][0]).endswith("assistant\n<think>\n\n</think>\n\n")
+    SelfHintProvider(engine, thinking).hints([row])
+    assert thinking.decode(engine.calls[1][0][0]).endswith("assistant\n")
+
+
 def test_render_chat_without_system_role_or_template():
     class NoSystem:
         chat_template = "x"

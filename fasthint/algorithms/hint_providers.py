@@ -19,6 +19,7 @@ Providers:
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -108,9 +109,13 @@ class SelfHintProvider(HintProvider):
     name = "self"
 
     def __init__(self, engine, tokenizer, *, temperature: float = 1.0, max_new_tokens: int = 512,
-                 max_prompt_length: int = 2048, retries: int = 0) -> None:
+                 max_prompt_length: int = 2048, retries: int = 0, chat_template: str = "auto",
+                 chat_template_kwargs: str = "") -> None:
         super().__init__()
         self.engine, self.tokenizer = engine, tokenizer
+        # the run's --chat_template / --chat_template_kwargs (a base model's plain text; Qwen3's enable_thinking);
+        # never its --system_prompt or --prompt_template, which ask for a boxed answer
+        self.plain, self.template_kwargs = chat_template == "none", json.loads(chat_template_kwargs or "{}")
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
         self.max_prompt_length, self.retries = max_prompt_length, retries
 
@@ -121,7 +126,8 @@ class SelfHintProvider(HintProvider):
             solution = row.get("solution")
             if not isinstance(solution, str) or not solution.strip():
                 continue
-            ids = render_chat(self.tokenizer, hint_request(row["question"], solution))
+            ids = render_chat(self.tokenizer, hint_request(row["question"], solution), plain=self.plain,
+                              **self.template_kwargs)
             if len(ids) > self.max_prompt_length:
                 continue
             prompts.append(ids)
