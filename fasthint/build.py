@@ -117,9 +117,10 @@ def renderer(prompts: dict, tokenizer, cfg: TrainConfig, timings: dict) -> Calla
     return render
 
 
-def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
+def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict, verify=None):
     """The hint provider of a hinting algorithm (None for the others); its time goes to
-    ``timings['hint']`` (self-hint generation included)."""
+    ``timings['hint']`` (self-hint generation included). ``verify``: the leak judge's math-verify
+    (``Rewards.verifier``: in a worker, with a deadline)."""
     if algo.hint_provider_default is None:
         return None
 
@@ -128,9 +129,10 @@ def hint_provider(cfg: TrainConfig, algo, engine, tokenizer, timings: dict):
         provider = make_hint_provider("self", engine=TimedEngine(engine, timings, key=None), tokenizer=tokenizer,
                                       temperature=cfg.hint_temperature, max_new_tokens=cfg.hint_max_new_tokens,
                                       max_prompt_length=cfg.hint_max_prompt_length, retries=cfg.hint_retries,
-                                      chat_template=cfg.chat_template, chat_template_kwargs=cfg.chat_template_kwargs)
+                                      chat_template=cfg.chat_template, chat_template_kwargs=cfg.chat_template_kwargs,
+                                      verify=verify)
     else:
-        provider = make_hint_provider(name)
+        provider = make_hint_provider(name, **({"verify": verify} if name == "solution" else {}))
     provider.hints = timed(provider.hints, timings, "hint")
     return provider
 
@@ -195,7 +197,7 @@ def build(cfg: TrainConfig, reward_fn: Optional[RewardFn], reward_funcs: Optiona
     score = Rewards(pre.reward_funcs, cfg, tokenizer, cfg.max_new_tokens)
     algo = make_algorithm(cfg)
     timings: dict = {}
-    hints = hint_provider(cfg, algo, engine, tokenizer, timings)
+    hints = hint_provider(cfg, algo, engine, tokenizer, timings, verify=score.verifier())
     optimizer, scheduler = OptimConfig.build(cfg, policy.parameters(),
                                              cfg.max_steps * cfg.steps_per_generation * cfg.num_iterations)
     return Run(cfg, rows, pre.eval_rows, pre.train_path, model_path, resume_dir, policy, tokenizer, ref_model,

@@ -16,12 +16,17 @@ Equality: the same text once spaces, ``$``, thin spaces and ``\\left``/``\\right
 number (integers, decimals, ``a/b``, ``\\frac{a}{b}``); or, when the answer is LaTeX, math-verify's
 equivalence (``fasthint.rewards.verify_answer``). Levels are progressive, so the first level that
 states the answer is dropped with every stronger one, and the weaker ones are kept.
+
+``verify`` (every function here takes one) runs that math-verify check. Its default runs it in this
+process with no deadline; the trainer passes the reward scorer's (``Rewards.verifier``: a worker
+process, ``--reward_timeout_s``), so a pathological expression cannot hang training. A check that
+overruns its deadline counts as "not the same".
 """
 from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Optional
+from typing import Callable, Optional
 
 from fasthint.hints import Hints
 from fasthint.rewards import verify_answer
@@ -85,7 +90,10 @@ def _number(s: str) -> Optional[Fraction]:
     return None
 
 
-def same_answer(expr: str, answer: str) -> bool:
+Verify = Callable[[str, str], float]
+
+
+def same_answer(expr: str, answer: str, verify: Verify = verify_answer) -> bool:
     """``expr`` equals ``answer`` as text, as a number, or (LaTeX answers) under math-verify."""
     a, e = _norm(answer), _norm(expr)
     if not a or not e:
@@ -97,22 +105,23 @@ def same_answer(expr: str, answer: str) -> bool:
         return na == ne
     if any(c in answer for c in "\\^{}") and len(expr) <= MAX_RESULT_CHARS:
         try:
-            return verify_answer(expr, answer) >= 1.0
+            return verify(expr, answer) >= 1.0
         except Exception:  # noqa: BLE001 - an unparseable expression states nothing
             return False
     return False
 
 
-def states_answer(hint: str, answer: str) -> bool:
+def states_answer(hint: str, answer: str, verify: Verify = verify_answer) -> bool:
     """True when ``hint`` states ``answer`` as a result (module doc); an empty answer never leaks."""
     answer = str(answer).strip()
-    return bool(answer and hint) and any(same_answer(x, answer) for x in stated_results(hint))
+    return bool(answer and hint) and any(same_answer(x, answer, verify) for x in stated_results(hint))
 
 
-def drop_leaking_levels(levels: Hints, answer: str) -> tuple[Optional[Hints], list[int]]:
+def drop_leaking_levels(levels: Hints, answer: str,
+                        verify: Verify = verify_answer) -> tuple[Optional[Hints], list[int]]:
     """``levels`` without the first level that states the answer and all stronger ones (None when level
     1 leaks), and the levels that state it."""
-    leaked = [lv for lv in sorted(levels) if states_answer(levels[lv], answer)]
+    leaked = [lv for lv in sorted(levels) if states_answer(levels[lv], answer, verify)]
     if not leaked:
         return levels, []
     kept = {lv: text for lv, text in levels.items() if lv < leaked[0]}

@@ -39,21 +39,55 @@ def _reward_stats(rewards: list, hits: list, suffix: str = "") -> dict:
             f"accuracy{suffix}": (h >= 1.0).float().mean().item() if len(h) else float("nan")}
 
 
-def reward_metrics(groups: list, sampled: list, sampled_hits: Optional[list] = None) -> dict:
-    """``reward/*`` and ``accuracy`` over the no-hint rollouts (a hinted group's no-hint rewards are its
-    ``pre_hint_rewards``), comparable with GRPO; ``reward/hinted`` over the hinted ones. With ``sampled``
-    (DAPO: the rewards of every group it sampled, kept or not) the headline figures are over those, and
-    ``.../kept`` over the groups that trained."""
-    plain = [r for g in groups for r in (g.rewards if g.level == 0 else g.pre_hint_rewards or [])]
-    plain_hits = [r for g in groups for r in (g.hits if g.level == 0 else g.pre_hint_correct or g.pre_hint_rewards
-                                              or [])]
-    out = _reward_stats(sampled, sampled_hits or sampled) if sampled else _reward_stats(plain, plain_hits)
-    if sampled:
-        out.update(_reward_stats(plain, plain_hits, "/kept"))
-    hinted = [r for g in groups if g.level > 0 for r in g.rewards]
+def _no_hint(g) -> Optional[tuple[list, list, Optional[dict]]]:
+    """(rewards, correctness, reward parts) of ``g``'s no-hint rollout: its own, or those of the no-hint
+    group a hinted one replaced; None for a group sampled only with its hint (SAGE-light)."""
+    if g.level == 0:
+        return g.rewards, g.hits, g.reward_parts
+    if g.pre_hint_rewards is not None:
+        return g.pre_hint_rewards, g.pre_hint_correct or g.pre_hint_rewards, g.pre_hint_parts
+    return None
+
+
+def _part_means(parts: list[Optional[dict]], suffix: str) -> dict:
+    """``rewards/<name>/<suffix>``: each reward function's mean over its applicable (not None) values."""
+    sums: dict[str, list[float]] = {}
+    for p in parts:
+        for name, vals in (p or {}).items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            got = [v for v in vals if v is not None]
+            acc[0], acc[1] = acc[0] + sum(got), acc[1] + len(got)
+    return {f"rewards/{n}/{suffix}": t / c if c else float("nan") for n, (t, c) in sums.items()}
+
+
+def reward_metrics(groups: list, every: Optional[list] = None) -> dict:
+    """Reward metrics of the step's groups (``groups``: those that train; ``every``: every group sampled,
+    when some were dropped, as DAPO and Guide drop groups whose rewards are all equal):
+
+    - ``reward/*`` and ``accuracy`` over every sampled group's no-hint rollout (a hinted group's are
+      the rewards of the no-hint group it replaced), comparable with GRPO; ``.../kept`` over the groups
+      that train, when some were dropped. SAGE-light samples a prompt at its level only: its hinted
+      groups count with their hinted rewards, and ``reward/level0`` is over the level-0 groups alone.
+    - ``reward/hinted`` and ``accuracy/hinted`` over the hinted groups.
+    - ``rewards/<name>/mean`` per reward function over the no-hint rollouts, ``rewards/<name>/hinted``
+      over the hinted ones."""
+    pop = groups if every is None else every
+    own = [_no_hint(g) or (g.rewards, g.hits, g.reward_parts) for g in pop]
+    out = _reward_stats([r for o in own for r in o[0]], [h for o in own for h in o[1]])
+    if every is not None:
+        kept = [_no_hint(g) or (g.rewards, g.hits, g.reward_parts) for g in groups]
+        out.update(_reward_stats([r for o in kept for r in o[0]], [h for o in kept for h in o[1]], "/kept"))
+    if any(_no_hint(g) is None for g in pop):
+        level0 = [g for g in pop if g.level == 0]
+        n0 = sum(len(g.rewards) for g in level0)
+        out["reward/level0"] = sum(r for g in level0 for r in g.rewards) / n0 if n0 else float("nan")
+        out["accuracy/level0"] = sum(h >= 1.0 for g in level0 for h in g.hits) / n0 if n0 else float("nan")
+    hinted = [g for g in pop if g.level > 0]
     if hinted:
-        out["reward/hinted"] = sum(hinted) / len(hinted)
-        out["accuracy/hinted"] = sum(r >= 1.0 for g in groups if g.level > 0 for r in g.hits) / len(hinted)
+        out["reward/hinted"] = sum(r for g in hinted for r in g.rewards) / sum(len(g.rewards) for g in hinted)
+        out["accuracy/hinted"] = sum(h >= 1.0 for g in hinted for h in g.hits) / sum(len(g.hits) for g in hinted)
+    out.update(_part_means([n[2] for n in map(_no_hint, pop) if n is not None], "mean"))
+    out.update(_part_means([g.reward_parts for g in hinted], "hinted"))
     return out
 
 
@@ -70,10 +104,9 @@ def step_metrics(groups: list, tracker: SolveTracker, info: dict, timings: dict)
     gs = [g for g, _, _ in light]
     lens = [n for _, ls, _ in light for n in ls] or [0]
     truncs = [t for _, _, ts in light for t in ts]
-    sampled = [r for i in infos for r in i.pop("_sampled_rewards", None) or []]  # DAPO: every sampled group
-    sampled_hits = [r for i in infos for r in i.pop("_sampled_hits", None) or []]
-    every = [g for i in infos for g in i.pop("_sampled_groups", None) or []] or gs  # DAPO: dropped groups too
-    out = {**reward_metrics(gs, sampled, sampled_hits), **group_metrics(every),
+    dropped = any("_sampled_groups" in i for i in infos)  # DAPO, Guide: every sampled group, dropped ones too
+    every = [g for i in infos for g in i.pop("_sampled_groups", None) or []] if dropped else gs
+    out = {**reward_metrics(gs, every if dropped else None), **group_metrics(every),
            "prompts/never_solved": tracker.update(every),
            "completion_len/mean": sum(lens) / len(lens), "completion_len/max": max(lens),
            "truncated_ratio": sum(truncs) / max(1, len(truncs)), "_completion_tokens": sum(lens),

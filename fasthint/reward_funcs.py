@@ -211,7 +211,7 @@ class Scores(list):
 
 class Rewards:
     """``rewards(texts, rows, prompt_ids=None, completion_ids=None) -> Scores`` (the trainer's score
-    function); per-function sums since the last :meth:`pop_stats` for ``rewards/<name>/mean``."""
+    function); each function's values are in ``Scores.parts`` (``rewards/<name>/*``: ``fasthint.reporting``)."""
 
     def __init__(self, funcs: list[RewardFunc], cfg: RewardConfig, tokenizer, max_new_tokens: int):
         self.funcs, self.cfg, self.tokenizer, self.max_new_tokens = funcs, cfg, tokenizer, max_new_tokens
@@ -222,16 +222,24 @@ class Rewards:
         self._scorers = {f.name: RewardScorer(cfg.reward_timeout_s, worker_fn=_plugin_call) for f in funcs if f.spec}
         if "math" in names:
             self._scorers["math"] = RewardScorer(cfg.reward_timeout_s)
-        self._stats: dict[str, list[float]] = {}
 
     def close(self) -> None:
         for s in self._scorers.values():
             s.close()
 
-    def pop_stats(self) -> dict[str, list[float]]:
-        """``{name: [sum, count]}`` of the applicable values since the last call, then reset."""
-        out, self._stats = self._stats, {}
-        return out
+    def verifier(self) -> Callable[[str, str], float]:
+        """math-verify's equivalence of two bare answers, run in the math reward's worker process with its
+        deadline (``--reward_timeout_s``; an overrun or an error gives 0.0): the hint leak judge's check,
+        so that it cannot hang training (``fasthint.hint_leak``)."""
+        if "math" not in self._scorers:
+            self._scorers["math"] = RewardScorer(self.cfg.reward_timeout_s)  # started at the first call
+        scorer = self._scorers["math"]
+
+        def verify(pred: str, gold: str) -> float:
+            got = scorer.call([(pred, gold)])[0]
+            return float(got) if isinstance(got, (int, float)) else 0.0
+
+        return verify
 
     def _decode_prompts(self, prompt_ids: list[list[int]]) -> list[str]:
         """Each distinct prompt decoded once (a group's completions share theirs)."""
@@ -260,11 +268,6 @@ class Rewards:
         total = Scores(sum(f.weight * v for f in self.funcs if (v := parts[f.name][i]) is not None) for i in range(n))
         total.parts = parts
         total.correct = [float(v or 0.0) for v in parts[self.correct]] if self.correct else list(total)
-        for name, vals in parts.items():
-            acc = self._stats.setdefault(name, [0.0, 0.0])
-            got = [v for v in vals if v is not None]
-            acc[0] += sum(got)
-            acc[1] += len(got)
         return total
 
     def _one(self, f: RewardFunc, prompts, texts, ids, columns, rows) -> list[Optional[float]]:

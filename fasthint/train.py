@@ -123,7 +123,6 @@ def _fit(run: Run, clock: RunClock) -> dict:
     try:
         for step in progress:
             t_step = time.perf_counter()
-            run.score.pop_stats()  # this step's rewards only (not an evaluation's)
             timings.clear()
             batch = [run.rows[i] for i in next(sampler)][rank::world]  # whole prompts (groups) per rank
             # the whole policy on every rank: for rollouts when the engine runs it (hf), else (vllm: its
@@ -152,7 +151,6 @@ def _fit(run: Run, clock: RunClock) -> dict:
                     "data/skipped_rows": run.skipped_rows}
             if isinstance(engine, ISCorrectedEngine):  # the sampler-trainer mismatch, measured at rollout
                 last.update(merge_stats(dist.all_gather(engine.pop_stats())))
-            last.update(reward_means(dist.all_gather(run.score.pop_stats())))
             if cfg.log_completions and step % cfg.logging_steps == 0:  # every rank's, written by rank 0
                 records = [r for part in dist.all_gather(completion_records(groups, samples, run.tokenizer, step))
                            for r in part]
@@ -205,17 +203,6 @@ def _finish(run: Run, results: dict, last: dict, evaluate: Callable, logger, clo
 def _full_state(policy: PolicyLoss) -> Optional[dict]:
     """None without FSDP (the model saves its own state); else the gathered full state (collective)."""
     return dist.full_state_dict(policy) if dist.world_size() > 1 else None
-
-
-def reward_means(parts: list[dict]) -> dict:
-    """``rewards/<name>/mean`` over every rank's ``Rewards.pop_stats()`` (applicable values only)."""
-    sums: dict[str, list[float]] = {}
-    for part in parts:
-        for name, (total, count) in part.items():
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += total
-            acc[1] += count
-    return {f"rewards/{n}/mean": (t / c if c else float("nan")) for n, (t, c) in sums.items()}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -55,3 +55,61 @@ def test_at_level_falls_back_to_the_strongest_kept_level():
     assert at_level({1: "a", 2: "b", 3: "c"}, 2) == (2, "b")
     assert at_level({1: "a"}, 3) == (1, "a")
     assert at_level(None, 2) == (0, None) and at_level({2: "b"}, 1) == (0, None)
+
+
+_SLOW_VERIFY = '''
+import time
+from fasthint.rewards import verify_answer
+
+def slow_verify(pred, gold):
+    if "SLOW" in gold:
+        time.sleep(60)
+    return verify_answer(pred, gold)
+'''
+
+
+def test_the_trainers_leak_judge_runs_math_verify_in_a_worker_with_a_deadline(tmp_path, monkeypatch):
+    """Issue 30: the leak judge ran math-verify in the trainer's process with no deadline; the trainer's
+    providers judge through the reward scorer's worker (``Rewards.verifier``, --reward_timeout_s): a
+    LaTeX answer is still recognised, and a check that hangs is cut at the deadline (no leak found)."""
+    import importlib
+    import time
+
+    from fasthint.algorithms.hint_providers import SolutionPrefixHintProvider
+    from fasthint.config import TrainConfig
+    from fasthint.reward_funcs import Rewards, resolve
+    from fasthint.rewards import RewardScorer
+
+    (tmp_path / "_leak_slow_helper.py").write_text(_SLOW_VERIFY)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the worker inherits sys.path
+    helper = importlib.import_module("_leak_slow_helper")
+    cfg = TrainConfig(reward_timeout_s=1.0).validate()
+    rewards = Rewards(resolve(cfg, None), cfg, None, 8)
+    rewards._scorers["math"].close()
+    rewards._scorers["math"] = RewardScorer(timeout_s=1.0, worker_fn=helper.slow_verify)
+    provider = SolutionPrefixHintProvider(verify=rewards.verifier())
+    solution = "Draw the square.\nIts diagonal is 4.\nso the side is $2\\sqrt{2}$\nCheck it.\n\\boxed{2\\sqrt{2}}"
+    try:
+        t0 = time.monotonic()
+        (fast,) = provider.hints([{"solution": solution, "answer": "\\sqrt{8}"}])
+        assert sorted(fast) == [1, 2] and provider.stats["leak_level_3"] == 1  # math-verify, in the worker
+        assert rewards._scorers["math"]._workers and time.monotonic() - t0 < 30
+        t0 = time.monotonic()
+        (slow,) = provider.hints([{"solution": solution, "answer": "\\sqrt{SLOW}"}])
+        assert sorted(slow) == [1, 2, 3] and provider.stats["leak_level_3"] == 0  # cut at the deadline
+        assert time.monotonic() - t0 < 30
+    finally:
+        rewards.close()
+
+
+def test_build_gives_the_providers_the_scorers_verifier():
+    from fasthint.build import hint_provider
+    from fasthint.config import TrainConfig
+
+    def verify(a, b):
+        return 0.0
+
+    for name in ("self", "solution"):
+        cfg = TrainConfig(algo="sage", hint_provider=name).validate()
+        algo = type("A", (), {"hint_provider_default": "self"})
+        assert hint_provider(cfg, algo, None, None, {}, verify=verify).verify is verify

@@ -120,7 +120,11 @@ def test_solution_prefix_multiline():
     assert h == {1: "\n".join(lines[:2]), 2: "\n".join(lines[:4]), 3: "\n".join(lines[:6])}
     assert all("\\boxed" not in t for t in h.values())
     assert h[2].startswith(h[1]) and h[3].startswith(h[2]) and len(h[1]) < len(h[2]) < len(h[3])
-    assert p.stats == {"requested": 1.0, "parse_fail": 0.0, "skipped": 0.0}
+    assert p.stats == {"requested": 1.0, "parse_fail": 0.0, "skipped": 0.0, "leak_level_1": 0.0, "leak_level_2": 0.0,
+                       "leak_level_3": 0.0}  # the leak check ran: its zeros are measured
+    unchecked = SolutionPrefixHintProvider(check_leak=False)
+    unchecked.hints([{"solution": SOLUTION, "answer": "1000"}])
+    assert unchecked.stats == {"requested": 1.0, "parse_fail": 0.0, "skipped": 0.0}
 
 
 def test_solution_prefix_never_reaches_boxed_line():
@@ -201,7 +205,7 @@ def test_self_provider(tokenizer):
     assert out == [{1: "add", 2: "3 plus 4", 3: "count up from 3"}, None, {1: "double 5", 2: "5+5"}, None, None,
                    {1: "minus", 2: "8 less 1", 3: "one below 8"}]
     assert p.stats["requested"] == 6 and p.stats["parse_fail"] == 1 and p.stats["leak_level_3"] == 1
-    assert "leak_level_1" not in p.stats and "leak_level_2" not in p.stats
+    assert p.stats["leak_level_1"] == 0 and p.stats["leak_level_2"] == 0  # checked, none stated the answer
     assert p.stats["sent"] == 4 and p.stats["skipped"] == 2
     assert len(engine.calls) == 1
     prompts, sampling = engine.calls[0]

@@ -66,8 +66,11 @@ def test_import_path_plugins_weights_none_and_correct(plugin):
         assert got.parts["level_bonus"] == [pytest.approx(0.2), None]  # None: left out of the sum
         assert list(got) == [pytest.approx(1 + 2 * 0.25 + 0.5 * 0.2), pytest.approx(2 * 0.5)]
         assert got.correct == [1.0, 0.0]  # auto: math decides what is correct
-        stats = r.pop_stats()
-        assert stats["level_bonus"] == [pytest.approx(0.2), 1] and stats["brevity"] == [0.75, 2]
+        from fasthint.algorithms.base import Group
+        from fasthint.reporting import reward_metrics
+
+        m = reward_metrics([Group("0", {}, [1], [], list(got), reward_parts=got.parts)])
+        assert m["rewards/level_bonus/mean"] == pytest.approx(0.2) and m["rewards/brevity/mean"] == 0.375
     finally:
         r.close()
 

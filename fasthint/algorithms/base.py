@@ -12,7 +12,7 @@ text at one level). Groups are keyed by the prompt's uid, never by row order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Union
 
 import torch
@@ -21,6 +21,7 @@ from fasthint import dist, ops
 from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
 from fasthint.loss import Term, clip_terms
+from fasthint.options import Options, at_least, option
 
 # (texts, rows, prompt_ids, completion_ids) -> rewards (fasthint.reward_funcs.Rewards: a Scores list that
 # also carries each completion's correctness)
@@ -42,6 +43,13 @@ class Group:
     correct: Optional[list[float]] = None  # the correct-reward's values (--correct_reward); None: the rewards
     pre_hint_correct: Optional[list[float]] = None  # the same for the replaced no-hint group
     reward_parts: Optional[dict] = None  # each reward function's values (None: not applicable), for the logs
+    pre_hint_parts: Optional[dict] = None  # the same for the replaced no-hint group
+
+    def replacing(self, old: "Group") -> "Group":
+        """This hinted group, recording the no-hint group ``old`` it replaces (its rewards, correctness
+        and reward parts: the no-hint figures the metrics report)."""
+        self.pre_hint_rewards, self.pre_hint_correct, self.pre_hint_parts = old.rewards, old.hits, old.reward_parts
+        return self
 
     @property
     def hits(self) -> list[float]:
@@ -120,6 +128,67 @@ def group_advantages(groups: list[Group], cfg) -> list[list[float]]:
     return out
 
 
+@dataclass
+class DAPOConfig(Options):
+    GROUP = "dapo"
+    dapo_max_rounds: int = option(3, "dapo, guide (with --guide_filter): sampling rounds per step to fill the "
+                                     "batch with groups whose rewards differ.")
+
+    def check(self) -> None:
+        at_least(self, ("dapo_max_rounds",), 1)
+
+
+def fill_batch(ctx: RolloutContext, rows: list[dict], sample_round: Callable[[list[dict]], tuple[list[Group], dict]],
+               max_rounds: int) -> tuple[list[Group], dict]:
+    """DAPO's dynamic sampling: ``sample_round(rows)`` (groups and an info dict) is called on this step's
+    rows, then on fresh global batches from ``ctx.next_rows`` cut to what is missing, until
+    ``len(rows)`` (over all processes) groups whose rewards differ are collected or ``max_rounds``
+    rounds ran; exactly that many train (fewer when the rounds run out). The stopping rule and the cut
+    use global counts (one all-reduce per round), so every process runs the same rounds.
+
+    Info: ``dapo/rounds``, ``dapo/prompts_sampled``, ``dapo/kept_ratio``; ``_sampled_groups`` (every
+    sampled group without its completions: the group and reward metrics' population); the rounds'
+    own infos merged (``hint/requested`` summed, the other ``hint/*`` shares weighted by it)."""
+    rank, world = dist.rank(), dist.world_size()
+    want = int(dist.all_sum([len(rows)])[0])  # this step's prompts over all processes
+    kept: list[Group] = []
+    every: list[Group] = []
+    infos: list[dict] = []
+    sampled = rounds = 0
+    while True:
+        groups, info = sample_round(rows)
+        infos.append(info)
+        sampled += len(groups)
+        every += [replace(g, row={}, prompt_ids=[], completions=[]) for g in groups]
+        rounds += 1
+        kept += [g for g in groups if max(g.rewards) > min(g.rewards)]
+        n_kept = int(dist.all_sum([len(kept)])[0])
+        if n_kept >= want or rounds >= max_rounds or ctx.next_rows is None:
+            break
+        rows = ctx.next_rows()[:max(1, want - n_kept)][rank::world]  # a global batch, cut, then split
+    before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
+    total = int(dist.all_sum([sampled])[0])
+    info = {**_merge_round_infos(infos), "dapo/rounds": rounds, "dapo/prompts_sampled": total,
+            "dapo/kept_ratio": n_kept / max(1, total), "_sampled_groups": every}
+    return kept[:max(0, want - before)], info
+
+
+def _merge_round_infos(infos: list[dict]) -> dict:
+    """One info for several sampling rounds: ``hint/requested`` summed, the other ``hint/*`` (shares of
+    the requests) weighted by it, anything else from the last round that has it."""
+    out: dict = {}
+    req = [i.get("hint/requested", 0) for i in infos]
+    for k in dict.fromkeys(k for i in infos for k in i):
+        vals = [(i[k], r) for i, r in zip(infos, req) if k in i]
+        if k == "hint/requested":
+            out[k] = sum(v for v, _ in vals)
+        elif k.startswith("hint/") and sum(r for _, r in vals):
+            out[k] = sum(v * r for v, r in vals) / sum(r for _, r in vals)
+        else:
+            out[k] = vals[-1][0]
+    return out
+
+
 REGISTRY: dict[str, type] = {}  # --algo name -> class; a subclass that sets ``name`` registers itself
 
 
@@ -194,10 +263,12 @@ def hint_stats(ctx: RolloutContext) -> dict:
     that did not parse, or a malformed hint column), ``hint/skipped`` (no solution, request too long),
     ``hint/reply_truncated`` (a self-hint reply cut at ``--hint_max_new_tokens``), ``hint/retries``
     (requests asked again after a reply that did not parse, per request) and ``hint/leak_level_N``
-    (level N stated the answer and was dropped with the stronger ones)."""
+    (level N stated the answer and was dropped with the stronger ones). Only what the provider measures:
+    dataset hints have no replies to truncate or retry, so those are not logged as constant zeros."""
     st = getattr(ctx.hints, "stats", None) or {}
     req = st.get("requested", 0)
-    return {"hint/requested": req, **{f"hint/{k}": st.get(k, 0) / req if req else 0.0 for k in HINT_SHARES}}
+    return {"hint/requested": req, **{f"hint/{k}": st.get(k, 0) / req if req else 0.0 for k in HINT_SHARES
+                                      if k in st or k == "parse_fail"}}  # what this provider measures
 
 
 def group_metrics(groups: list[Group]) -> dict:

@@ -14,21 +14,7 @@ draw the same extra global batches, and exactly ``prompts_per_step`` groups trai
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-from fasthint import dist
-from fasthint.algorithms.base import Algorithm, Group, RolloutContext, sample_groups
-from fasthint.options import Options, at_least, option
-
-
-@dataclass
-class DAPOConfig(Options):
-    GROUP = "dapo"
-    dapo_max_rounds: int = option(3, "dapo: sampling rounds per step to fill the batch with groups whose "
-                                     "rewards differ.")
-
-    def check(self) -> None:
-        at_least(self, ("dapo_max_rounds",), 1)
+from fasthint.algorithms.base import Algorithm, DAPOConfig, Group, RolloutContext, fill_batch, sample_groups
 
 
 class DrGRPO(Algorithm):
@@ -42,28 +28,4 @@ class DAPO(Algorithm):
     defaults = {**Algorithm.defaults, "mask_truncated": True}
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
-        rank, world = dist.rank(), dist.world_size()
-        want = int(dist.all_sum([len(rows)])[0])  # this step's prompts over all processes
-        kept: list[Group] = []
-        every: list[Group] = []  # every sampled group, without its completions: the group metrics' population
-        sampled = rounds = 0
-        all_rewards: list[float] = []
-        all_hits: list[float] = []
-        while True:
-            groups = sample_groups(ctx, rows)
-            sampled += len(groups)
-            every += [replace(g, row={}, prompt_ids=[], completions=[]) for g in groups]
-            all_rewards += [r for g in groups for r in g.rewards]
-            all_hits += [r for g in groups for r in g.hits]
-            rounds += 1
-            kept += [g for g in groups if max(g.rewards) > min(g.rewards)]
-            n_kept = int(dist.all_sum([len(kept)])[0])
-            if n_kept >= want or rounds >= self.cfg.dapo_max_rounds or ctx.next_rows is None:
-                break
-            rows = ctx.next_rows()[:max(1, want - n_kept)][rank::world]  # a global batch, cut, then split
-        before = sum(dist.all_gather(len(kept))[:rank])  # the first `want` kept groups in rank order train
-        total = int(dist.all_sum([sampled])[0])
-        info = {"dapo/rounds": rounds, "dapo/prompts_sampled": total, "dapo/kept_ratio": n_kept / max(1, total),
-                "_sampled_rewards": all_rewards, "_sampled_hits": all_hits,  # reward/accuracy over every sampled
-                "_sampled_groups": every}  # group; frac_reward_zero_std and prompts/never_solved too
-        return kept[:max(0, want - before)], info
+        return fill_batch(ctx, rows, lambda r: (sample_groups(ctx, r), {}), self.cfg.dapo_max_rounds)

@@ -8,9 +8,11 @@ denominator of the ratio and in the loss of hinted completions:
 
 - Guide: ``ratio_t = pi_theta(y_t | x, y_<t) / pi_old(y_t | x, h, y_<t)`` (rollout-time log-probs with
   the hint); hinted completions use the unclipped shaped objective ``A r / (r + gamma)`` with
-  ``gamma`` the 90th percentile of the sequence's ratios at the start of the update (detached, at
-  least 1e-4); unhinted ones the clipped loss. ``guide_filter`` drops groups whose rewards stay all
-  0 or all 1. Metrics: ``guide/ratio_min|mean|max`` over hinted tokens.
+  ``gamma`` the 90th percentile of the sequence's ratios under the policy about to step, recomputed
+  for each mini-batch (detached, at least 1e-4); unhinted ones the clipped loss. ``guide_filter``
+  drops groups whose rewards stay all 0 or all 1 and refills the batch as DAPO does (``fill_batch``,
+  ``--dapo_max_rounds``, ``dapo/*`` metrics). Metrics: ``guide/ratio_min|mean|max`` over hinted tokens
+  at the start of the update.
 - HINT: ``pi_old`` is recomputed on the no-hint prompt (one no-grad scoring pass; no correction for
   the sampling shift). Before each optimiser step, Affinity per group (``fasthint.algorithms.affinity``)
   uses HINT's ratio ``pi_theta(y|x) / pi_old(y|x)``, both without the hint, and AAPO
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from fasthint.algorithms.affinity import group_affinity
-from fasthint.algorithms.base import Algorithm, Group, RolloutContext, group_advantages, hint_stats, sample_groups
+from fasthint.algorithms.base import (Algorithm, DAPOConfig, Group, RolloutContext, fill_batch, group_advantages,
+                                      hint_stats, sample_groups)
 from fasthint.algorithms.hint_providers import HintConfig
 from fasthint.batch import Sample
 from fasthint.hints import at_level
@@ -40,7 +43,8 @@ from fasthint.options import Options, need, option
 @dataclass
 class GuideConfig(Options):
     GROUP = "guide"
-    guide_filter: bool = option(True, "guide: drop groups whose rewards stay all 0 or all 1 after hinting.")
+    guide_filter: bool = option(True, "guide: drop groups whose rewards stay all 0 or all 1 after hinting, and "
+                                      "refill the batch as DAPO does (--dapo_max_rounds).")
 
 
 @dataclass
@@ -58,6 +62,11 @@ class _HintedResample(Algorithm):
     samples_run_policy = True  # hinted completions are rescored on the no-hint prompt
 
     def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        return self._hinted_round(rows, ctx)
+
+    def _hinted_round(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        """The rows' groups: sampled without hints, then every all-zero group re-sampled once with its
+        hint at ``hint_level``, replacing it."""
         groups = {g.uid: g for g in sample_groups(ctx, rows)}
         failed = [g for g in groups.values() if g.all_zero]
         info = {"hint/requested": 0, "hint/parse_fail": 0.0}
@@ -69,9 +78,7 @@ class _HintedResample(Algorithm):
             redo = sample_groups(ctx, [g.row for g, _, _ in todo], [h for _, _, h in todo],
                                  [lv for _, lv, _ in todo])
             for (old, _, _), new in zip(todo, redo):
-                new.pre_hint_rewards = old.rewards
-                new.pre_hint_correct = old.hits
-                groups[new.uid] = new
+                groups[new.uid] = new.replacing(old)
         return [groups[r["uid"]] for r in rows], info
 
     def _split(self, groups: list[Group], ctx: RolloutContext):
@@ -89,7 +96,14 @@ class _HintedResample(Algorithm):
 
 class Guide(_HintedResample):
     name = "guide"
-    options = (HintConfig, GuideConfig)
+    options = (HintConfig, GuideConfig, DAPOConfig)
+
+    def rollout(self, rows: list[dict], ctx: RolloutContext) -> tuple[list[Group], dict]:
+        """With ``guide_filter``, groups whose rewards stay all equal after hinting are dropped and the
+        batch is refilled with fresh prompts, as DAPO refills (``fill_batch``: same cap, same metrics)."""
+        if not self.cfg.guide_filter:
+            return self._hinted_round(rows, ctx)
+        return fill_batch(ctx, rows, lambda r: self._hinted_round(r, ctx), self.cfg.dapo_max_rounds)
 
     def objective(self) -> list[Term]:
         """Hinted completions (``gamma > 0``) use the shaped ratio ``A r / (r + gamma)``, the rest GRPO's clip."""
@@ -97,22 +111,34 @@ class Guide(_HintedResample):
         return clip_terms(c.eps_low, c.eps_high, c.dual_clip, c.beta, shaped=True, entropy_coef=c.entropy_coef)
 
     def samples(self, groups: list[Group], ctx: RolloutContext, model=None) -> tuple[list[Sample], dict]:
-        if self.cfg.guide_filter:
-            groups = [g for g in groups if max(g.rewards) > min(g.rewards)]
         samples, hinted = self._split(groups, ctx)
         info: dict = {}
         if hinted:
-            now = recompute_logprobs(model, [samples[i] for i in hinted], self.cfg)
-            ratios = []
-            for i, lp in zip(hinted, now):
-                r = torch.exp(lp - torch.tensor(samples[i].old_logprobs))
-                samples[i].gamma = max(float(torch.quantile(r.double(), 0.9)), 1e-4)
+            for i in hinted:
                 samples[i].keep_old_logprobs = True  # pi_old(o | q, hint): the behaviour policy of the IS ratio
-                ratios.append(r)
-            r = torch.cat(ratios)
+            r = torch.cat(self._set_gamma([samples[i] for i in hinted], model))
             info = {"guide/ratio_min": r.min().item(), "guide/ratio_mean": r.mean().item(),
                     "guide/ratio_max": r.max().item()}
         return samples, info
+
+    def before_update(self, samples: list[Sample], model, first: bool) -> dict:
+        """Before each optimiser step after the batch's first: gamma of the mini-batch's hinted
+        completions from the policy about to step (the first step's policy is the one ``samples``
+        scored, so its gammas stand)."""
+        mine = [s for s in samples if s.hinted]
+        if not first and mine:
+            self._set_gamma(mine, model)
+        return {}
+
+    def _set_gamma(self, hinted: list[Sample], model) -> list[torch.Tensor]:
+        """Each hinted sample's ``gamma``: the 90th percentile of its ratios ``pi_theta(y|x) / pi_old(y|x,h)``
+        under ``model`` (one no-grad forward; detached, at least 1e-4); returns the ratios."""
+        ratios = []
+        for s, lp in zip(hinted, recompute_logprobs(model, hinted, self.cfg)):
+            r = torch.exp(lp - torch.tensor(s.old_logprobs))
+            s.gamma = max(float(torch.quantile(r.double(), 0.9)), 1e-4)
+            ratios.append(r)
+        return ratios
 
 
 class HINT(_HintedResample):

@@ -28,9 +28,10 @@ from typing import Any, Optional
 from fasthint.data import render_chat
 from fasthint.engines.base import SamplingConfig
 from fasthint.hint_json import parse_hint_json  # noqa: F401 - re-exported: the parser of self-written hints
-from fasthint.hint_leak import drop_leaking_levels
+from fasthint.hint_leak import Verify, drop_leaking_levels
 from fasthint.hints import HINT_LEVELS, Hints, as_hint_levels, hint_request
 from fasthint.options import Options, at_least, need, one_of, option
+from fasthint.rewards import verify_answer
 
 HINT_PROVIDERS = ("auto", "self", "dataset", "solution")
 
@@ -61,6 +62,7 @@ class HintConfig(Options):
         need(self.hint_temperature >= 0, f"--hint_temperature must be >= 0 (got {self.hint_temperature})")
         at_least(self, ("hint_max_new_tokens", "hint_max_prompt_length", "hint_retries"), 0)
 
+LEAK_STATS = tuple(f"leak_level_{lv}" for lv in range(1, HINT_LEVELS + 1))
 _NUMERIC = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+(?:\.\d+)?)?")
 
 
@@ -70,8 +72,9 @@ class HintProvider:
 
     name = "base"
 
-    def __init__(self) -> None:
+    def __init__(self, verify: Optional[Verify] = None) -> None:
         self.stats: dict[str, float] = {"requested": 0.0, "parse_fail": 0.0}
+        self.verify = verify or verify_answer  # the leak judge's math-verify (the trainer: Rewards.verifier)
 
     def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
         raise NotImplementedError
@@ -84,13 +87,12 @@ class HintProvider:
                       **{k: float(v) for k, v in extra.items()}}
         return out
 
-    @staticmethod
-    def _judge_leaks(levels: Optional[Hints], answer: str, leaks: dict) -> Optional[Hints]:
+    def _judge_leaks(self, levels: Optional[Hints], answer: str, leaks: dict) -> Optional[Hints]:
         """``levels`` without the first level stating ``answer`` and the stronger ones (``fasthint.hint_leak``);
         counts each stating level in ``leaks`` (``leak_level_N``)."""
         if levels is None:
             return None
-        kept, leaked = drop_leaking_levels(levels, answer)
+        kept, leaked = drop_leaking_levels(levels, answer, self.verify)
         for lv in leaked:
             leaks[f"leak_level_{lv}"] = leaks.get(f"leak_level_{lv}", 0) + 1
         return kept
@@ -110,8 +112,8 @@ class SelfHintProvider(HintProvider):
 
     def __init__(self, engine, tokenizer, *, temperature: float = 1.0, max_new_tokens: int = 512,
                  max_prompt_length: int = 2048, retries: int = 0, chat_template: str = "auto",
-                 chat_template_kwargs: str = "") -> None:
-        super().__init__()
+                 chat_template_kwargs: str = "", verify: Optional[Verify] = None) -> None:
+        super().__init__(verify)
         self.engine, self.tokenizer = engine, tokenizer
         # the run's --chat_template / --chat_template_kwargs (a base model's plain text; Qwen3's enable_thinking);
         # never its --system_prompt or --prompt_template, which ask for a boxed answer
@@ -132,7 +134,7 @@ class SelfHintProvider(HintProvider):
                 continue
             prompts.append(ids)
             owners.append(i)
-        leaks: dict = {}
+        leaks = dict.fromkeys(LEAK_STATS, 0)  # measured, so logged when 0 too
         replies, retries = self._replies(prompts)
         for p, i in enumerate(owners):
             if p in replies:
@@ -191,8 +193,9 @@ class SolutionPrefixHintProvider(HintProvider):
 
     name = "solution"
 
-    def __init__(self, fractions: tuple[float, float, float] = (0.25, 0.5, 0.75), *, check_leak: bool = True) -> None:
-        super().__init__()
+    def __init__(self, fractions: tuple[float, float, float] = (0.25, 0.5, 0.75), *, check_leak: bool = True,
+                 verify: Optional[Verify] = None) -> None:
+        super().__init__(verify)
         fr = tuple(float(f) for f in fractions)
         if len(fr) != HINT_LEVELS or not all(0 < f <= 1 for f in fr) or list(fr) != sorted(fr):
             raise ValueError(f"fractions must be {HINT_LEVELS} non-decreasing values in (0, 1], got {fractions!r}")
@@ -210,13 +213,13 @@ class SolutionPrefixHintProvider(HintProvider):
 
     def hints(self, rows: list[dict]) -> list[Optional[Hints]]:
         out: list[Optional[Hints]] = []
-        leaks: dict = {}
+        leaks = dict.fromkeys(LEAK_STATS, 0)  # measured, so logged when 0 too
         for row in rows:
             solution = row.get("solution")
             levels = self._prefixes(solution) if isinstance(solution, str) and solution.strip() else None
             out.append(self._judge_leaks(levels, str(row.get("answer", "")), leaks) if self.check_leak else levels)
         skipped = sum(not (isinstance(r.get("solution"), str) and r["solution"].strip()) for r in rows)
-        return self._finish(rows, out, parse_fail=0, skipped=skipped, **leaks)
+        return self._finish(rows, out, parse_fail=0, skipped=skipped, **(leaks if self.check_leak else {}))
 
 
 PROVIDERS = {"self": SelfHintProvider, "dataset": DatasetHintProvider, "solution": SolutionPrefixHintProvider}

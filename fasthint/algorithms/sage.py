@@ -66,9 +66,7 @@ class SAGE(Algorithm):
         pending = [g for g in failed if hints[g.uid] is not None]
         escalate = self._parallel if self.cfg.sage_escalation == "parallel" else self._sequential
         for old, new in escalate(pending, hints, ctx):
-            new.pre_hint_rewards = old.rewards
-            new.pre_hint_correct = old.hits
-            groups[new.uid] = new  # the whole group is replaced: groups stay pure
+            groups[new.uid] = new.replacing(old)  # the whole group is replaced: groups stay pure
         return [groups[r["uid"]] for r in rows], info
 
     @staticmethod
