@@ -7,17 +7,22 @@ Each (algorithm, seed) is one ``python -m fasthint.train`` run (the seed picks t
 warm start; algorithms share them). Reported per run: no-hint greedy accuracy on the hardest level
 (4) and overall after training (and avg@k on level 4 with ``--eval_samples k``),
 ``prompts/never_solved`` at the last step, the mean hint rate, the mean wall time per step and the
-mean tokens sampled per step. Prints a table (mean ± sd over seeds, cost relative to GRPO) and
-appends one row per run to bench/results/toy_algorithms.csv with the device, versions and commit.
+mean tokens sampled per step. Appends one row per run to bench/results/toy_algorithms.csv as it ends
+(device, versions, commit); a run already there at this (clean) commit with the same flags is not
+run again, so the bench can go on across sessions. Prints a Markdown table (mean ± the 95% t-interval
+over seeds; cost relative to GRPO) and checks the SAGE paper's claim against GRPO: at least 25% fewer
+never-solved prompts and a higher no-hint accuracy on level 3 or 4.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
 import subprocess
 import sys
+from typing import Optional
 
 from _results import append_rows, versions
 
@@ -59,29 +64,55 @@ def _mean(v: list) -> object:
     return sum(v) / len(v) if v else ""
 
 
-def _summary(rows: list[dict], algos: list[str]) -> None:
-    """Mean (and spread over seeds) per algorithm; step time and sampled tokens also relative to GRPO."""
-    def stat(rs: list[dict], k: str) -> tuple[float, float]:
-        v = [float(r[k]) for r in rs]
-        m = sum(v) / len(v)
-        return m, (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
+
+def _stat(rs: list[dict], k: str) -> tuple[float, float, float]:
+    """Mean, sd and the half-width of the 95% t-interval of the mean over the runs ``rs``."""
+    v = [float(r[k]) for r in rs]
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0
+    return m, sd, T975.get(len(v), 1.96) * sd / len(v) ** 0.5 if len(v) > 1 else float("nan")
+
+
+def _summary(rows: list[dict], algos: list[str]) -> None:
+    """Per algorithm: no-hint greedy accuracy per level and never-solved prompts (mean ± 95% t-interval
+    over seeds), step time and sampled tokens relative to GRPO, as a Markdown table; then the SAGE
+    paper's claim checked against GRPO."""
     base = [r for r in rows if r["algo"] == "grpo"]
-    print(f"\n{'algo':<11} {'seeds':>5} {'acc L1':>13} {'acc L2':>13} {'acc L3':>13} {'acc L4':>13} "
-          f"{'avg@k L4':>13} {'acc all':>13} {'never solved':>13} "
-          f"{'hint rate':>9} {'s/step':>7} {'x grpo':>6} {'tokens/step':>11} {'x grpo':>6}")
+    cols = ["acc_level_1", "acc_level_2", "acc_level_3", "acc_level_4", "acc_all", "never_solved"]
+    print("\n| algo | seeds | " + " | ".join(c.replace("acc_level_", "acc L").replace("_", " ") for c in cols)
+          + " | hint rate | s/step | x grpo | tokens/step | x grpo |")
+    print("|---|---:|" + "---:|" * (len(cols) + 5))
     for algo in algos:
         rs = [r for r in rows if r["algo"] == algo]
         if not rs:
             continue
-        cell = lambda k: "{:.3f} ± {:.3f}".format(*stat(rs, k))  # noqa: E731
-        ratio = lambda k: f"{stat(rs, k)[0] / stat(base, k)[0]:.2f}" if base else "-"  # noqa: E731
-        avg4 = cell("avg_level_4") if rs[0]["avg_level_4"] != "" else "-"
-        print(f"{algo:<11} {len(rs):>5} {cell('acc_level_1'):>13} {cell('acc_level_2'):>13} "
-              f"{cell('acc_level_3'):>13} {cell('acc_level_4'):>13} {avg4:>13} {cell('acc_all'):>13} "
-              f"{cell('never_solved'):>13} "
-              f"{stat(rs, 'hint_rate')[0]:>9.3f} {stat(rs, 'step_s')[0]:>7.2f} {ratio('step_s'):>6} "
-              f"{stat(rs, 'sampled_tokens')[0]:>11.0f} {ratio('sampled_tokens'):>6}")
+        cells = ["{:.3f} ± {:.3f}".format(*_stat(rs, k)[::2]) for k in cols]
+        ratio = lambda k: f"{_stat(rs, k)[0] / _stat(base, k)[0]:.2f}" if base else "-"  # noqa: E731
+        print(f"| {algo} | {len(rs)} | " + " | ".join(cells) + f" | {_stat(rs, 'hint_rate')[0]:.3f} | "
+              f"{_stat(rs, 'step_s')[0]:.2f} | {ratio('step_s')} | {_stat(rs, 'sampled_tokens')[0]:.0f} | "
+              f"{ratio('sampled_tokens')} |")
+    sage = [r for r in rows if r["algo"] == "sage"]
+    if base and sage:
+        ns_g, ns_s = _stat(base, "never_solved")[0], _stat(sage, "never_solved")[0]
+        fewer = 1 - ns_s / ns_g if ns_g else float("nan")
+        better = [lv for lv in (3, 4) if _stat(sage, f"acc_level_{lv}")[0] > _stat(base, f"acc_level_{lv}")[0]]
+        met = fewer >= 0.25 and bool(better)
+        print(f"\nSAGE's claim on the toy: {fewer:.0%} fewer never-solved prompts than GRPO (goal: at least 25%); "
+              f"higher no-hint accuracy on level {' and '.join(map(str, better)) or '3 or 4: neither'}: "
+              f"goal {'met' if met else 'not met'}")
+
+
+def _done(algo: str, seed: int, commit: str, extra: list[str]) -> Optional[dict]:
+    """A row of ``RESULTS`` for this run at this commit and these flags (a run that finished earlier)."""
+    if not os.path.exists(RESULTS) or commit.endswith("-dirty"):
+        return None
+    with open(RESULTS, newline="") as fh:
+        for r in csv.DictReader(fh):
+            if (r["algo"], r["seed"], r["commit"], r["extra_args"]) == (algo, str(seed), commit, " ".join(extra)):
+                return r
+    return None
 
 
 def main() -> None:
@@ -99,14 +130,19 @@ def main() -> None:
     rows = []
     for algo in args.algos.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
+            done = _done(algo, seed, commit, extra)
+            if done is not None:  # measured earlier at this commit: kept (a bench run across sessions)
+                rows.append(done)
+                continue
             r = _run(algo, seed, os.path.join(args.out, f"{algo}-s{seed}"), extra)
-            rows.append({"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-                         "device": device, "torch": torch.__version__, "algo": algo, "seed": seed, **r,
-                         "extra_args": " ".join(extra)})
+            row = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+                   "device": device, "torch": torch.__version__, "algo": algo, "seed": seed, **r,
+                   "extra_args": " ".join(extra)}
+            append_rows(RESULTS, FIELDS, [row])  # each run as it ends
+            rows.append(row)
             print(f"{algo:<11} seed {seed}: level-4 {r['acc_level_4']:.3f} all {r['acc_all']:.3f} "
                   f"never_solved {r['never_solved']:.3f} {r['step_s']:.1f} s/step", flush=True)
     _summary(rows, args.algos.split(","))
-    append_rows(RESULTS, FIELDS, rows)
 
 
 if __name__ == "__main__":

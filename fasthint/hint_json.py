@@ -16,7 +16,8 @@ means them:
 
 The result is parsed with ``json5`` (single quotes, trailing commas, unquoted keys, comments), after
 smart quotes are tried both as they are and straightened. Candidates, in order: each fenced code
-block, the text from the first ``{`` to the last ``}``, and from the first ``[`` to the last ``]``.
+block, the text from the first ``{`` to the last ``}``, from the first ``[`` to the last ``]``, and each
+balanced ``{...}`` from the first few ``{`` (prose around the object with braces of its own).
 """
 from __future__ import annotations
 
@@ -105,13 +106,50 @@ def protect_latex(text: str) -> str:
     return "".join(out)
 
 
+MAX_OBJECT_STARTS = 32  # balanced objects tried from the first this many "{" (linear time per start)
+
+
+def _balanced(text: str, start: int) -> int:
+    """The index of the ``}`` closing the ``{`` at ``start`` (braces inside quoted strings do not count),
+    or -1."""
+    depth, quote, i, n = 0, None, start, len(text)
+    while i < n:
+        ch = text[i]
+        if quote is not None:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in ('"', "'"):
+            quote = ch
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
 def _candidates(text: str) -> list[str]:
     out = [m.group(1) for m in _FENCE.finditer(text)]
     for a, b in (("{", "}"), ("[", "]")):
         start, end = text.find(a), text.rfind(b)
         if 0 <= start < end:
             out.append(text[start:end + 1])
-    return out
+    # each balanced {...}: an object with prose around it that has braces of its own ("see {notes}",
+    # a <think> block's \frac{1}{2})
+    start = text.find("{")
+    for _ in range(MAX_OBJECT_STARTS):
+        if start < 0:
+            break
+        end = _balanced(text, start)
+        if end < 0:
+            break
+        out.append(text[start:end + 1])
+        start = text.find("{", start + 1)
+    return list(dict.fromkeys(out))
 
 
 def _levels(obj: Any) -> Optional[Hints]:

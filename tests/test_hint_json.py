@@ -1,5 +1,8 @@
 """The parser of self-written hints (fasthint.hint_json): replies as policies write them, with LaTeX in
 JSON strings, JSON5 leniency and garbage. Each expected value is written out by hand."""
+import json
+import os
+
 import pytest
 
 from fasthint.algorithms.hint_providers import parse_hint_json as reexported
@@ -75,6 +78,16 @@ GARBAGE = [
 @pytest.mark.parametrize("reply,want", REPLIES, ids=[f"reply{i}" for i in range(len(REPLIES))])
 def test_replies_parse_to_the_hand_written_levels(reply, want):
     assert parse_hint_json(reply) == dict(zip((1, 2, 3), want))
+
+
+RECORDED = json.load(open(os.path.join(os.path.dirname(__file__), "recorded", "hint_replies.json")))["replies"]
+
+
+@pytest.mark.parametrize("case", RECORDED, ids=[f"{c['source']}{i}" for i, c in enumerate(RECORDED)])
+def test_model_styles_and_the_toys_own_replies(case):
+    """Issue 30: 31 replies in the styles models write and 10 of the toy's own (tests/recorded/hint_replies.json)."""
+    want = case["levels"]
+    assert parse_hint_json(case["reply"]) == (None if want is None else dict(zip((1, 2, 3), want)))
 
 
 @pytest.mark.parametrize("reply", GARBAGE, ids=[f"garbage{i}" for i in range(len(GARBAGE))])
