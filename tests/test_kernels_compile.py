@@ -106,3 +106,24 @@ def test_the_split_backward_tunes_once_per_head_shape():
     keys = {tuple({"D": 3584, "V": 152064, "VC": hb._split_cols(n, 152064)}[k] for k in tuned.keys)
             for n in range(8192, 20481, 64)}
     assert len(keys) == 1
+
+
+def test_the_committed_csv_is_the_whole_matrix_and_every_row_fits(tmp_path):
+    """Issue 29's acceptance: ``bench/results/kernels_compile.csv`` lists every kernel, switch combination,
+    input dtype and kept tile configuration for sm_80 and sm_90 (``aot.plan("full")``), each compiled, its
+    shared memory under the target's limit and its spills recorded. A kernel, switch or config added
+    since makes this fail until the CSV is regenerated (``scripts/kernels_compile.py --level full``)."""
+    code = textwrap.dedent("""
+        from fasthint_kernels import aot
+        for k, target, dtype, switches, cfg in aot.plan("full"):
+            label = ",".join(s for s, on in switches.items() if on) or "-"
+            print(k.name, target, dtype, label, aot.config_name(cfg), sep="|")
+    """)
+    res = _python(code, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    planned = {tuple(line.split("|")) for line in res.stdout.splitlines()}
+    rows = list(csv.DictReader(open(os.path.join(REPO, "bench", "results", "kernels_compile.csv"))))
+    listed = {(r["kernel"], r["target"], r["dtype"], r["switches"], r["config"]) for r in rows}
+    assert len(rows) == len(listed) and listed == planned, (sorted(planned - listed)[:5], sorted(listed - planned)[:5])
+    bad = [r for r in rows if r["ok"] != "True" or int(r["shared"]) > int(r["limit"]) or int(r["spill_stores"]) < 0]
+    assert not bad, bad[:3]
