@@ -18,7 +18,8 @@ import time
 from typing import Callable, Optional
 
 import torch
-from fasthint_kernels.reference import PGSpec, fp32_dots_exact
+from fasthint_kernels.reference import fp32_dots_exact
+from fasthint_kernels.spec import PGSpec
 
 log = logging.getLogger("fasthint")
 

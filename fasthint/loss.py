@@ -1,27 +1,23 @@
-"""The policy objective, written once: per-token terms, their aggregation, and the loss module.
+"""The policy objective, written once: per-token terms (``fasthint.terms``), their aggregation, and the
+loss module.
 
     loss = sum_t w_t * m_t * sum_k term_k(logp_t)          (docs/ALGORITHMS.md §1.4-1.5)
 
-Each *term* is a small object whose ``loss(logp, tokens)`` is a function of each token's own
-log-prob (plus per-token constants: old log-probs, advantages, the reference log-probs, any named
-field an algorithm attaches). ``w_t`` is the aggregation weight (token-mean, seq-mean-token-mean or
-seq-mean-token-sum-norm, with the global normaliser) times the sample/importance weight; ``m_t`` the
-mask. Because every term depends on ``logp_t`` alone, the head kernels need from the objective only
-``dL/dlogp_t``, one coefficient per token: :func:`fused_policy_loss` hands the summed terms to
-``ops.fused_linear_loss`` as a closure, and the kernels never see an algorithm's concept.
-
-Terms: :class:`ClippedSurrogate` (PPO/GRPO clip with clip-higher and dual clip),
-:class:`ShapedRatio` (Guide: ``A r / (r + gamma)`` on hinted tokens), :class:`KLPenalty` (k3),
-:class:`EntropyBonus` (``-coef H_t``; the one term that reads the entropy, whose gradient the kernels
-add when a term sets ``uses_entropy``). A new term is a subclass of :class:`Term` plus its test
-(docs/ARCHITECTURE.md shows one); an algorithm picks its terms in ``Algorithm.objective``.
+``w_t`` is the aggregation weight (token-mean, seq-mean-token-mean or seq-mean-token-sum-norm, with the
+global normaliser) times the sample/importance weight; ``m_t`` the mask. Because every term depends on
+``logp_t`` alone, the head kernels need from the objective only ``dL/dlogp_t``, one coefficient per
+token. :meth:`Objective.lower` asks each term for its kernel form (``Term.lower``): the built-in terms
+become the fused epilogue's operations (``PGSpec``); an objective with a term that has none hands
+``ops.fused_linear_loss`` the summed terms as a closure. Either way the kernels never see an
+algorithm's concept.
 
 :class:`PolicyLoss` is the causal LM plus the fused loss in one ``forward`` (the FSDP root);
 ``micro_batch_logprobs`` and ``recompute_logprobs`` give the same log-probs without gradient.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -30,8 +26,11 @@ from fasthint import dist, ops
 from fasthint.batch import Sample, _collate, _collate_packed
 from fasthint.head import head_transform
 from fasthint.packing import packed_model_kwargs
+from fasthint.terms import (ClippedSurrogate, EntropyBonus, KLPenalty, ShapedRatio, Term,  # noqa: F401 - re-exported
+                            Tokens, clip_terms)
 from fasthint.options import Options, need, one_of, option
 
+log = logging.getLogger("fasthint")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ADV_SCALES = ("group", "batch", "none")
 
@@ -73,146 +72,6 @@ class LossConfig(Options):
         need(0 <= self.head_grad_filter < 1, f"--head_grad_filter must be in [0, 1) (got {self.head_grad_filter})")
 
 
-@dataclass
-class Tokens:
-    """Per-token constants of the packed completion tokens, each ``[N]`` (no gradient)."""
-
-    old_logp: torch.Tensor
-    advantages: torch.Tensor
-    mask: torch.Tensor
-    ref_logp: Optional[torch.Tensor] = None
-    fields: dict = field(default_factory=dict)  # named per-token tensors a term reads (Guide: "gamma")
-    entropy: Optional[torch.Tensor] = None  # the policy's per-token entropy (differentiable), for terms
-    #                                          with ``uses_entropy``; set by the objective per chunk
-
-    def prepared(self, dtype: torch.dtype) -> "Tokens":
-        """In ``dtype``, zero off the mask (NaN or inf there must never reach a gradient)."""
-        on = self.mask.bool()
-
-        def c(x):
-            return None if x is None else torch.where(on, x.detach().to(dtype), torch.zeros((), dtype=dtype,
-                                                                                          device=x.device))
-        return Tokens(c(self.old_logp), c(self.advantages), self.mask, c(self.ref_logp),
-                      {k: c(v) for k, v in self.fields.items()})
-
-    def rows(self, s: int, e: int, entropy: Optional[torch.Tensor] = None) -> "Tokens":
-        """Rows ``s:e`` (what the kernels hand the objective one chunk at a time), with ``entropy``."""
-        cut = (lambda x: None if x is None else x[s:e])  # noqa: E731
-        return Tokens(cut(self.old_logp), cut(self.advantages), cut(self.mask), cut(self.ref_logp),
-                      {k: cut(v) for k, v in self.fields.items()}, entropy)
-
-
-class Term:
-    """One per-token objective term. ``loss`` is minimised; ``stats`` are per-token values whose
-    means over the mask are reported (keys are metric names). A term whose loss reads the policy's
-    entropy (``t.entropy``) sets ``uses_entropy``: the kernels then compute it and its gradient."""
-
-    uses_entropy = False
-    sampler_stats = False  # its stats compare the trainer with the sampler: reported over unhinted tokens
-    acts_without_advantage = False  # its loss is not zero on a sample whose advantage is 0 (KL, entropy bonus)
-
-    @staticmethod
-    def importance_weight(t: Tokens):
-        """The truncated importance weight trainer/sampler of each token (field ``is_weight``, set when
-        the engine's sampler is corrected), or 1: it scales policy-gradient terms only, never the KL."""
-        return t.fields.get("is_weight", 1.0)
-
-    def loss(self, logp: torch.Tensor, t: Tokens) -> torch.Tensor:
-        raise NotImplementedError
-
-    def stats(self, logp: torch.Tensor, t: Tokens) -> dict:
-        return {}
-
-
-@dataclass
-class ClippedSurrogate(Term):
-    """``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)``, ``r = exp(logp - old)``; with ``dual_clip=c``
-    the objective of a negative-advantage token is at least ``c A`` (Dual-clip PPO)."""
-
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: Optional[float] = None
-    sampler_stats = True
-
-    def objective(self, logp, t: Tokens) -> torch.Tensor:
-        ratio = torch.exp(logp - t.old_logp)
-        adv = t.advantages.to(logp.dtype)
-        obj = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high) * adv)
-        if self.dual_clip is not None:
-            obj = torch.where(adv < 0, torch.maximum(obj, self.dual_clip * adv), obj)
-        return obj
-
-    def loss(self, logp, t):
-        return -self.objective(logp, t) * self.importance_weight(t)
-
-    def stats(self, logp, t):
-        ratio, adv = torch.exp(logp - t.old_logp), t.advantages
-        return {"clip_ratio/low": ((ratio < 1 - self.eps_low) & (adv < 0)).to(logp.dtype),
-                "clip_ratio/high": ((ratio > 1 + self.eps_high) & (adv > 0)).to(logp.dtype)}
-
-
-@dataclass
-class ShapedRatio(Term):
-    """Guide: tokens whose field ``gamma`` is > 0 (hinted completions) use the unclipped shaped
-    objective ``A r / (r + gamma)``; the others use ``base``."""
-
-    base: ClippedSurrogate = field(default_factory=ClippedSurrogate)
-    sampler_stats = True
-
-    def loss(self, logp, t):
-        obj = self.base.objective(logp, t)
-        gam = t.fields.get("gamma")
-        if gam is not None:
-            ratio, shaped = torch.exp(logp - t.old_logp), gam > 0
-            adv = t.advantages.to(logp.dtype)
-            obj = torch.where(shaped, adv * ratio / (ratio + torch.where(shaped, gam, 1.0)), obj)
-        return -obj * self.importance_weight(t)
-
-    def stats(self, logp, t):
-        return self.base.stats(logp, t)
-
-
-@dataclass
-class KLPenalty(Term):
-    """``beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` (no term without reference log-probs)."""
-
-    beta: float = 0.0
-    acts_without_advantage = True
-
-    def k3(self, logp, t):
-        d = t.ref_logp.to(logp.dtype) - logp
-        return torch.exp(d) - d - 1
-
-    def loss(self, logp, t):
-        return self.beta * self.k3(logp, t) if t.ref_logp is not None and self.beta > 0 else torch.zeros_like(logp)
-
-    def stats(self, logp, t):
-        return {"kl": self.k3(logp, t)} if t.ref_logp is not None and self.beta > 0 else {}
-
-
-@dataclass
-class EntropyBonus(Term):
-    """``-coef * H_t``: rewards a spread-out next-token distribution (verl's ``entropy_coeff``)."""
-
-    coef: float = 0.0
-    uses_entropy = True
-    acts_without_advantage = True
-
-    def loss(self, logp, t):
-        if t.entropy is None:
-            raise ValueError("EntropyBonus needs the per-token entropy: pass entropy= to policy_loss")
-        return -self.coef * t.entropy
-
-
-def clip_terms(eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: Optional[float] = None,
-               beta: float = 0.0, shaped: bool = False, entropy_coef: float = 0.0) -> list[Term]:
-    """GRPO's objective: the clipped surrogate (Guide's shaped ratio around it when ``shaped``), k3 KL
-    when ``beta > 0`` and an entropy bonus when ``entropy_coef > 0``."""
-    pg = ClippedSurrogate(eps_low, eps_high, dual_clip)
-    return ([ShapedRatio(pg) if shaped else pg] + ([KLPenalty(beta)] if beta > 0 else [])
-            + ([EntropyBonus(entropy_coef)] if entropy_coef > 0 else []))
-
-
 def token_weights(mask: torch.Tensor, loss_agg: str, *, num_tokens: Optional[float] = None,
                   seq_ids: Optional[torch.Tensor] = None, num_seqs: Optional[float] = None,
                   seq_weights: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -240,6 +99,17 @@ def token_weights(mask: torch.Tensor, loss_agg: str, *, num_tokens: Optional[flo
     return w
 
 
+_COMPOSED: set = set()  # the term types already said to run the composed path
+
+
+def _say_composed(term: Term) -> None:
+    name = type(term).__name__
+    if name not in _COMPOSED:
+        _COMPOSED.add(name)
+        log.info("objective term %s has no kernel form (Term.lower): the head runs the composed path (the "
+                 "kernels' log-probs, then the terms under autograd)", name)
+
+
 @dataclass
 class Objective:
     """The policy loss of one batch of tokens, ready for the kernels: ``token_loss(logp_rows, start,
@@ -262,25 +132,19 @@ class Objective:
         return torch.where(on, tok * self.weights[s:e], torch.zeros_like(tok))  # NaN/inf off the mask stay out
 
     def lower(self) -> Optional[ops.PGSpec]:
-        """The objective as per-token tensors and switches for the kernels' epilogue
-        (``ops.fused_linear_loss(pg_spec=...)``), or None when a term is not one of the built-in four
-        (the kernels then get ``token_loss`` as a closure)."""
-        pg, rest = self.terms[0], self.terms[1:]
-        shaped = isinstance(pg, ShapedRatio)
-        clip = pg.base if shaped else pg
-        if type(clip) is not ClippedSurrogate or (not shaped and type(pg) is not ClippedSurrogate):
-            return None
-        kl = [t for t in rest if type(t) is KLPenalty]
-        ent = [t for t in rest if type(t) is EntropyBonus]
-        if len(kl) + len(ent) != len(rest) or len(kl) > 1 or len(ent) > 1:
+        """The objective as the kernels' epilogue computes it (``ops.fused_linear_loss(pg_spec=...)``): each
+        term lowers itself (:meth:`Term.lower`). None when a term has no kernel form or no term is a
+        policy-gradient one: the kernels then get ``token_loss`` as a closure (said once per term type)."""
+        spec: dict = {}
+        for term in self.terms:
+            if not term.lower(spec, self.tokens):
+                _say_composed(term)
+                return None
+        if "eps_low" not in spec:  # the epilogue is built around a ratio: no policy-gradient term, no kernel form
+            _say_composed(self.terms[0])
             return None
         t = self.tokens
-        use_kl = bool(kl) and kl[0].beta > 0 and t.ref_logp is not None
-        iw = t.fields.get("is_weight")
-        return ops.PGSpec(t.old_logp, t.advantages, torch.where(t.mask.bool(), self.weights, 0.0), clip.eps_low,
-                          clip.eps_high, clip.dual_clip, is_weights=iw if torch.is_tensor(iw) else None,
-                          gamma=t.fields.get("gamma") if shaped else None, ref_logp=t.ref_logp if use_kl else None,
-                          beta=kl[0].beta if use_kl else 0.0, entropy_coef=ent[0].coef if ent else 0.0)
+        return ops.PGSpec(t.old_logp, t.advantages, torch.where(t.mask.bool(), self.weights, 0.0), **spec)
 
     @torch.no_grad()
     def stats(self, logp: torch.Tensor, sampler_mask: Optional[torch.Tensor] = None) -> dict:

@@ -26,7 +26,8 @@ import torch
 from fasthint_kernels.chunked import group_advantages_torch, linear_logprobs_chunked
 from fasthint_kernels.fused_loss import TokenLoss, fused_linear_loss_chunked
 from fasthint_kernels.native import usable
-from fasthint_kernels.reference import PGSpec, check_softcap, group_advantages_ref, linear_logprobs_ref
+from fasthint_kernels.reference import check_softcap, group_advantages_ref, linear_logprobs_ref
+from fasthint_kernels.spec import PGSpec
 
 from fasthint import autoselect
 

@@ -14,7 +14,7 @@ LAYERS = {
     "fasthint.head": 1, "fasthint.data": 1, "fasthint.dist": 1, "fasthint.engines.base": 1,
     "fasthint.toy.task": 1, "fasthint.precheck": 1,  # foundation: types, data, verifier, collectives, CLI checks
     "fasthint.autoselect": 2, "fasthint.ops": 2,  # ops: dispatch over the kernels
-    "fasthint.loss": 3, "fasthint.update": 3,     # the policy objective and its update step
+    "fasthint.terms": 3, "fasthint.loss": 3, "fasthint.update": 3,  # the policy objective and its update step
     "fasthint.engines": 4, "fasthint.algorithms": 4,  # rollout engines; algorithms (siblings)
     "fasthint": 5,                               # building, the loop and the CLIs
 }

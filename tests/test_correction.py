@@ -15,17 +15,37 @@ from fasthint.errors import ConfigError
 from fasthint.toy.model import build_model, build_tokenizer
 
 
-def test_is_weights_token_and_sequence_levels():
-    tr = torch.tensor([-1.0, -2.0, -0.5])
-    sa = torch.tensor([-1.5, -1.0, -0.5])
-    got = is_weights(tr, sa, "token", 1.5)
-    want = [min(math.exp(d), 1.5) for d in (0.5, -1.0, 0.0)]
-    assert got.tolist() == pytest.approx(want, rel=1e-12)
-    seq = is_weights(tr, sa, "sequence", 2.0)
-    assert seq.tolist() == pytest.approx([math.exp(-0.5)] * 3, rel=1e-12)
-    assert is_weights(tr, sa - 1.0, "sequence", 2.0).tolist() == pytest.approx([2.0] * 3)  # exp(2.5) capped
+def _want(d: list[float], mode: str, cap: float) -> list[float]:
+    """TRL's four modes written out on float64 log-ratios (trainer - sampler) of one completion."""
+    r = [math.exp(x) for x in d] if mode.startswith("token") else [math.exp(sum(d))] * len(d)
+    return [min(x, cap) if mode.endswith("truncate") else (0.0 if x > cap else x) for x in r]
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_is_weights_in_trls_four_modes(mode):
+    """Issue 31: token or sequence, truncate or mask, against the hand computation on hand-built log-probs."""
+    tr = torch.tensor([-1.0, -2.0, -0.5, -0.1], dtype=torch.float64)
+    for sa in (torch.tensor([-1.5, -1.0, -0.5, -0.3], dtype=torch.float64),  # token ratios e^.5, e^-1, 1, e^.2
+               torch.tensor([-2.5, -2.2, -0.6, -0.2], dtype=torch.float64)):  # sequence ratio e^1.9 > 1.5
+        got = is_weights(tr, sa, mode, 1.5)
+        assert got.tolist() == pytest.approx(_want((tr - sa).tolist(), mode, 1.5), rel=1e-12)
+    assert is_weights(tr, tr - 800.0, mode, 2.0).isfinite().all()  # a long sequence's product never overflows
     with pytest.raises(ValueError):
-        is_weights(tr, sa, "batch", 2.0)
+        is_weights(tr, tr, "token", 2.0)  # the old level name is not a mode
+
+
+def test_the_old_level_option_maps_to_a_mode_with_one_warning(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="fasthint"):
+        cfg = TrainConfig(engine="vllm", vllm_importance_sampling_level="sequence").validate()
+    assert cfg.vllm_importance_sampling_mode == "sequence_truncate" and cfg.vllm_importance_sampling_level == ""
+    assert caplog.text.count("is now --vllm_importance_sampling_mode sequence_truncate") == 1
+    assert TrainConfig().validate().vllm_importance_sampling_mode == "token_truncate"  # the default
+    with pytest.raises(ConfigError, match="both given"):
+        TrainConfig(vllm_importance_sampling_level="token", vllm_importance_sampling_mode="token_mask").validate()
+    with pytest.raises(ConfigError, match="vllm_importance_sampling_mode"):
+        TrainConfig(vllm_importance_sampling_mode="token").validate()
 
 
 class _Shifted:
@@ -48,29 +68,32 @@ def _trainer_logprobs(model, prompt, completion, temperature):
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)
 
 
-@pytest.mark.parametrize("level,shift", [("token", 0.3), ("token", -1.0), ("sequence", 0.05)])
-def test_corrected_engine_rescores_with_the_trainer(level, shift):
+@pytest.mark.parametrize("mode,shift", [("token_truncate", 0.3), ("token_truncate", -1.0), ("sequence_truncate", 0.05),
+                                        ("token_mask", -1.0), ("sequence_mask", -0.2)])
+def test_corrected_engine_rescores_with_the_trainer(mode, shift):
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = build_model(tok, seed=0).eval()
     cfg = TrainConfig(micro_batch_size=3, temperature=0.8, engine="vllm", vllm_importance_sampling_correction=True,
-                      vllm_importance_sampling_level=level, vllm_importance_sampling_cap=2.0).validate()
+                      vllm_importance_sampling_mode=mode, vllm_importance_sampling_cap=2.0).validate()
     inner = _Shifted(HFEngine(model, tok), shift)
     eng = ISCorrectedEngine(inner, model, cfg)
     prompts = [render_prompt(tok, q) for q in ("1+2=?", "10+11-3=?")]
     comps = eng.generate(prompts, SamplingConfig(n=3, temperature=0.8, max_new_tokens=10))
-    n = 0
+    n = masked = 0
     for c, sampled in zip(comps, inner.truth):
         want = _trainer_logprobs(model, prompts[c.prompt_index], c.token_ids, 0.8)
         assert (torch.tensor(c.logprobs, dtype=torch.float64) - want).abs().max() < 1e-4  # the trainer's now
         d = want - (torch.tensor(sampled, dtype=torch.float64) + shift)  # trainer - sampler
-        w = torch.exp(d).clamp(max=2.0) if level == "token" else torch.full_like(d, min(math.exp(d.sum()), 2.0))
+        w = torch.tensor(_want(d.tolist(), mode, 2.0), dtype=torch.float64)
         assert torch.tensor(c.is_weights, dtype=torch.float64).sub(w).abs().max() < 1e-3
+        masked += int((w == 0).sum()) if mode.endswith("mask") else 0
         n += len(c.token_ids)
     st = merge_stats([eng.pop_stats()])
     assert st["sampling/logp_diff/mean"] == pytest.approx(abs(shift), abs=1e-4)
-    if level == "token":
+    if mode == "token_truncate":
         assert st["sampling/is_capped_frac"] == (1.0 if math.exp(-shift) > 2 else 0.0)
+    assert st["sampling/is_masked_frac"] == pytest.approx(masked / n) and (masked > 0) == mode.endswith("mask")
     assert eng.pop_stats()["n"] == 0  # reset
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fasthint_kernels.fused_pg import fused_pg_loss
-from fasthint_kernels.reference import PGSpec, pg_loss_torch
+from fasthint_kernels.reference import pg_loss_torch
+from fasthint_kernels.spec import PGSpec
 
 
 def _case(n, d, v, seed=0, bias=False):

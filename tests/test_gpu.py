@@ -84,7 +84,8 @@ def test_fused_pg_loss_cuda_against_float64(dtype, backward):
     """The policy-gradient kernel with its objective in the epilogue (every part on) on a real GPU,
     bf16 and fp32, at a Qwen2.5-1.5B head width, against float64 with the rule of the CPU tests."""
     from fasthint_kernels.fused_pg import fused_pg_loss
-    from fasthint_kernels.reference import PGSpec, pg_loss_torch
+    from fasthint_kernels.reference import pg_loss_torch
+    from fasthint_kernels.spec import PGSpec
 
     g = torch.Generator(device="cuda").manual_seed(0)
     n, d, v, temp = 2048, 1536, 32003, 0.7

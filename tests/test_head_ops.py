@@ -81,7 +81,7 @@ def test_no_tokens_give_empty_outputs_and_zero_gradients(backward, monkeypatch):
     ``forward_splits`` divided by on CUDA), empty log-probs and zero weight gradients; fake and real agree."""
     from fasthint_kernels.fused_pg import fused_pg_loss
     from fasthint_kernels.logprobs import forward_splits, linear_logprobs_triton
-    from fasthint_kernels.reference import PGSpec
+    from fasthint_kernels.spec import PGSpec
 
     monkeypatch.setattr(hb, "DEFAULT_BACKWARD", backward)
     h, w, b, _ = _problem()

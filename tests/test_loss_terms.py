@@ -196,3 +196,47 @@ def test_the_entropy_bonus_trains_on_zero_advantage_samples():
         moved[coef] = (stats["grad_norm"], any(not torch.equal(a, b) for a, b in zip(before, model.parameters())))
     assert moved[0.0] == (0.0, False)
     assert moved[0.05][0] > 0 and moved[0.05][1]
+
+
+def test_every_built_in_term_lowers_itself_to_the_kernel_epilogue(caplog):
+    """Issue 31: each term says how it reaches the kernel (``Term.lower``). Every built-in term of
+    ``fasthint.terms`` has a kernel form, alone and together, so on CUDA none falls back to the composed
+    path; a term without one (the documented CISPO example) makes the objective say so, once."""
+    import logging
+
+    import fasthint.terms as terms_module
+    from fasthint.loss import EntropyBonus, Term, make_objective
+    from fasthint_kernels.spec import PGSpec
+
+    built_in = {c for c in vars(terms_module).values() if isinstance(c, type) and issubclass(c, Term) and c is not Term}
+    assert built_in == {ClippedSurrogate, ShapedRatio, KLPenalty, EntropyBonus}
+    n = 7
+    g = torch.Generator().manual_seed(0)
+    old, adv, ref, gam = (torch.randn(n, generator=g) for _ in range(4))
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0], dtype=torch.float32)
+    iw = torch.rand(n, generator=g)
+    every = [ShapedRatio(ClippedSurrogate(0.1, 0.3, 3.0)), KLPenalty(0.05), EntropyBonus(0.01)]
+    with caplog.at_level(logging.INFO, logger="fasthint"):
+        for chosen in ([every[0].base], [every[0]], every, [every[0].base, every[1]], [every[0].base, every[2]]):
+            obj = make_objective(old, adv, mask, ref_logp=ref, terms=chosen,
+                                 token_fields={"gamma": gam, "is_weight": iw})
+            spec = obj.lower()
+            assert isinstance(spec, PGSpec), chosen
+            assert (spec.eps_low, spec.eps_high, spec.dual_clip) == (0.1, 0.3, 3.0)
+            assert torch.equal(spec.is_weights, obj.tokens.fields["is_weight"])
+            assert (spec.gamma is not None) == isinstance(chosen[0], ShapedRatio)
+            assert spec.beta == (0.05 if every[1] in chosen else 0.0) and (spec.ref_logp is not None) == (spec.beta > 0)
+            assert spec.entropy_coef == (0.01 if every[2] in chosen else 0.0)
+            assert torch.equal(spec.weights, obj.weights * mask)
+    assert "no kernel form" not in caplog.text
+
+    class Custom(Term):
+        def loss(self, logp, t):
+            return -t.advantages * logp
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fasthint"):
+        for _ in range(2):
+            assert make_objective(old, adv, mask, terms=[Custom()]).lower() is None
+            assert make_objective(old, adv, mask, terms=[every[0].base, every[0].base]).lower() is None  # two clips
+    assert caplog.text.count("objective term Custom has no kernel form") == 1

@@ -117,11 +117,12 @@ def test_training_run_with_the_vllm_engine(tmp_path):
         assert r["sampling/logp_diff/mean"] < 5e-3 and r["sampling/logp_diff/max"] < 2e-2, r
 
 
-def test_two_ranks_one_engine_each_with_tis(tmp_path):
-    """torchrun, 2 CPU ranks, one vLLM engine per rank (external launcher), truncated importance
-    sampling on: every step's rollouts on both ranks carry trainer/sampler ratios near 1 after each
-    rank's sync (merged over ranks: a rank that missed its sync shows in the max), and rank 0
-    evaluates alone with its engine while rank 1 waits."""
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_two_ranks_one_engine_each_with_tis(tmp_path, mode):
+    """torchrun, 2 CPU ranks, one vLLM engine per rank (external launcher), the importance-sampling
+    correction on (TRL's modes, issue 31): every step's rollouts on both ranks carry trainer/sampler
+    ratios near 1 after each rank's sync (merged over ranks: a rank that missed its sync shows in the
+    max), nothing is capped or masked, and rank 0 evaluates alone with its engine while rank 1 waits."""
     import json
     import os
     import subprocess
@@ -131,7 +132,8 @@ def test_two_ranks_one_engine_each_with_tis(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(repo, "tests", "fit_toy_reward.py"), "--engine", "vllm",
-           "--vllm_importance_sampling_correction", "true", "--vllm_gpu_memory_utilization", "0.1",
+           "--vllm_importance_sampling_correction", "true", "--vllm_importance_sampling_mode", mode,
+           "--vllm_gpu_memory_utilization", "0.1",
            "--output_dir", str(out), "--cache_dir", str(tmp_path / "c"), "--toy_warmstart_steps", "0",
            "--toy_train_size", "12", "--eval_data", "toy", "--eval_max_prompts", "4", "--eval_samples", "0",
            "--prompts_per_step", "4", "--num_generations", "4", "--max_new_tokens", "8", "--max_steps", "3",
@@ -143,6 +145,7 @@ def test_two_ranks_one_engine_each_with_tis(tmp_path):
     for r in rows:
         assert r["sampling/logp_diff/mean"] < 5e-3 and r["sampling/logp_diff/max"] < 2e-2, r
         assert abs(r["sampling/is_ratio/mean"] - 1) < 1e-2 and r["sampling/is_capped_frac"] == 0.0, r
+        assert r["sampling/is_masked_frac"] == 0.0, r
     assert json.load(open(out / "eval.json"))["eval_after"]
 
 

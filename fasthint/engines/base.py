@@ -1,13 +1,16 @@
 """The rollout engine interface every backend (Hugging Face generate, vLLM) implements."""
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
 
 from fasthint.options import Options, at_least, need, one_of, option
 
 ENGINES = ("hf", "vllm")
-IS_LEVELS = ("token", "sequence")
+IS_LEVELS = ("token", "sequence")  # the old --vllm_importance_sampling_level
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL's names
 
 
 @dataclass
@@ -85,10 +88,14 @@ class RolloutConfig(Options):
     vllm_importance_sampling_correction: bool = option(
         False, "vllm: re-score each rollout with the trainer (one no-grad forward) and weight each token's "
                "loss by the truncated ratio trainer/sampler (TIS); metrics sampling/is_ratio/*.")
-    vllm_importance_sampling_level: str = option("token", f"vllm: TIS ratio per token or per sequence, one of "
-                                                          f"{IS_LEVELS}.")
-    vllm_importance_sampling_cap: float = option(3.0, "vllm: TIS truncation C (weights are min(ratio, C); "
-                                                      "they scale the policy-gradient term, not the KL).")
+    vllm_importance_sampling_mode: str = option("", f"vllm: the correction's ratio per token or per sequence, "
+                                                    f"truncated (min(ratio, C)) or masked (weight 0 where ratio > C), "
+                                                    f"one of {IS_MODES} (TRL's names); unset = token_truncate.")
+    vllm_importance_sampling_level: str = option("", "vllm: the old name of --vllm_importance_sampling_mode: token "
+                                                     "= token_truncate, sequence = sequence_truncate.")
+    vllm_importance_sampling_cap: float = option(3.0, "vllm: the correction's C (weights min(ratio, C), or 0 above "
+                                                      "C when masking; they scale the policy-gradient term, not "
+                                                      "the KL).")
 
     def check(self) -> None:
         at_least(self, ("num_generations", "max_new_tokens", "generation_batch_size"), 1)
@@ -99,7 +106,18 @@ class RolloutConfig(Options):
              f"--engine_sync_max_logp_diff must be > 0 nats (got {self.engine_sync_max_logp_diff}); e.g. 0.05")
         need(0 < self.vllm_gpu_memory_utilization <= 1,
              f"--vllm_gpu_memory_utilization must be in (0, 1] (got {self.vllm_gpu_memory_utilization})")
-        one_of("vllm_importance_sampling_level", self.vllm_importance_sampling_level, IS_LEVELS)
+        if self.vllm_importance_sampling_level:  # the old option: mapped once, with a word
+            one_of("vllm_importance_sampling_level", self.vllm_importance_sampling_level, IS_LEVELS)
+            need(not self.vllm_importance_sampling_mode,
+                 "--vllm_importance_sampling_level and --vllm_importance_sampling_mode are both given: keep "
+                 "--vllm_importance_sampling_mode (the level is its old name)")
+            self.vllm_importance_sampling_mode = f"{self.vllm_importance_sampling_level}_truncate"
+            logging.getLogger("fasthint").warning(
+                "--vllm_importance_sampling_level %s is now --vllm_importance_sampling_mode %s",
+                self.vllm_importance_sampling_level, self.vllm_importance_sampling_mode)
+            self.vllm_importance_sampling_level = ""
+        self.vllm_importance_sampling_mode = self.vllm_importance_sampling_mode or "token_truncate"
+        one_of("vllm_importance_sampling_mode", self.vllm_importance_sampling_mode, IS_MODES)
         need(self.vllm_importance_sampling_cap >= 1,
              f"--vllm_importance_sampling_cap must be >= 1 (got {self.vllm_importance_sampling_cap})")
         need(self.engine == "vllm" or not self.vllm_importance_sampling_correction,

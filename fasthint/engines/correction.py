@@ -7,12 +7,16 @@ no-grad forward of the gathered model, in the context the completion was sampled
 
 - the completion's log-probs become the trainer's, so the PPO ratio compares the trainer with itself
   (ratio 1 at the first update, exactly as with the HF engine);
-- every token carries a constant factor on its loss (Yao et al. 2025, "truncated importance sampling"):
+- every token carries a constant factor on its loss (Yao et al. 2025, "truncated importance sampling"),
+  in one of TRL's four modes (``--vllm_importance_sampling_mode``, ``C = --vllm_importance_sampling_cap``):
 
-      token level:     w_t = min(pi_theta(y_t) / pi_s(y_t), C)
-      sequence level:  w_t = min(prod_u pi_theta(y_u) / pi_s(y_u), C)   for every token t of the completion
+      token_truncate:     w_t = min(rho_t, C)                 rho_t = pi_theta(y_t) / pi_s(y_t)
+      token_mask:         w_t = rho_t if rho_t <= C, else 0
+      sequence_truncate:  w_t = min(R, C)                     R = prod_u rho_u, every token t of the completion
+      sequence_mask:      w_t = R if R <= C, else 0
 
-  with ``C = --vllm_importance_sampling_cap``.
+  A masked token (or completion) leaves the policy-gradient term (it still counts in the aggregation's
+  token count, as in TRL); ``sampling/is_masked_frac`` is the share of tokens masked.
 
 Without the correction the sampler's log-probs are the PPO ratio's old policy: the mismatch then sits
 in the ratio and is clipped with it. Either way ``sampling/logp_diff/{mean,max}`` report
@@ -29,17 +33,21 @@ from fasthint.batch import Sample
 from fasthint.engines.base import Completion, SamplingConfig
 from fasthint.loss import recompute_logprobs
 
-LEVELS = ("token", "sequence")
+MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
-def is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, level: str, cap: float) -> torch.Tensor:
-    """Per-token truncated importance weights of one completion (float64 maths, see module doc)."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+def is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mode: str, cap: float) -> torch.Tensor:
+    """Per-token importance weights of one completion (float64 maths, see module doc); a sequence ratio is
+    compared with the cap in log space, so a long completion's product never overflows."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    level, action = mode.split("_")
     d = trainer_logp.double() - sampler_logp.double()
-    if level == "token":
-        return torch.exp(d).clamp(max=cap)
-    return torch.full_like(d, math.exp(min(d.sum().item(), math.log(cap))))
+    log_r = d if level == "token" else torch.full_like(d, d.sum().item())
+    log_cap = math.log(cap)
+    if action == "truncate":
+        return torch.exp(log_r.clamp(max=log_cap))
+    return torch.where(log_r > log_cap, torch.zeros_like(log_r), torch.exp(log_r.clamp(max=log_cap)))
 
 
 class ISCorrectedEngine:
@@ -56,19 +64,20 @@ class ISCorrectedEngine:
 
     def _reset(self) -> None:
         self.n, self.diff_sum, self.diff_max, self.seconds = 0, 0.0, 0.0, 0.0
-        self.ratio_sum, self.ratio_min, self.ratio_max, self.capped = 0.0, math.inf, 0.0, 0
+        self.ratio_sum, self.ratio_min, self.ratio_max, self.capped, self.masked = 0.0, math.inf, 0.0, 0, 0
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
         comps = self.engine.generate(prompts, sampling)
         t0 = time.perf_counter()
         todo = [c for c in comps if c.token_ids]
         samples = [Sample(prompts[c.prompt_index], c.token_ids, c.logprobs, 0.0) for c in todo]
-        cap, level = self.cfg.vllm_importance_sampling_cap, self.cfg.vllm_importance_sampling_level
+        cap, mode = self.cfg.vllm_importance_sampling_cap, self.cfg.vllm_importance_sampling_mode
+        level = mode.split("_")[0]
         for c, trainer in zip(todo, recompute_logprobs(self.model, samples, self.cfg)):
             sampler = torch.tensor(c.logprobs, dtype=torch.float64)
             d = trainer.double() - sampler
             ratio = torch.exp(d) if level == "token" else torch.exp(d.sum()).reshape(1)
-            w = is_weights(trainer, sampler, level, cap)
+            w = is_weights(trainer, sampler, mode, cap)
             self.n += len(d)
             self.diff_sum += d.abs().sum().item()
             self.diff_max = max(self.diff_max, d.abs().max().item())
@@ -76,6 +85,7 @@ class ISCorrectedEngine:
             self.ratio_min = min(self.ratio_min, ratio.min().item())
             self.ratio_max = max(self.ratio_max, ratio.max().item())
             self.capped += int((ratio > cap).sum().item()) * (1 if level == "token" else len(d))
+            self.masked += int((w == 0).sum().item()) if mode.endswith("_mask") else 0
             c.logprobs, c.is_weights = trainer.tolist(), w.tolist()
         self.seconds += time.perf_counter() - t0
         return comps
@@ -84,7 +94,7 @@ class ISCorrectedEngine:
         """This rank's sums since the last call (summed over ranks by the caller), then reset."""
         out = {"n": self.n, "diff_sum": self.diff_sum, "diff_max": self.diff_max, "ratio_sum": self.ratio_sum,
                "ratio_min": self.ratio_min, "ratio_max": self.ratio_max, "capped": self.capped,
-               "seconds": self.seconds}
+               "masked": self.masked, "seconds": self.seconds}
         self._reset()
         return out
 
@@ -103,4 +113,5 @@ def merge_stats(parts: list[dict]) -> dict:
             "sampling/is_ratio/min": min(p["ratio_min"] for p in parts),
             "sampling/is_ratio/max": max(p["ratio_max"] for p in parts),
             "sampling/is_capped_frac": sum(p["capped"] for p in parts) / n,
+            "sampling/is_masked_frac": sum(p.get("masked", 0) for p in parts) / n,
             "time/is_rescore_s": max(p["seconds"] for p in parts)}

@@ -80,7 +80,8 @@ def kernels() -> list[Kernel]:
         Kernel("fused_pg._epilogue", fused_pg._epilogue,
                _types("PART OLD ADV WT IW GAM REF LOGP LSE ENTR LOSS G GE:*fp32 N SPLITS:i32 "
                       "eps_low eps_high dual_c beta coef:fp32"),
-               ("HAS_IW", "DUAL", "SHAPED", "KL", "ENT"), {"BLOCK": 128}, launch, ("fp32",)),
+               ("PG_WEIGHT", "DUAL_CLIP", "SHAPED_RATIO", "K3_PENALTY", "ENTROPY_BONUS"), {"BLOCK": 128}, launch,
+               ("fp32",)),
         Kernel("head_backward._bwd", head_backward._bwd,
                _types(f"{_HEAD} LSE ENTR G GE DH DW DB SCALE:*fp32 {_SIZES} inv_t cap filter_eps:fp32"),
                ("HAS_BIAS", "SOFTCAP", "ENT", "NEED_DH", "NEED_DW", "NEED_DB", "FILTER"), {"GROUP_N": 8},

@@ -7,8 +7,9 @@ multiplies the backward's dz), p = softmax(z), logp_t = z_y - lse_t, H_t = -sum_
     r = exp(logp - old)
     clip:    o = min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
     dual:    o = max(o, c A) where A < 0                     (DUAL_CLIP, c > 1)
-    shaped:  o = A r / (r + gamma) where gamma > 0           (SHAPED: Guide's hinted tokens)
+    shaped:  o = A r / (r + gamma) where gamma > 0           (SHAPED_RATIO)
     loss_t = w_t [ -iw_t o + beta (e^(ref - logp) - (ref - logp) - 1) - coef H_t ]
+                                                          (PG_WEIGHT, K3_PENALTY, ENTROPY_BONUS)
     L = sum_t loss_t                                     (w_t: aggregation weight, 0 off the mask;
                                                           iw_t: truncated importance weight)
 
@@ -21,8 +22,8 @@ inside its range):
     do/dlogp: r A where the unclipped branch is taken, 0 on a clipped or dual-clipped one,
               A gamma r / (r + gamma)^2 on a shaped token
 
-The objective is a set of per-token tensors and constexpr switches (``PGSpec``), never an
-algorithm's name: ``fasthint.loss`` lowers its terms to it.
+The objective is a set of per-token tensors and constexpr switches (``spec.PGSpec``), each named for
+an operation, never for an algorithm: ``fasthint.loss`` lowers its terms to it.
 
 Backward: the head's backward (``fasthint_kernels.head_backward``), handed g_t and e_t:
 each logit tile is recomputed once and ``dz = g (1[v=y] - p) - e p (log p + H)``, scaled by the
@@ -43,12 +44,14 @@ import triton.language as tl
 
 from fasthint_kernels.head_backward import head_backward
 from fasthint_kernels.logprobs import _combine, _splits, forward_sweep
-from fasthint_kernels.reference import PGSpec, pg_loss_torch
+from fasthint_kernels.reference import pg_loss_torch
+from fasthint_kernels.spec import PGSpec
 
 
 @triton.jit
 def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, beta, coef,
-               DUAL: tl.constexpr, SHAPED: tl.constexpr, KL: tl.constexpr, ENT: tl.constexpr):
+               DUAL_CLIP: tl.constexpr, SHAPED_RATIO: tl.constexpr, K3_PENALTY: tl.constexpr,
+               ENTROPY_BONUS: tl.constexpr):
     """(loss_t, dL/dlogp, dL/dH) of one block of tokens (the formulas above)."""
     r = tl.exp(lp - old)
     lo = 1.0 - eps_low
@@ -61,25 +64,25 @@ def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, be
     d_un = r * adv
     d_cl = tl.where(inside, r * adv, 0.0)
     do = tl.where(un < cl, d_un, tl.where(un > cl, d_cl, 0.5 * (d_un + d_cl)))
-    if DUAL:
+    if DUAL_CLIP:
         floor = dual_c * adv
         neg = adv < 0
         do = tl.where(neg & (o < floor), 0.0, tl.where(neg & (o == floor), 0.5 * do, do))
         o = tl.where(neg, tl.maximum(o, floor), o)
-    if SHAPED:
+    if SHAPED_RATIO:
         shaped = gam > 0
         gs = tl.where(shaped, gam, 1.0)
         o = tl.where(shaped, adv * r / (r + gs), o)
         do = tl.where(shaped, adv * gs * r / ((r + gs) * (r + gs)), do)
     loss = -iw * o
     g = -iw * do
-    if KL:
+    if K3_PENALTY:
         d = ref - lp
         ed = tl.exp(d)
         loss += beta * (ed - d - 1.0)
         g += beta * (1.0 - ed)
     e = tl.zeros_like(g)
-    if ENT:
+    if ENTROPY_BONUS:
         loss -= coef * ent
         e = -coef * w
     on = w != 0
@@ -88,8 +91,9 @@ def _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, be
 
 @triton.jit
 def _epilogue(PART, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE, N, SPLITS,
-              eps_low, eps_high, dual_c, beta, coef, HAS_IW: tl.constexpr, DUAL: tl.constexpr,
-              SHAPED: tl.constexpr, KL: tl.constexpr, ENT: tl.constexpr, BLOCK: tl.constexpr):
+              eps_low, eps_high, dual_c, beta, coef, PG_WEIGHT: tl.constexpr, DUAL_CLIP: tl.constexpr,
+              SHAPED_RATIO: tl.constexpr, K3_PENALTY: tl.constexpr, ENTROPY_BONUS: tl.constexpr,
+              BLOCK: tl.constexpr):
     """The forward's epilogue, once the vocabulary sweep (``logprobs.forward_sweep``) has left its
     partials: each token's log-prob, log-sum-exp and entropy, then the objective and the backward's
     coefficients."""
@@ -100,16 +104,16 @@ def _epilogue(PART, OLD, ADV, WT, IW, GAM, REF, LOGP, LSE, ENTR, LOSS, G, GE, N,
     adv = tl.load(ADV + offs_n, mask=mask_n, other=0.0)
     w = tl.load(WT + offs_n, mask=mask_n, other=0.0)
     iw = tl.full((BLOCK,), 1.0, tl.float32)
-    if HAS_IW:
+    if PG_WEIGHT:
         iw = tl.load(IW + offs_n, mask=mask_n, other=1.0)
     gam = w
-    if SHAPED:
+    if SHAPED_RATIO:
         gam = tl.load(GAM + offs_n, mask=mask_n, other=0.0)
     ref = w
-    if KL:
+    if K3_PENALTY:
         ref = tl.load(REF + offs_n, mask=mask_n, other=0.0)
     loss, g, e = _objective(lp, ent, old, adv, w, iw, gam, ref, eps_low, eps_high, dual_c, beta, coef,
-                            DUAL, SHAPED, KL, ENT)
+                            DUAL_CLIP, SHAPED_RATIO, K3_PENALTY, ENTROPY_BONUS)
     tl.store(LOGP + offs_n, lp, mask=mask_n)
     tl.store(LSE + offs_n, lse, mask=mask_n)
     tl.store(ENTR + offs_n, ent, mask=mask_n)
@@ -135,8 +139,8 @@ def _pg_forward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     logp, lse, ent, loss, g, ge = (torch.empty(n, **f32) for _ in range(6))
     if n == 0:  # an empty micro-batch: no launch (a zero grid)
         return [loss, logp, lse, ent, g, ge, lse.new_empty((4, _splits(hidden, weight), 0))]
-    flags = dict(HAS_IW=is_weights is not None, DUAL=dual_clip is not None, SHAPED=gamma is not None,
-                 KL=ref_logp is not None and beta > 0, ENT=entropy_coef > 0)
+    flags = dict(PG_WEIGHT=is_weights is not None, DUAL_CLIP=dual_clip is not None, SHAPED_RATIO=gamma is not None,
+                 K3_PENALTY=ref_logp is not None and beta > 0, ENTROPY_BONUS=entropy_coef > 0)
     part, splits = forward_sweep(hidden, weight, bias, targets, temperature, softcap, True)
     _epilogue[(triton.cdiv(n, 128),)](
         part, _vec(old_logp, lse), _vec(advantages, lse), _vec(weights, lse), _vec(is_weights, lse),

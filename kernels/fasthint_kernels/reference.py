@@ -8,10 +8,11 @@ the temperature.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from fasthint_kernels.spec import PGSpec
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -143,23 +144,6 @@ def policy_loss_ref(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
                    else torch.zeros((), dtype=m.dtype, device=m.device)),
         }
     return loss, stats
-
-
-@dataclass
-class PGSpec:
-    """The per-token objective: tensors ``[N]`` (fp32) and scalars; ``None`` switches a part off."""
-
-    old_logp: torch.Tensor
-    advantages: torch.Tensor
-    weights: torch.Tensor  # aggregation weight x mask (0 off the mask)
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    dual_clip: Optional[float] = None
-    is_weights: Optional[torch.Tensor] = None  # truncated importance weights (policy-gradient term only)
-    gamma: Optional[torch.Tensor] = None  # > 0: shaped ratio on that token
-    ref_logp: Optional[torch.Tensor] = None
-    beta: float = 0.0
-    entropy_coef: float = 0.0
 
 
 def pg_loss_torch(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, spec: PGSpec, *,
