@@ -16,8 +16,9 @@ means them:
 
 The result is parsed with ``json5`` (single quotes, trailing commas, unquoted keys, comments), after
 smart quotes are tried both as they are and straightened. Candidates, in order: each fenced code
-block, the text from the first ``{`` to the last ``}``, from the first ``[`` to the last ``]``, and each
-balanced ``{...}`` from the first few ``{`` (prose around the object with braces of its own).
+block, the text from the first ``{`` to the last ``}``, from the first ``[`` to the last ``]``; then the
+balanced ``{...}`` from the first few ``{`` (prose around the object with braces of its own), when
+exactly one of them is a hint set (a reply with two is ambiguous: no hint).
 """
 from __future__ import annotations
 
@@ -138,9 +139,13 @@ def _candidates(text: str) -> list[str]:
         start, end = text.find(a), text.rfind(b)
         if 0 <= start < end:
             out.append(text[start:end + 1])
-    # each balanced {...}: an object with prose around it that has braces of its own ("see {notes}",
-    # a <think> block's \frac{1}{2})
-    start = text.find("{")
+    return out
+
+
+def _balanced_objects(text: str) -> list[str]:
+    """Each balanced ``{...}`` from the first few ``{``: an object with prose around it that has braces of
+    its own ("see {notes}", a <think> block's \\frac{1}{2})."""
+    out, start = [], text.find("{")
     for _ in range(MAX_OBJECT_STARTS):
         if start < 0:
             break
@@ -149,7 +154,19 @@ def _candidates(text: str) -> list[str]:
             break
         out.append(text[start:end + 1])
         start = text.find("{", start + 1)
-    return list(dict.fromkeys(out))
+    return out
+
+
+def _parse(cand: str) -> Optional[Hints]:
+    for variant in dict.fromkeys((cand.strip(), cand.strip().translate(_SMART))):
+        try:
+            obj = json5.loads(protect_latex(variant))
+        except Exception:  # noqa: BLE001 - any parse failure (incl. RecursionError) means "try the next"
+            continue
+        levels = _levels(obj)
+        if levels is not None:
+            return levels
+    return None
 
 
 def _levels(obj: Any) -> Optional[Hints]:
@@ -166,14 +183,11 @@ def parse_hint_json(text: str) -> Optional[Hints]:
         if not isinstance(text, str):
             return None
         for cand in _candidates(text):
-            for variant in dict.fromkeys((cand.strip(), cand.strip().translate(_SMART))):
-                try:
-                    obj = json5.loads(protect_latex(variant))
-                except Exception:  # noqa: BLE001 - any parse failure (incl. RecursionError) means "try the next"
-                    continue
-                levels = _levels(obj)
-                if levels is not None:
-                    return levels
-        return None
+            levels = _parse(cand)
+            if levels is not None:
+                return levels
+        # the balanced objects, when exactly one of them is a hint set (two are ambiguous: no hint)
+        found = [lv for lv in map(_parse, _balanced_objects(text)) if lv is not None]
+        return found[0] if len(found) == 1 else None
     except Exception:  # noqa: BLE001 - the parser must never raise
         return None

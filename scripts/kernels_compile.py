@@ -1,6 +1,6 @@
 """Compiles every Triton kernel ahead of time for sm_80 and sm_90, without a GPU; a CSV and a verdict.
 
-    python scripts/kernels_compile.py [--level ci|configs|full] [--jobs 2] [--csv PATH] [--only NAME]
+    python scripts/kernels_compile.py [--level ci|configs|full] [--jobs 2] [--csv PATH] [--only NAME] [--resume CSV]
 
 What is compiled at each level: ``fasthint_kernels.aot.plan`` (``ci``: minutes on 2 cores, run by
 tests/test_kernels_compile.py; ``configs``: every kept tile configuration x dtype x (all switches on,
@@ -36,6 +36,26 @@ def _job(args: tuple) -> dict:
     return asdict(aot.compile_one(k, target, dtype, switches, cfg, usage=usage))
 
 
+def key(kernel: str, target, dtype: str, switches, config: str) -> tuple:
+    """A compile's identity: kernel, target, dtype, the switches on (a dict or a CSV label), config."""
+    label = switches if isinstance(switches, str) else ",".join(s for s, on in switches.items() if on) or "-"
+    return kernel, int(target), dtype, label, config
+
+
+def _earlier_rows(path: str, planned: set) -> dict:
+    """The rows of an earlier run's CSV that this run plans too, typed as fresh ones."""
+    ints = ("target", "shared", "estimate", "limit", "registers", "spill_stores", "spill_loads")
+    out = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            r = {**r, **{k: int(r[k]) for k in ints}, "seconds": float(r["seconds"]), "ok": r["ok"] == "True",
+                 "fits": r["fits"] == "True"}
+            kk = key(r["kernel"], r["target"], r["dtype"], r["switches"], r["config"])
+            if kk in planned:
+                out[kk] = r
+    return out
+
+
 def problems(rows: list[dict]) -> list[str]:
     """One line per row that fails the check."""
     out = []
@@ -57,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=None, help="write the rows here (default: print the summary only)")
     ap.add_argument("--only", default=None, help="kernels whose name contains this")
     ap.add_argument("--no_usage", action="store_true", help="skip ptxas -v (registers, spills)")
+    ap.add_argument("--resume", default=None, help="a CSV (or CSV.part) of an earlier run: its rows are kept and "
+                                                   "only the missing compiles run")
     args = ap.parse_args(argv)
     import triton
 
@@ -64,22 +86,29 @@ def main(argv=None) -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()  # the source compiled (read when the workers start)
-    n = len(aot.plan(args.level, only=args.only))
-    jobs = [(args.level, i, not args.no_usage, args.only) for i in range(n)]
+    plan = [key(k.name, t, d, sw, aot.config_name(c)) for k, t, d, sw, c in aot.plan(args.level, only=args.only)]
+    earlier = _earlier_rows(args.resume, set(plan)) if args.resume else {}
+    jobs = [(args.level, i, not args.no_usage, args.only) for i, kk in enumerate(plan) if kk not in earlier]
     fieldnames = [f.name for f in fields(aot.Compiled)] + ["fits", "triton", "commit"]
     part = args.csv + ".part" if args.csv else os.devnull  # rows as they finish; renamed when all are in
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    rows = []
+    new = {}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool, open(part, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fieldnames)
         w.writeheader()
+        w.writerows(earlier.values())
         for r in pool.map(_job, jobs):
             r.update(fits=r["ok"] and r["shared"] <= r["limit"], triton=triton.__version__, commit=commit)
-            rows.append(r)
+            new[key(r["kernel"], r["target"], r["dtype"], r["switches"], r["config"])] = r
             w.writerow(r)
             f.flush()
+    rows = [new.get(kk) or earlier[kk] for kk in plan]  # in plan order
     if args.csv:
+        with open(part, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fieldnames)
+            w.writeheader()
+            w.writerows(rows)
         os.replace(part, args.csv)
     bad = problems(rows)
     secs = sum(r["seconds"] for r in rows)
